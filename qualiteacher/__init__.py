@@ -1,0 +1,2 @@
+"""QualiTeacher: quality-conditioned Mean-Teacher training for real-world image restoration."""
+__version__ = "0.1.0"

@@ -1,0 +1,140 @@
+"""The ``qualiteacher`` console command.
+
+Sub-commands are an explicit table (no registry scanning); each handler imports what it needs
+lazily so ``qualiteacher --help`` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+TASKS = ("dehaze", "derain", "desnow", "lowlight")
+
+
+def _data_demo(args: argparse.Namespace) -> int:
+    from qualiteacher.data.demo import build_demo, summarize_manifest
+
+    df = build_demo(Path(args.out), seed=args.seed, tasks=tuple(args.tasks), size=args.size)
+    print(summarize_manifest(df))
+    print(f"demo data written to {args.out}")
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from qualiteacher.data.io import default_skip_log, read_image, ImageReadError
+    from qualiteacher.data.layouts import read_layout
+
+    records = read_layout(args.layout, Path(args.root))
+    log = default_skip_log()
+    n_ok = 0
+    for rec in records:
+        for path in (rec.lq, rec.gt):
+            if path is None:
+                continue
+            try:
+                read_image(path)
+                n_ok += 1
+            except ImageReadError as err:
+                log.skip(err.path, err.reason)
+    print(f"{len(records)} records, {n_ok} images read")
+    print(log.summary())
+    return 0
+
+
+def _iqa_fit_niqe(args: argparse.Namespace) -> int:
+    from qualiteacher.iqa.offline import fit_niqe
+
+    out = fit_niqe(Path(args.folder), Path(args.out), block_size=args.block_size)
+    print(f"NIQE pristine model written to {out}")
+    return 0
+
+
+def _iqa_list(args: argparse.Namespace) -> int:
+    from qualiteacher.iqa.presets import list_iqa_presets
+
+    for name in list_iqa_presets():
+        print(name)
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from qualiteacher.iqa.cache import score_command
+
+    _, summary = score_command(Path(args.folder), preset=args.preset, task=args.task,
+                               out=Path(args.out) if args.out else None,
+                               cache=Path(args.cache) if args.cache else None)
+    print(summary)
+    return 0
+
+
+def _pipeline(args: argparse.Namespace, extra: list[str]) -> int:
+    from qualiteacher.pipeline import run_pipeline_cli
+
+    return run_pipeline_cli(args.task, extra)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qualiteacher",
+        description="Quality-conditioned Mean-Teacher training for real-world image restoration.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = sub.add_parser("data", help="data sets: build the embedded demo data, check a folder")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    demo = data_sub.add_parser("demo", help="synthesise the offline demo data set for every task")
+    demo.add_argument("--out", required=True, help="output folder")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--size", type=int, default=96, help="side of every demo image in pixels")
+    demo.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    demo.set_defaults(handler=_data_demo)
+    check = data_sub.add_parser("check", help="read every image of a data set and report bad files")
+    check.add_argument("root")
+    check.add_argument("--layout", default="unpaired",
+                       help="paired, unpaired, real3000, rtts, exdark, realsnow")
+    check.set_defaults(handler=_data_check)
+
+    iqa = sub.add_parser("iqa", help="IQA ensemble utilities")
+    iqa_sub = iqa.add_subparsers(dest="iqa_command", metavar="ACTION", required=True)
+    fit = iqa_sub.add_parser("fit-niqe", help="fit NIQE pristine statistics on a folder of clean images")
+    fit.add_argument("folder")
+    fit.add_argument("--out", required=True, help="output file for the pristine model")
+    fit.add_argument("--block-size", type=int, default=96)
+    fit.set_defaults(handler=_iqa_fit_niqe)
+    lst = iqa_sub.add_parser("list", help="list ensemble presets")
+    lst.set_defaults(handler=_iqa_list)
+
+    score = sub.add_parser("score", help="score a folder of images with an IQA ensemble")
+    score.add_argument("folder")
+    score.add_argument("--preset", default="offline")
+    score.add_argument("--task", default=None, choices=TASKS)
+    score.add_argument("--out", default=None, help="CSV or parquet file for the scores")
+    score.add_argument("--cache", default=None, help="parquet score cache (default: in the project cache)")
+    score.set_defaults(handler=_score)
+
+    pipe = sub.add_parser(
+        "pipeline", add_help=False,
+        help="run a task's staged recipe (stage 1 → 2 → 3 → evaluation → registration); "
+             "`qualiteacher pipeline TASK --help` for its options",
+    )
+    pipe.add_argument("task", choices=TASKS + ("all",))
+    pipe.set_defaults(handler=_pipeline, passthrough=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] == ["pipeline"]:
+        # the pipeline parses its own options (LightningCLI-style overrides)
+        args, extra = parser.parse_known_args(argv)
+        return _pipeline(args, extra)
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

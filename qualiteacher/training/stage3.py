@@ -1,0 +1,298 @@
+"""Stage 3: QualiTeacher — Mean Teacher with quality-conditioned pseudo-labels (METHOD.md §3–4).
+
+``training_step`` reads like the method: refresh pseudo-labels, then the supervised part, the
+pseudo-label part, the preference part and the consistency part. The maths lives in
+``qualiteacher.losses`` and ``qualiteacher.teacher``; this module is glue.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import kornia.augmentation as K
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qualiteacher.losses.consistency import crop_consistency_loss, random_window
+from qualiteacher.losses.preference import all_pairs_preference_loss, draw_low_levels, preference_loss
+from qualiteacher.losses.pseudo import pseudo_label_loss
+from qualiteacher.teacher.bank import PseudoLabelBank
+from qualiteacher.teacher.ema import ema_update_, make_teacher
+from qualiteacher.teacher.multiaug import AUGMENTATIONS, multi_augment
+from qualiteacher.teacher.views import VIEWS, apply_view, check_views, invert_view
+from qualiteacher.training.students import build_student, load_student_weights
+
+_FROZEN_PREFIXES = ("ensemble.",)
+
+
+def strong_photometric(p: float = 0.8) -> nn.Module:
+    """The student's strong photometric augmentation (brightness, contrast, sharpness, blur, posterize)."""
+    return K.AugmentationSequential(
+        K.ColorJitter(0.3, 0.3, 0.3, 0.0, p=p),
+        K.RandomSharpness(sharpness=0.5, p=0.3),
+        K.RandomGaussianBlur((5, 5), (0.1, 1.2), p=0.3),
+        K.RandomPosterize(bits=(5, 8), p=0.2),
+    )
+
+
+class QualiTeacherModule(L.LightningModule):
+    """Quality-conditioned Mean-Teacher training on paired synthetic + unlabeled real batches.
+
+    Args:
+        student: ``iqpir`` (codebook student) or ``unet`` (plug-in conditioned U-Net).
+        preset: architecture preset (``tiny``, ``base``, ``paper``).
+        cond_mode: quality conditioning of the IQPIR transformer, ``add`` or ``adaln``.
+        init_from: checkpoint of the warmed-up student (stage 2); loaded in ``setup``.
+        iqa_preset / task / iqa_weights_dir: the IQA ensemble (frozen, never checkpointed).
+        ema_decay: teacher EMA decay ``d``. bank_k: candidates kept per unlabeled image.
+        views: teacher views; n_aug_variants / aug_kinds / aug_max_strength: multi-augmentation.
+        w_*: loss weights; pref_start_step / crop_start_step: the step ``N`` they start at.
+        pref_mode: ``pair`` (METHOD.md L_a + λ₂ L_b) or ``all_pairs`` (every ordered level pair).
+        crop_windows: ``aligned`` (same window for both sides) or ``independent`` (as released).
+        mask_block: block size of the per-pixel reliability mask.
+    """
+
+    def __init__(
+        self,
+        student: Literal["iqpir", "unet"] = "iqpir",
+        preset: str = "tiny",
+        cond_mode: Literal["add", "adaln"] = "add",
+        init_from: str | None = None,
+        iqa_preset: str = "offline",
+        task: str | None = None,
+        iqa_weights_dir: str | None = None,
+        lr: float = 5e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        ema_decay: float = 0.999,
+        bank_k: int = 3,
+        views: tuple[str, ...] = VIEWS,
+        n_aug_variants: int = 2,
+        aug_kinds: tuple[str, ...] = AUGMENTATIONS,
+        aug_max_strength: float = 1.0,
+        refresh_every: int = 1,
+        strong_aug_p: float = 0.8,
+        w_sup: float = 1.0,
+        w_pl: float = 1.0,
+        w_pref: float = 1.0,
+        w_crop: float = 1.0,
+        w_aux: float = 1.0,
+        pref_start_step: int = 2000,
+        crop_start_step: int = 2000,
+        pref_mode: Literal["pair", "all_pairs"] = "pair",
+        pref_beta: float = 1.0,
+        pref_delta: float = 0.1,
+        pref_lambda: float = 1.0,
+        pref_lambda2: float = 0.5,
+        low_levels: tuple[int, ...] = (4, 5, 6),
+        top_level: int = 7,
+        crop_fraction: float = 0.5,
+        crop_windows: Literal["aligned", "independent"] = "aligned",
+        mask_block: int = 144,
+        seed: int = 0,
+        ensemble: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["ensemble"])
+        if not 0.0 <= ema_decay <= 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}")
+        if not all(0 <= q < top_level for q in low_levels):
+            raise ValueError(f"low_levels {low_levels} must lie in [0, top_level={top_level})")
+        if refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
+        check_views(views)
+        self.student = build_student(student, preset, cond_mode)
+        self.teacher = make_teacher(self.student)
+        self.ensemble = ensemble  # built in setup() when not given
+        self.bank = PseudoLabelBank(bank_k)
+        self.photometric = strong_photometric(strong_aug_p)
+        self.strict_loading = False  # the frozen ensemble is left out of checkpoints
+        self._gen = torch.Generator().manual_seed(seed)
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, stage: str) -> None:
+        if self.ensemble is None:
+            from qualiteacher.iqa.presets import build_ensemble
+
+            self.ensemble = build_ensemble(self.hparams.iqa_preset, task=self.hparams.task,
+                                           weights_dir=self.hparams.iqa_weights_dir)
+        self.ensemble.requires_grad_(False)
+        if stage == "fit" and self.hparams.init_from and self.global_step == 0:
+            load_student_weights(self.student, self.hparams.init_from)
+            self.teacher.load_state_dict(self.student.state_dict())
+
+    def train(self, mode: bool = True) -> "QualiTeacherModule":
+        super().train(mode)
+        self.teacher.eval()  # always: the teacher never trains and never uses dropout/batch stats
+        if self.ensemble is not None:
+            self.ensemble.eval()
+        return self
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.lr, betas=self.hparams.betas,
+                                 weight_decay=self.hparams.weight_decay)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        ema_update_(self.teacher, self.student, self.hparams.ema_decay)
+
+    # ------------------------------------------------------------------ pseudo-labels
+    @torch.no_grad()
+    def refresh_pseudo_labels(self, x: Tensor, ids: list[str]) -> dict[str, float]:
+        """Teacher views + multi-augmented variants of ``x`` (B,3,H,W), graded in one call; the
+        best enter the bank."""
+        hp = self.hparams
+        b = x.shape[0]
+        views = tuple(hp.views)
+        stacked = torch.cat([apply_view(x, v) for v in views])                  # (V*B, 3, H, W)
+        restored = self.teacher(stacked, None).image.clamp(0, 1)
+        cands = torch.cat([invert_view(restored[i * b:(i + 1) * b], v) for i, v in enumerate(views)])
+        owner = torch.arange(b, device=x.device).repeat(len(views))
+        if hp.n_aug_variants > 0:
+            var = multi_augment(cands[:b], x, hp.n_aug_variants, tuple(hp.aug_kinds),
+                                hp.aug_max_strength, generator=self._gen)
+            cands = torch.cat([cands, var.images])
+            owner = torch.cat([owner, var.source])
+        scores = self.ensemble(cands)                                            # one batched call
+        cand_ids = [ids[i] for i in owner.tolist()]
+        keep = self.bank.accepts(cand_ids, scores.fused).to(x.device)
+        kept = 0
+        if keep.any():
+            sel = keep.nonzero(as_tuple=True)[0]
+            masks = self.ensemble.reliability_mask(cands[sel], block=hp.mask_block)
+            kept = self.bank.offer_batch([cand_ids[i] for i in sel.tolist()], cands[sel], masks,
+                                         scores.fused[sel], scores.level[sel])
+        return {"cand_score": float(scores.fused.mean()), "cand_kept": float(kept)}
+
+    # ------------------------------------------------------------------ losses
+    def _reward(self, images: Tensor) -> Tensor:
+        return self.ensemble.reward(images)
+
+    def _geometric(self, *xs: Tensor) -> tuple[Tensor, ...]:
+        # one random view for the batch, applied to the input and its pseudo-labels alike
+        v = VIEWS[int(torch.randint(len(VIEWS), (1,), generator=self._gen))]
+        return tuple(apply_view(t, v) for t in xs)
+
+    def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> Tensor:
+        hp = self.hparams
+        step = self.global_step
+        lab, unl = batch["labeled"], batch["unlabeled"]
+        x_u, ids = unl["lq"], list(unl["id"])
+        logs: dict[str, float] = {}
+
+        # pseudo-labels: the teacher restores the real images; the ensemble grades; the bank keeps the best
+        if step % hp.refresh_every == 0 or not all(i in self.bank for i in ids):
+            logs.update(self.refresh_pseudo_labels(x_u, ids))
+
+        # supervised part: paired synthetic data, unconditioned
+        sup = self.student(lab["lq"], None)
+        l_sup = F.l1_loss(sup.image, lab["gt"])
+        l_aux = sup.aux_loss
+
+        # pseudo-label part: the strong view of x at each bank entry's own level
+        pls, masks, levels, _, owner = self.bank.gather(ids, device=x_u.device)
+        if owner.numel() == 0:
+            raise RuntimeError("the pseudo-label bank holds nothing for this batch: the ensemble "
+                               "returned no finite score for any candidate")
+        x_u, pls, masks = self._geometric(x_u, pls, masks)
+        x_s = self.photometric(x_u).clamp(0, 1)
+        b = x_s.shape[0]
+        use_pref = hp.w_pref > 0 and step >= hp.pref_start_step
+        use_crop = hp.w_crop > 0 and step >= hp.crop_start_step
+        # conditions of one image go through one student forward: PL levels (+ top and lower level)
+        inputs, conds = [x_s[owner]], [levels]
+        if use_pref:
+            if hp.pref_mode == "pair":
+                pref_levels = torch.stack([torch.full((b,), hp.top_level, device=x_s.device),
+                                           draw_low_levels(b, tuple(hp.low_levels), self._gen, x_s.device)])
+            else:
+                grid = torch.tensor(sorted(set(hp.low_levels) | {hp.top_level}), device=x_s.device)
+                pref_levels = grid[:, None].expand(-1, b)                         # (L, B)
+            inputs += [x_s] * pref_levels.shape[0]
+            conds += list(pref_levels)
+        out = self.student(torch.cat(inputs), torch.cat(conds))
+        n_pl = owner.numel()
+        l_pl = pseudo_label_loss(out.image[:n_pl], pls, masks, owner, b)
+        l_aux = l_aux + out.aux_loss
+
+        l_pref = l_pref_a = l_pref_b = x_s.new_zeros(())
+        top = None
+        if use_pref:
+            outs = out.image[n_pl:].view(-1, b, *x_s.shape[1:])                  # (L, B, 3, H, W)
+            rewards = self._reward(outs.flatten(0, 1)).view(-1, b)              # (L, B)
+            if hp.pref_mode == "pair":
+                with torch.no_grad():
+                    r_pl = self._reward(pls) if n_pl else x_s.new_zeros(0)
+                r_pl_best = torch.full((b,), -1e4, device=x_s.device).scatter_reduce(
+                    0, owner, r_pl.float(), reduce="amax") if n_pl else rewards[0].detach()
+                pl = preference_loss(rewards[0], rewards[1], r_pl_best, hp.pref_beta, hp.pref_delta,
+                                     hp.pref_lambda, hp.pref_lambda2)
+                l_pref, l_pref_a, l_pref_b = pl
+            else:
+                # margin grows with the level gap; the widest gap (top vs lowest) gets δ
+                per_level = hp.pref_delta / max(1, hp.top_level - min(hp.low_levels))
+                l_pref = hp.pref_lambda * all_pairs_preference_loss(rewards.T, pref_levels[:, 0],
+                                                                    hp.pref_beta, per_level)
+            top = outs[-1] if hp.pref_mode == "all_pairs" else outs[0]
+
+        l_crop = x_s.new_zeros(())
+        if use_crop:
+            l_crop = self._crop_consistency(x_s, top)
+
+        total = (hp.w_sup * l_sup + hp.w_pl * l_pl + hp.w_pref * l_pref + hp.w_crop * l_crop
+                 + hp.w_aux * l_aux)
+        self.log_dict({
+            "stage3/total": total, "stage3/sup": l_sup, "stage3/pl": l_pl, "stage3/pref": l_pref,
+            "stage3/pref_a": l_pref_a, "stage3/pref_b": l_pref_b, "stage3/crop": l_crop,
+            "stage3/aux": l_aux, "stage3/bank_mean_score": self.bank.mean_score(),
+            "stage3/bank_images": float(len(self.bank)), **{f"stage3/{k}": v for k, v in logs.items()},
+        }, prog_bar=False, on_step=True, on_epoch=False, batch_size=b)
+        self.log("loss", total, prog_bar=True, on_step=True, batch_size=b, logger=False)
+        return total
+
+    def _crop_consistency(self, x_s: Tensor, top: Tensor | None) -> Tensor:
+        hp = self.hparams
+        h, w = x_s.shape[-2:]
+        mult = getattr(self.student, "size_multiple", 8)
+        win_out = random_window(h, w, hp.crop_fraction, mult, self._gen)
+        win_in = win_out if hp.crop_windows == "aligned" else random_window(h, w, hp.crop_fraction, mult, self._gen)
+        b = x_s.shape[0]
+        top_level = torch.full((b,), hp.top_level, device=x_s.device)
+        if top is None:
+            top = self.student(x_s, top_level).image
+        of_crop = self.student(win_in(x_s), top_level).image
+        return crop_consistency_loss(self._reward(win_out(top)), self._reward(of_crop))
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if k.startswith(_FROZEN_PREFIXES)]:
+            del sd[k]
+        bank = self.bank
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # each rank holds the ids it saw: the saved bank is the union
+            states = _all_gather_objects(self.bank.state_dict())
+            bank = PseudoLabelBank(self.bank.k)
+            for st in states:
+                other = PseudoLabelBank(st["k"])
+                other.load_state_dict(st)
+                bank.merge_(other)
+        checkpoint["pseudo_label_bank"] = bank.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        own = {k for k in self.state_dict() if not k.startswith(_FROZEN_PREFIXES)}
+        missing = sorted(own - set(checkpoint["state_dict"]))
+        if missing:
+            raise RuntimeError(f"checkpoint lacks {len(missing)} weights of this model, e.g. {missing[:5]}")
+        if "pseudo_label_bank" in checkpoint:
+            self.bank.load_state_dict(checkpoint["pseudo_label_bank"])
+
+
+def _all_gather_objects(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
