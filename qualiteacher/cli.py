@@ -16,7 +16,8 @@ TASKS = ("dehaze", "derain", "desnow", "lowlight")
 def _data_demo(args: argparse.Namespace) -> int:
     from qualiteacher.data.demo import build_demo, summarize_manifest
 
-    df = build_demo(Path(args.out), seed=args.seed, tasks=tuple(args.tasks), size=args.size)
+    df = build_demo(Path(args.out), seed=args.seed, tasks=tuple(args.tasks), size=args.size,
+                    overwrite=args.overwrite)
     print(summarize_manifest(df))
     print(f"demo data written to {args.out}")
     return 0
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--size", type=int, default=96, help="side of every demo image in pixels")
     demo.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    demo.add_argument("--overwrite", action="store_true", help="replace existing demo data in --out")
     demo.set_defaults(handler=_data_demo)
     check = data_sub.add_parser("check", help="read every image of a data set and report bad files")
     check.add_argument("root")

@@ -1,0 +1,10 @@
+"""derain pipeline: stage 1 codebook → stage 2 code prediction → stage 3 QualiTeacher → eval → registry.
+
+    python pipelines/derain.py --preset demo [--stage3.model.w_pref=0.5 ...]
+"""
+import sys
+
+from qualiteacher.pipeline import run_pipeline_cli
+
+if __name__ == "__main__":
+    sys.exit(run_pipeline_cli("derain", sys.argv[1:]))

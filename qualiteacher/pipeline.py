@@ -1,0 +1,175 @@
+"""The staged recipe of one task: data → stage 1 → stage 2 → stage 3 → evaluation → registration.
+
+Every stage runs in its own MLflow child run under one parent run per pipeline. The pipeline's
+state (run ids, finished stages) lives in ``OUT/state.json``: a finished stage is skipped on rerun,
+an interrupted one resumes from its last checkpoint in the same MLflow run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qualiteacher.pipeline_config import (STAGES, TASKS, TRAINING_STAGES, ConfigError, list_config_presets,
+                                          resolve_config)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class PipelineState:
+    """``state.json``: parent run id, per-stage child run ids and completion, written atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        os.replace(tmp, self.path)
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return self.data["stages"].setdefault(name, {})
+
+    def done(self, name: str) -> bool:
+        return bool(self.data["stages"].get(name, {}).get("done"))
+
+
+def stage_classes(student: str) -> dict[str, type]:
+    from qualiteacher.training.stage1 import Stage1Module
+    from qualiteacher.training.stage2 import Stage2Module
+    from qualiteacher.training.stage3 import QualiTeacherModule
+    from qualiteacher.training.warmup import WarmupModule
+
+    return {"stage1": Stage1Module, "stage2": Stage2Module if student == "iqpir" else WarmupModule,
+            "stage3": QualiTeacherModule}
+
+
+def stage_section(cfg: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The LightningCLI config of ``stage`` with the pipeline's student choice applied."""
+    section = json.loads(json.dumps(cfg[stage]))
+    model = section.setdefault("model", {})
+    if cfg["student"] == "unet":
+        if stage == "stage2":  # the U-Net's supervised warm-up takes the stage-2 slot
+            for k in ("stage1_checkpoint", "fusion", "w_ce", "w_feature", "w_l1"):
+                model.pop(k, None)
+            model["student"] = "unet"
+        if stage == "stage3":
+            model["student"] = "unet"
+    return section
+
+
+def stage_parser(cls: type) -> Any:
+    """LightningCLI's argument parser for one stage: ``model`` (the stage's module), ``data``
+    (:class:`RestorationDataModule`) and ``trainer``, typed from the constructor signatures."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    from qualiteacher.data.datamodule import RestorationDataModule
+
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_lightning_class_args(cls, "model")
+    parser.add_lightning_class_args(RestorationDataModule, "data")
+    parser.add_lightning_class_args(L.Trainer, "trainer")
+    return parser
+
+
+def parse_stage(cfg: dict[str, Any], stage: str) -> tuple[Any, Any]:
+    """Validate a stage section; returns ``(parser, parsed namespace)``. A wrong key or value
+    raises :class:`ConfigError` naming it."""
+    parser = stage_parser(stage_classes(cfg["student"])[stage])
+    try:
+        return parser, parser.parse_object(stage_section(cfg, stage))
+    except Exception as err:  # jsonargparse's ArgumentError names the key
+        raise ConfigError(f"{stage}: {err}") from err
+
+
+def validate(cfg: dict[str, Any], stages: list[str]) -> None:
+    """Parse every training stage's section before the first one trains (config errors fail fast)."""
+    for stage in stages:
+        if stage in TRAINING_STAGES:
+            parse_stage(cfg, stage)
+
+
+def run_pipeline(cfg: dict[str, Any], from_stage: str | None = None, only_stage: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the staged recipe described by a resolved config; returns the state dict."""
+    from qualiteacher.tracking.runs import PipelineRuns
+
+    out = Path(cfg["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    state = PipelineState(out / "state.json")
+    stages = [s for s in STAGES if not (s == "stage1" and cfg["student"] == "unet")]
+    if only_stage:
+        stages = [only_stage]
+    elif from_stage:
+        stages = stages[stages.index(from_stage):]
+        for s in stages:  # rerun from here: forget completion, keep run ids
+            state.stage(s).pop("done", None)
+    validate(cfg, stages)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    runs = PipelineRuns(cfg, state, workdir=Path.cwd(), commit=_git_commit())
+    runs.start_parent()
+    from qualiteacher.pipeline_stages import run_stage
+
+    for stage in stages:
+        if state.done(stage) and not only_stage:
+            print(f"[pipeline] {stage}: done earlier, skipped")
+            continue
+        print(f"[pipeline] {cfg['task']} · {stage}")
+        run_stage(stage, cfg, state, runs)
+        state.stage(stage)["done"] = True
+        state.save()
+    runs.end_parent()
+    return state.data
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qualiteacher pipeline TASK",
+        description="Run a task's staged recipe. Extra options --SECTION.KEY=VALUE override the "
+                    "config, e.g. --stage3.model.w_pref=0.5 --stage3.trainer.max_steps=500.",
+    )
+    p.add_argument("--preset", default="demo", help="config preset: " + ", ".join(list_config_presets()))
+    p.add_argument("--config", action="append", default=[], help="extra YAML file(s), merged in order")
+    p.add_argument("--from-stage", choices=STAGES, default=None, help="rerun from this stage on")
+    p.add_argument("--only-stage", choices=STAGES, default=None, help="run this stage alone")
+    p.add_argument("--print_config", "--print-config", action="store_true",
+                   help="print the resolved configuration and exit")
+    return p
+
+
+def run_pipeline_cli(task: str, argv: list[str]) -> int:
+    """Entry point of ``qualiteacher pipeline TASK [options]`` and of ``pipelines/<task>.py``."""
+    args, rest = _parser().parse_known_args(argv)
+    overrides = [a for a in rest if a.startswith("--") and "=" in a]
+    bad = [a for a in rest if a not in overrides]
+    if bad:
+        print(f"error: unrecognised argument(s) {bad}; overrides look like --stage3.model.lr=1e-4",
+              file=sys.stderr)
+        return 2
+    tasks = list(TASKS) if task == "all" else [task]
+    try:
+        cfgs = [resolve_config(t, args.preset, args.config, overrides) for t in tasks]
+        if args.print_config:
+            for cfg in cfgs:
+                print(yaml.safe_dump(cfg, sort_keys=False))
+            return 0
+        for cfg in cfgs:
+            run_pipeline(cfg, args.from_stage, args.only_stage)
+    except ConfigError as err:
+        print(f"configuration error: {err}", file=sys.stderr)
+        return 2
+    return 0

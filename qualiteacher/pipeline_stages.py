@@ -1,0 +1,151 @@
+"""What each pipeline stage does: data, the three training stages, evaluation, registration."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pandas as pd
+import torch
+
+from qualiteacher.pipeline import PipelineState, parse_stage, stage_classes, stage_section
+from qualiteacher.tracking.mlflow_logger import FlushBeforeCheckpoint, MlflowStepLogger, _flatten
+from qualiteacher.tracking.runs import PipelineRuns
+
+
+def run_stage(stage: str, cfg: dict[str, Any], state: PipelineState, runs: PipelineRuns) -> None:
+    run_id = runs.child(stage)
+    if stage == "data":
+        prepare_data(cfg, runs, run_id)
+    elif stage in ("stage1", "stage2", "stage3"):
+        train_stage(stage, cfg, runs, run_id)
+    elif stage == "eval":
+        from qualiteacher.pipeline_eval import evaluate_pipeline
+
+        evaluate_pipeline(cfg, runs, run_id)
+    elif stage == "register":
+        register_student(cfg, runs, run_id)
+    runs.finish(run_id)
+
+
+# ---------------------------------------------------------------------------- data
+def prepare_data(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> None:
+    """Build the demo data if it is missing, then grade the labeled clean images (stage-1 HQ gate)."""
+    root, task = Path(cfg["data_root"]), cfg["task"]
+    demo = cfg.get("demo", {})
+    if not (root / task / "labeled").is_dir():
+        if not demo.get("generate", True):
+            raise FileNotFoundError(f"no labeled data at {root / task / 'labeled'} and demo generation is off")
+        from qualiteacher.data.demo import build_demo, summarize_manifest
+
+        print(f"[data] building the demo data in {root}")
+        df = build_demo(root, seed=int(demo.get("seed", 0)), size=int(demo.get("size", 96)),
+                        progress=bool(cfg.get("progress", True)), overwrite=True)
+        print(summarize_manifest(df))
+    if (root / "manifest.csv").is_file():
+        runs.client.log_artifact(run_id, str(root / "manifest.csv"))
+    table = Path(cfg["stage1"].get("data", {}).get("quality_table") or Path(cfg["out_dir"]) / "labeled_quality.csv")
+    if cfg["student"] == "iqpir" and not table.is_file():
+        scores = grade_clean_images(root / task / "labeled" / "gt", task, cfg["stage3"]["model"].get("iqa_preset", "offline"))
+        table.parent.mkdir(parents=True, exist_ok=True)
+        scores.to_csv(table, index=False)
+        runs.client.log_artifact(run_id, str(table))
+        runs.client.log_metric(run_id, "data/labeled_hq_fraction", float((scores["fused"] >= 0.7).mean()))
+        runs.client.log_metric(run_id, "data/labeled_mean_quality", float(scores["fused"].mean()))
+
+
+def grade_clean_images(folder: Path, task: str, preset: str) -> pd.DataFrame:
+    """Fused ensemble score of every clean image (``id`` = file stem), through the score cache."""
+    from qualiteacher.iqa.cache import score_folder
+    from qualiteacher.iqa.presets import build_ensemble
+
+    ensemble = build_ensemble(preset, task=task)
+    df = score_folder(folder, ensemble)
+    df = df.assign(id=[Path(p).stem for p in df["path"]])
+    return df[["id", "path", "fused"]]
+
+
+# ---------------------------------------------------------------------------- training
+def stage_trainer(cfg: dict[str, Any], stage: str, trainer_args: dict[str, Any], runs: PipelineRuns,
+                  run_id: str, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
+    """The stage's Trainer: its config plus our MLflow logger, resumable checkpoints, progress bars."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+    out = Path(cfg["out_dir"]) / stage
+    progress = bool(cfg.get("progress", True))
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
+                        every_n_train_steps=int(cfg.get("checkpoint_every", 50))),
+        FlushBeforeCheckpoint(), *extra_callbacks,
+    ]
+    if progress:
+        callbacks.append(RichProgressBar())
+    args = {k: v for k, v in trainer_args.items() if k not in ("logger", "callbacks", "default_root_dir",
+                                                               "enable_progress_bar", "log_every_n_steps")}
+    args = {k: v for k, v in args.items() if v is not None}
+    return L.Trainer(**args, logger=MlflowStepLogger(runs.uri, run_id), callbacks=callbacks,
+                     default_root_dir=str(out), enable_progress_bar=progress, log_every_n_steps=1)
+
+
+def train_stage(stage: str, cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> Path:
+    """Fit one stage (resuming from ``last.ckpt`` when present); returns the final checkpoint."""
+    parser, ns = parse_stage(cfg, stage)
+    cls = stage_classes(cfg["student"])[stage]
+    from qualiteacher.data.datamodule import RestorationDataModule
+
+    model = cls(**ns.model.as_dict())
+    data = RestorationDataModule(**ns.data.as_dict())
+    extra: list[L.Callback] = []
+    if stage == "stage3":
+        from qualiteacher.pipeline_eval import Stage3Visuals
+
+        extra.append(Stage3Visuals(runs, run_id, every_n_steps=max(1, int(cfg.get("checkpoint_every", 50)))))
+    trainer = stage_trainer(cfg, stage, ns.trainer.as_dict(), runs, run_id, extra)
+    section = stage_section(cfg, stage)
+    runs.log_params(run_id, _flatten(section))
+    runs.log_dict_artifact(run_id, section, f"{stage}_config.yaml")
+    out = Path(cfg["out_dir"]) / stage
+    last = out / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        print(f"[pipeline] {stage}: resuming from {last}")
+    trainer.fit(model, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
+    if trainer.interrupted:
+        raise KeyboardInterrupt(f"{stage} interrupted; rerun the same command to resume")
+    final = out / "final.ckpt"
+    trainer.save_checkpoint(final)
+    runs.client.log_artifact(run_id, str(final), artifact_path="checkpoints")
+    skipped = data.skip_log.summary() if hasattr(data, "skip_log") else ""
+    if skipped:
+        print(f"[data] {skipped}")
+    return final
+
+
+# ---------------------------------------------------------------------------- registration
+def load_stage3(cfg: dict[str, Any]) -> Any:
+    """The trained QualiTeacher module of ``OUT/stage3/final.ckpt`` (student and teacher) on the CPU."""
+    from qualiteacher.training.stage3 import QualiTeacherModule
+
+    path = Path(cfg["out_dir"]) / "stage3" / "final.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(f"stage 3 result not found: {path} (run stage3 first)")
+    section = stage_section(cfg, "stage3")["model"]
+    section = {k: v for k, v in section.items() if k != "init_from"}
+    module = QualiTeacherModule(**section, ensemble=torch.nn.Identity())
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    module.load_state_dict(state["state_dict"], strict=False)
+    module.bank.load_state_dict(state.get("pseudo_label_bank", {"k": module.bank.k, "entries": {}}))
+    return module.eval()
+
+
+def register_student(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> None:
+    """Log the final student as an MLflow model and register a version named after the task."""
+    import mlflow
+
+    module = load_stage3(cfg)
+    name = f"qualiteacher-{cfg['task']}"
+    mlflow.set_tracking_uri(runs.uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(module.student, name="student", registered_model_name=name,
+                                        pip_requirements=["torch", "qualiteacher"])
+    print(f"[mlflow] registered model {name} from {info.model_uri}")

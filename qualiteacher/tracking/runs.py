@@ -1,0 +1,85 @@
+"""One MLflow parent run per pipeline, one child run per stage, reused on resume."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qualiteacher.tracking.mlflow_logger import _flatten, ensure_experiment, tracking_uri
+
+
+class PipelineRuns:
+    """Creates or reopens the runs recorded in the pipeline state (``state.data``)."""
+
+    def __init__(self, cfg: dict[str, Any], state: Any, workdir: Path, commit: str) -> None:
+        from mlflow import MlflowClient
+
+        self.cfg, self.state, self.commit = cfg, state, commit
+        self.uri = tracking_uri(workdir)
+        self.client = MlflowClient(self.uri)
+        self.experiment_id = ensure_experiment(self.client, cfg.get("experiment", "qualiteacher"), workdir)
+        self.tags = {"task": cfg["task"], "preset": cfg["preset"], "student": cfg["student"],
+                     "git_commit": commit, "mlflow.source.git.commit": commit}
+
+    def _reopen(self, run_id: str | None) -> str | None:
+        if not run_id:
+            return None
+        try:
+            self.client.get_run(run_id)
+        except Exception:  # the store was deleted or moved: start afresh
+            return None
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    @property
+    def parent_id(self) -> str:
+        return self.state.data["parent_run_id"]
+
+    def start_parent(self) -> str:
+        run_id = self._reopen(self.state.data.get("parent_run_id"))
+        if run_id is None:
+            run = self.client.create_run(self.experiment_id, tags=self.tags,
+                                         run_name=f"{self.cfg['task']}-{self.cfg['preset']}")
+            run_id = run.info.run_id
+            self.state.data["parent_run_id"] = run_id
+            self.state.save()
+            flat = {k: v for k, v in _flatten({k: v for k, v in self.cfg.items()
+                                               if k not in ("stage1", "stage2", "stage3")}).items()}
+            self.log_params(run_id, flat)
+            self.log_dict_artifact(run_id, self.cfg, "config.yaml")
+        print(f"[mlflow] tracking at {self.uri} · parent run {run_id}")
+        return run_id
+
+    def child(self, stage: str) -> str:
+        """The stage's child run (created once, reopened on resume)."""
+        entry = self.state.stage(stage)
+        run_id = self._reopen(entry.get("run_id"))
+        if run_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=f"{self.cfg['task']}-{stage}",
+                                         tags={**self.tags, "stage": stage, "mlflow.parentRunId": self.parent_id})
+            run_id = run.info.run_id
+            entry["run_id"] = run_id
+            self.state.save()
+        return run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        new = [Param(k[:250], str(v)[:6000]) for k, v in params.items() if k[:250] not in existing]
+        for i in range(0, len(new), 90):
+            self.client.log_batch(run_id, params=new[i:i + 90])
+
+    def log_dict_artifact(self, run_id: str, data: dict[str, Any], name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(yaml.safe_dump(data, sort_keys=False))
+            self.client.log_artifact(run_id, str(path))
+
+    def finish(self, run_id: str) -> None:
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def end_parent(self) -> None:
+        self.finish(self.parent_id)

@@ -1,0 +1,150 @@
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qualiteacher.data.degradations import DEGRADATIONS, params_from_dict
+from qualiteacher.data.demo import (
+    HELD_OUT_PHOTOS,
+    TASKS,
+    build_demo,
+    grace_hopper_path,
+    load_photos,
+    read_manifest,
+    summarize_manifest,
+)
+from qualiteacher.data.io import read_image
+
+SMALL = {"size": 48, "n_labeled": 4, "n_unlabeled": 4, "n_test": 2, "n_clean": 3, "progress": False}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory) -> dict[str, tuple[Path, pd.DataFrame]]:
+    out = {}
+    for name, seed, tasks in [("a", 0, TASKS), ("b", 0, TASKS), ("c", 1, ("dehaze", "lowlight"))]:
+        root = tmp_path_factory.mktemp(name)
+        out[name] = (root, build_demo(root, seed=seed, tasks=tasks, **SMALL))
+    return out
+
+
+def test_same_seed_gives_identical_bytes(builds):
+    (root_a, _), (root_b, _) = builds["a"], builds["b"]
+    files_a, files_b = _files(root_a), _files(root_b)
+    assert files_a.keys() == files_b.keys() and len(files_a) > 50
+    assert all(files_a[k] == files_b[k] for k in files_a)
+    pd.testing.assert_frame_equal(read_manifest(root_a / "manifest.csv"), read_manifest(root_b / "manifest.csv"))
+
+
+def test_task_subset_and_other_seed(builds):
+    (root_a, _), (root_c, df_c) = builds["a"], builds["c"]
+    files_a, files_c = _files(root_a), _files(root_c)
+    assert set(df_c["task"]) == {"clean", "dehaze", "lowlight"}
+    shared = [k for k in files_c if k != "manifest.csv"]
+    assert set(shared) <= set(files_a)
+    differ = sum(files_a[k] != files_c[k] for k in shared)
+    assert differ == len(shared)  # another seed: other crops and parameters for every file
+
+
+def test_layout_matches_design(builds):
+    root, df = builds["a"]
+    for task in TASKS:
+        for pair in ("labeled", "test"):
+            lq = sorted(p.name for p in (root / task / pair / "lq").iterdir())
+            gt = sorted(p.name for p in (root / task / pair / "gt").iterdir())
+            assert lq == gt and len(lq) == SMALL[f"n_{pair}"]
+        names = sorted(p.name for p in (root / task / "unlabeled").glob("*.png"))
+        assert names == [f"{i:04d}.png" for i in range(SMALL["n_unlabeled"])]
+    assert len(list((root / "clean").glob("*.png"))) == SMALL["n_clean"]
+    # the manifest lists every image file, and only those
+    listed = set(df["path"]) | set(df["gt_path"][df["gt_path"] != ""])
+    on_disk = {k for k in _files(root) if k.endswith(".png")}
+    assert listed == on_disk
+    img = read_image(root / df["path"].iloc[-1])
+    assert img.shape == (48, 48, 3)
+
+
+def test_manifest_columns_and_domains(builds):
+    _, df = builds["a"]
+    assert list(df["split"].unique()) == ["clean", "labeled", "unlabeled", "test"]
+    assert set(df.loc[df["split"] == "labeled", "domain"]) == {"source"}
+    assert set(df.loc[df["split"].isin(["unlabeled", "test"]), "domain"]) == {"real"}
+    for deg in DEGRADATIONS.values():
+        rows = df[df["task"] == deg.task]
+        for field in deg.params_type.__dataclass_fields__:
+            assert rows[field].notna().all(), (deg.task, field)
+    width, height = df["crop_x1"] - df["crop_x0"], df["crop_y1"] - df["crop_y0"]
+    assert (width > 0).all() and (width == height).all()
+    assert set(df.loc[df["photo"] == "motorcycle", "depth_source"]) <= {"disparity"}
+
+
+def test_domain_gap_in_manifest(builds):
+    _, df = builds["a"]
+    for task, deg in DEGRADATIONS.items():
+        rows = df[df["task"] == task]
+        src = rows.loc[rows["domain"] == "source", deg.main_param]
+        real = rows.loc[rows["split"] == "unlabeled", deg.main_param]
+        if task == "lowlight":
+            assert real.mean() < src.mean()
+        else:
+            assert real.mean() > src.mean()
+        assert (rows.loc[rows["domain"] == "real", "jpeg_quality"] > 0).all()
+        assert (rows.loc[rows["domain"] == "source", "jpeg_quality"] == 0).all()
+
+
+def test_test_photos_are_held_out(builds):
+    _, df = builds["a"]
+    test_photos = set(df.loc[df["split"] == "test", "photo"])
+    other_photos = set(df.loc[df["split"] != "test", "photo"])
+    assert test_photos <= set(HELD_OUT_PHOTOS)
+    assert test_photos.isdisjoint(other_photos)
+
+
+def test_manifest_parameters_reproduce_images(builds):
+    # low light needs no depth map: the recorded parameters rebuild the lq file from its gt exactly
+    root, df = builds["a"]
+    deg = DEGRADATIONS["lowlight"]
+    for _, row in df[(df["task"] == "lowlight") & (df["gt_path"] != "")].iterrows():
+        params = params_from_dict("lowlight", row.to_dict())
+        assert isinstance(params.seed, int) and isinstance(params.jpeg_quality, int)
+        lq = deg.apply(read_image(root / row["gt_path"]), params)
+        np.testing.assert_array_equal(np.round(lq * 255), np.round(read_image(root / row["path"]) * 255))
+
+
+def test_summary_and_manifest_reader(builds, tmp_path):
+    root, df = builds["a"]
+    text = summarize_manifest(df)
+    for task in TASKS:
+        assert task in text
+    assert "beta" in text and "exposure" in text
+    df2 = read_manifest(root / "manifest.csv")
+    assert (df2.loc[df2["split"] == "unlabeled", "gt_path"] == "").all()
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        read_manifest(tmp_path / "nope.csv")
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    kwargs = SMALL | {"tasks": ("derain",), "n_labeled": 1, "n_unlabeled": 1, "n_test": 1, "n_clean": 1}
+    build_demo(tmp_path, **kwargs)
+    (tmp_path / "derain" / "unlabeled" / "stale.png").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        build_demo(tmp_path, **kwargs)
+    build_demo(tmp_path, overwrite=True, **kwargs)
+    assert not (tmp_path / "derain" / "unlabeled" / "stale.png").exists()
+    with pytest.raises(ValueError, match="unknown demo task"):
+        build_demo(tmp_path / "x", tasks=("deblur",), **SMALL)
+
+
+def test_bundled_photos():
+    photos = load_photos()
+    assert set(HELD_OUT_PHOTOS) <= set(photos)
+    assert "motorcycle" in photos and photos["motorcycle"].depth_source == "disparity"
+    assert ("grace_hopper" in photos) == (grace_hopper_path() is not None)
+    for p in photos.values():
+        assert p.image.dtype == np.uint8 and p.image.ndim == 3 and p.image.shape[2] == 3
+        assert p.depth.shape == p.image.shape[:2] and 0.0 <= p.depth.min() and p.depth.max() <= 1.0
+    assert len(photos) - len(HELD_OUT_PHOTOS) >= 8
