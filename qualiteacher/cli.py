@@ -24,11 +24,11 @@ def _data_demo(args: argparse.Namespace) -> int:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from qualiteacher.data.io import default_skip_log, read_image, ImageReadError
+    from qualiteacher.data.io import ImageReadError, get_skip_log, read_image
     from qualiteacher.data.layouts import read_layout
 
     records = read_layout(args.layout, Path(args.root))
-    log = default_skip_log()
+    log = get_skip_log()
     n_ok = 0
     for rec in records:
         for path in (rec.lq, rec.gt):
@@ -38,7 +38,7 @@ def _data_check(args: argparse.Namespace) -> int:
                 read_image(path)
                 n_ok += 1
             except ImageReadError as err:
-                log.skip(err.path, err.reason)
+                log.record(err.path, err.reason)
     print(f"{len(records)} records, {n_ok} images read")
     print(log.summary())
     return 0

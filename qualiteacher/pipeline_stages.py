@@ -115,9 +115,9 @@ def train_stage(stage: str, cfg: dict[str, Any], runs: PipelineRuns, run_id: str
     final = out / "final.ckpt"
     trainer.save_checkpoint(final)
     runs.client.log_artifact(run_id, str(final), artifact_path="checkpoints")
-    skipped = data.skip_log.summary() if hasattr(data, "skip_log") else ""
-    if skipped:
-        print(f"[data] {skipped}")
+    from qualiteacher.data.io import get_skip_log
+
+    print(f"[data] {get_skip_log().summary()}")
     return final
 
 

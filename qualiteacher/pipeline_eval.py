@@ -1,0 +1,135 @@
+"""Evaluation stage of the pipeline and the stage-3 image grids logged to MLflow."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pandas as pd
+import torch
+from torch import Tensor
+
+from qualiteacher.tracking.runs import PipelineRuns
+
+
+def _grid_rows(module: Any, x: Tensor, levels: list[int], tile: int | None, gt: Tensor | None = None,
+               pl: Tensor | None = None) -> tuple[list[list[Tensor | None]], list[str]]:
+    from qualiteacher.training.restore import restore
+
+    teacher = restore(module.teacher, x, level=None, tile=tile)
+    per_level = [restore(module.student, x, level=lv, tile=tile) for lv in levels]
+    rows = []
+    for i in range(x.shape[0]):
+        rows.append([x[i], teacher[i] if pl is None else pl[i], *[o[i] for o in per_level],
+                     None if gt is None else gt[i]])
+    titles = ["input", "teacher" if pl is None else "teacher PL", *[f"student@{lv}" for lv in levels],
+              "ground truth"]
+    return rows, titles
+
+
+class Stage3Visuals(L.Callback):
+    """Every ``every_n_steps``: an image grid (input | best teacher PL | student at several levels)
+    of the current unlabeled batch, and the pseudo-label level histogram, to the stage's run."""
+
+    def __init__(self, runs: PipelineRuns, run_id: str, every_n_steps: int = 50,
+                 levels: tuple[int, ...] = (0, 3, 5, 7), n_images: int = 2) -> None:
+        self.runs, self.run_id, self.every, self.levels, self.n = runs, run_id, every_n_steps, list(levels), n_images
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if trainer.global_rank != 0 or step % self.every != 0:
+            return
+        unl = batch["unlabeled"]
+        x, ids = unl["lq"][: self.n], list(unl["id"][: self.n])
+        pls = pl_module.bank.gather(ids, device=x.device)
+        # the best entry of every image is its first (entries are sorted by score)
+        firsts = [int((pls[4] == i).nonzero()[0]) for i in range(len(ids))]
+        rows, titles = _grid_rows(pl_module, x, self.levels, None, pl=pls[0][firsts])
+        self._log_grid(rows, titles, f"grids/stage3_step{step:06d}.png")
+
+    def _log_grid(self, rows: list, titles: list[str], name: str) -> None:
+        from qualiteacher.eval.figures import image_grid
+
+        self.runs.client.log_image(self.run_id, image_grid(rows, titles), artifact_file=name)
+
+
+def _test_set(cfg: dict[str, Any]) -> list[tuple[str, Tensor, Tensor | None]]:
+    from qualiteacher.data.io import ImageReadError, get_skip_log, read_image, to_tensor
+    from qualiteacher.data.layouts import read_layout
+
+    root = Path(cfg["data_root"]) / cfg["task"] / "test"
+    layout = cfg.get("eval", {}).get("layout", "paired")
+    records = read_layout(layout, root)
+    limit = cfg.get("eval", {}).get("max_images")
+    out = []
+    for rec in records[: limit or None]:
+        try:
+            lq = to_tensor(read_image(rec.lq))
+            gt = to_tensor(read_image(rec.gt)) if rec.gt is not None else None
+        except ImageReadError as err:
+            get_skip_log().record(err.path, err.reason)
+            continue
+        out.append((rec.id, lq, gt))
+    if not out:
+        raise RuntimeError(f"no readable test image in {root}")
+    return out
+
+
+def evaluate_pipeline(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> pd.DataFrame:
+    """Input vs teacher vs student at the top level on the held-out test set (fused IQA score,
+    PSNR/SSIM where references exist), the score-versus-level study, grids; all logged."""
+    from qualiteacher.eval.figures import image_grid, plot_score_vs_level
+    from qualiteacher.eval.nriqa import level_spearman, score_levels
+    from qualiteacher.eval.report import build_restorers, evaluate_restorers, format_table, summary_table
+    from qualiteacher.iqa.presets import build_ensemble
+    from qualiteacher.pipeline_stages import load_stage3
+
+    ev = cfg.get("eval", {})
+    module = load_stage3(cfg)
+    hp = module.hparams
+    ensemble = build_ensemble(hp.iqa_preset, task=hp.task, weights_dir=hp.iqa_weights_dir)
+    tile = ev.get("tile") or int(cfg["stage3"].get("data", {}).get("crop_size", 64))
+    top = int(hp.top_level)
+    test = _test_set(cfg)
+    out = Path(cfg["out_dir"]) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+
+    restorers = build_restorers(module.student, module.teacher, levels=(top,), tile=tile)
+    df = evaluate_restorers(restorers, test, ensemble)
+    table = summary_table(df)
+    df.to_csv(out / "per_image.csv", index=False)
+    table.to_csv(out / "results.csv")
+    levels_df = score_levels(module.student, [lq for _, lq, _ in test], ensemble,
+                             levels=ev.get("levels", range(8)), tile=tile, ids=[i for i, _, _ in test])
+    levels_df.to_csv(out / "score_vs_level.csv", index=False)
+    rho = level_spearman(levels_df)
+    plot_score_vs_level(levels_df, out / "score_vs_level.png",
+                        title=f"{cfg['task']}: ensemble score vs requested level (Spearman {rho:.2f})")
+    rows: list = []
+    titles: list[str] = []
+    for image_id, lq, gt in test[:3]:
+        r, titles = _grid_rows(module, lq[None], list(ev.get("grid_levels", [0, 3, 5, 7])), tile,
+                               gt=None if gt is None else gt[None])
+        rows += r
+    from qualiteacher.eval.figures import save_png
+
+    save_png(image_grid(rows, titles), out / "test_grid.png")
+
+    client = runs.client
+    for name in ("per_image.csv", "results.csv", "score_vs_level.csv", "score_vs_level.png", "test_grid.png"):
+        client.log_artifact(run_id, str(out / name), artifact_path="eval")
+    metrics = {f"eval.{r}.{c}": float(v) for r, row in table.iterrows() for c, v in row.items()
+               if isinstance(v, (int, float)) and v == v}
+    metrics["eval.level_spearman"] = float(rho)
+    for k, v in metrics.items():
+        client.log_metric(run_id, k, v)
+        client.log_metric(runs.parent_id, k, v)
+    text = format_table(table)
+    print(f"\nResults on {len(test)} held-out {cfg['task']} test images "
+          f"(student at level {top}; ensemble '{hp.iqa_preset}'):\n{text}")
+    print(f"Ensemble score vs requested level: Spearman ρ = {rho:.3f}")
+    print(f"MLflow: {runs.uri} (parent run {runs.parent_id}); files in {out}")
+    return table
