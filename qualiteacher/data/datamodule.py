@@ -1,0 +1,406 @@
+"""Training / validation data: `RestorationDataModule` and the datasets it serves.
+
+Train batches are ``{"labeled": L, "unlabeled": U}`` from a Lightning ``CombinedLoader`` in mode
+``max_size_cycle`` (``{"labeled": L}`` alone when no unlabeled data is given):
+
+- ``L = {"lq": (B,3,c,c), "gt": (B,3,c,c), "quality": (B,) float32 (NaN if unknown), "id": list[str]}``
+- ``U = {"lq": (B,3,c,c), "id": list[str]}``
+
+Both sides get the same weak CPU augmentation (albumentations: random crop to ``crop_size``,
+horizontal and vertical flips), applied to ``lq`` and ``gt`` together so paired crops stay aligned.
+Validation batches are ``{"lq", "gt" (paired layouts only), "id"}`` at batch size 1, centre-cropped
+so that height and width are multiples of ``val_multiple`` (and to ``val_crop_size`` if given).
+
+Small images: an image smaller than the crop is reflect-padded up to it (`pad_to_size`);
+``small_images="skip"`` skips it instead (recorded in the `SkipLog`). Bad files: a dataset that
+meets an unreadable file records it in the `SkipLog` and serves the next readable index instead;
+when no file is readable it raises ``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import albumentations as A
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from qualiteacher.data.io import (
+    ImageReadError,
+    SkipLog,
+    get_skip_log,
+    pad_to_size,
+    read_image,
+    to_tensor,
+)
+from qualiteacher.data.layouts import check_layout, read_layout, read_unpaired
+from qualiteacher.data.records import ImageRecord
+
+log = logging.getLogger(__name__)
+
+SMALL_IMAGE_MODES = ("pad", "skip")
+
+
+def centre_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The central ``height x width`` window of an ``(H, W, C)`` image (no-op where smaller)."""
+    h, w = image.shape[:2]
+    top, left = max(h - height, 0) // 2, max(w - width, 0) // 2
+    return image[top:top + min(height, h), left:left + min(width, w)]
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: reseed the worker's dataset copy from the loader's seed."""
+    info = get_worker_info()
+    reseed = getattr(info.dataset, "reseed", None) if info is not None else None
+    if reseed is not None:
+        reseed(torch.initial_seed())  # base seed drawn from the loader's generator + worker id
+
+
+def _serve(index: int, n: int, bad: set[int], load: Callable[[int], dict], skip_log: SkipLog, what: str) -> dict:
+    """``load(index)``, or the next loadable index when it raises `ImageReadError`."""
+    for k in range(n):
+        j = (index + k) % n
+        if j in bad:
+            continue
+        try:
+            return load(j)
+        except ImageReadError as exc:
+            skip_log.record(exc.path, exc.reason)
+            bad.add(j)
+    raise RuntimeError(f"{what}: none of its {n} images can be served\n{skip_log.summary()}")
+
+
+def _check_small(image: np.ndarray, size: int, mode: str, path: Path) -> np.ndarray:
+    h, w = image.shape[:2]
+    if h >= size and w >= size:
+        return image
+    if mode == "skip":
+        raise ImageReadError(path, f"{w}x{h} is smaller than the crop {size}x{size} (small_images='skip')")
+    return pad_to_size(image, size, size)
+
+
+def _read_pair(record: ImageRecord, with_gt: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    lq = read_image(record.lq)
+    if not with_gt:
+        return lq, None
+    if record.gt is None:  # clean-only set: the image is its own reference
+        return lq, lq
+    gt = read_image(record.gt)
+    if gt.shape != lq.shape:
+        raise ImageReadError(record.lq, f"size {lq.shape[1]}x{lq.shape[0]} differs from its gt {record.gt} "
+                                        f"({gt.shape[1]}x{gt.shape[0]})")
+    return lq, gt
+
+
+class CropDataset(Dataset):
+    """Training crops of ``records``: ``{"lq", "gt", "quality", "id"}`` if ``paired``, else ``{"lq", "id"}``.
+
+    ``quality``: one fused score per record (NaN where unknown). Augmentation is reproducible: the
+    albumentations pipeline is seeded with ``seed`` here and reseeded per DataLoader worker.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        crop_size: int,
+        paired: bool,
+        quality: Sequence[float] | None = None,
+        augment: bool = True,
+        small_images: str = "pad",
+        seed: int = 0,
+        skip_log: SkipLog | None = None,
+        random_crop: bool = True,
+    ) -> None:
+        if quality is not None and len(quality) != len(records):
+            raise ValueError(f"{len(quality)} quality values for {len(records)} records")
+        self.records = list(records)
+        self.crop_size, self.paired, self.small_images = crop_size, paired, small_images
+        self.quality = [math.nan] * len(records) if quality is None else [float(q) for q in quality]
+        self.skip_log = skip_log if skip_log is not None else get_skip_log()
+        self._bad: set[int] = set()
+        flips = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)] if augment else []
+        crop = A.RandomCrop if random_crop else A.CenterCrop
+        self.transform = A.Compose(
+            [crop(height=crop_size, width=crop_size), *flips],
+            additional_targets={"gt": "image"} if paired else None,
+            seed=seed,
+        )
+
+    def reseed(self, seed: int) -> None:
+        self.transform.set_random_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        return _serve(index, len(self.records), self._bad, self._load, self.skip_log, "training data")
+
+    def _load(self, index: int) -> dict:
+        record = self.records[index]
+        lq, gt = _read_pair(record, self.paired)
+        lq = _check_small(lq, self.crop_size, self.small_images, record.lq)
+        if not self.paired:
+            return {"lq": to_tensor(self.transform(image=lq)["image"]), "id": record.id}
+        out = self.transform(image=lq, gt=_check_small(gt, self.crop_size, "pad", record.lq))
+        return {
+            "lq": to_tensor(out["image"]),
+            "gt": to_tensor(out["gt"]),
+            "quality": torch.tensor(self.quality[index], dtype=torch.float32),
+            "id": record.id,
+        }
+
+
+class EvalDataset(Dataset):
+    """Whole images for validation: ``{"lq", "gt" (if ``paired``), "id"}``, centre-cropped so each
+    side is a multiple of ``multiple`` (and to ``crop_size`` if given; smaller images are padded)."""
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        paired: bool,
+        multiple: int = 8,
+        crop_size: int | None = None,
+        skip_log: SkipLog | None = None,
+    ) -> None:
+        self.records, self.paired, self.multiple, self.crop_size = list(records), paired, multiple, crop_size
+        self.skip_log = skip_log if skip_log is not None else get_skip_log()
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        return _serve(index, len(self.records), self._bad, self._load, self.skip_log, "validation data")
+
+    def _load(self, index: int) -> dict:
+        record = self.records[index]
+        lq, gt = _read_pair(record, self.paired)
+        images = {"lq": lq} if gt is None else {"lq": lq, "gt": gt}
+        for key, image in images.items():
+            size = max(self.multiple, self.crop_size or 0)
+            image = pad_to_size(image, size, size)
+            h, w = image.shape[:2]
+            if self.crop_size is not None:
+                h, w = min(h, self.crop_size), min(w, self.crop_size)
+            images[key] = to_tensor(centre_crop(image, h - h % self.multiple, w - w % self.multiple))
+        return {**images, "id": record.id}
+
+
+class ImageFolderDataset(Dataset):
+    """Images of a folder for inference and scoring: ``{"image": (3,H,W), "id", "path"}``.
+
+    A bad file is recorded in the `SkipLog` and the next readable image is served in its place, so
+    one image can come twice: key results by ``id``. ``multiple`` centre-crops each side to a
+    multiple of it (1: full size).
+    """
+
+    def __init__(
+        self, root: str | Path, recursive: bool = False, multiple: int = 1, skip_log: SkipLog | None = None
+    ) -> None:
+        if multiple < 1:
+            raise ValueError(f"multiple must be >= 1, got {multiple}")
+        self.records = read_unpaired(root, recursive=recursive)
+        self.multiple = multiple
+        self.skip_log = skip_log if skip_log is not None else get_skip_log()
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        return _serve(index, len(self.records), self._bad, self._load, self.skip_log, "image folder")
+
+    def _load(self, index: int) -> dict:
+        record = self.records[index]
+        image = read_image(record.lq)
+        h, w = image.shape[:2]
+        if h < self.multiple or w < self.multiple:
+            image = pad_to_size(image, self.multiple, self.multiple)
+            h, w = image.shape[:2]
+        image = centre_crop(image, h - h % self.multiple, w - w % self.multiple)
+        return {"image": to_tensor(image), "id": record.id, "path": str(record.lq)}
+
+
+def read_quality_table(path: str | Path, records: Sequence[ImageRecord]) -> list[float]:
+    """Fused quality per record from a CSV/parquet table with columns ``fused`` and ``id`` or ``path``.
+
+    Matching: by ``id`` if the table has that column, else by ``path`` (relative entries are taken
+    relative to the table's folder, or to the working folder) against the record's ``gt``, then
+    ``lq``. Records without an entry get NaN (reported).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        table = pd.read_csv(path)
+    elif suffix in (".parquet", ".pq"):
+        table = pd.read_parquet(path)
+    else:
+        raise ValueError(f"quality table must be .csv or .parquet: {path}")
+    if "fused" not in table.columns or not {"id", "path"} & set(table.columns):
+        raise ValueError(f"quality table {path} needs a 'fused' column and an 'id' or 'path' column; "
+                         f"it has: {', '.join(map(str, table.columns))}")
+    fused = table["fused"].astype(float).tolist()
+    if "id" in table.columns:
+        by_id = dict(zip(table["id"].astype(str), fused))
+        values = [by_id.get(r.id, math.nan) for r in records]
+    else:
+        by_path: dict[Path, float] = {}
+        for entry, q in zip(table["path"].astype(str), fused):
+            p = Path(entry)
+            for base in ((path.parent, Path.cwd()) if not p.is_absolute() else (Path("/"),)):
+                by_path.setdefault((base / p).resolve(), q)
+        values = []
+        for r in records:
+            keys = [k.resolve() for k in (r.gt, r.lq) if k is not None]
+            values.append(next((by_path[k] for k in keys if k in by_path), math.nan))
+    missing = sum(math.isnan(v) for v in values)
+    if missing:
+        log.warning("quality table %s: no score for %d of %d labeled images (NaN)", path, missing, len(values))
+    return values
+
+
+class RestorationDataModule(pl.LightningDataModule):
+    """Paired labeled data, optional unlabeled real data and optional validation data.
+
+    Args:
+        labeled_root: folder of the labeled (paired) set, read with ``labeled_layout``. A layout
+            without references (e.g. ``unpaired`` clean images for stage 1) uses each image as its
+            own ``gt``.
+        unlabeled_root: folder of unlabeled real images (stage 3), read with ``unlabeled_layout``.
+        val_root: folder of validation images, read with ``val_layout``.
+        labeled_split / unlabeled_split / val_split: ``split`` option of the reader, if any
+            (``real3000``: train/test/all, ``exdark``: train/val/test/all, ``realsnow``: sub-folder).
+        crop_size: side of the square training crops.
+        batch_size / unlabeled_batch_size: batch sizes (unlabeled defaults to ``batch_size``).
+        num_workers: DataLoader worker processes.
+        seed: seeds shuffling and augmentation (labeled ``seed``, unlabeled ``seed + 1``).
+        small_images: ``"pad"`` (reflect-pad up to the crop) or ``"skip"``.
+        quality_table: CSV/parquet with ``fused`` and ``id`` or ``path``: the labeled ``quality``.
+        augment: random flips on top of the random crop.
+        unlabeled_fixed_view: serve every unlabeled image as the same centre crop, without flips
+            (default). The pseudo-label bank keeps candidates per image id, so they must refer to
+            one fixed view; stage 3 applies its geometric augmentation on the accelerator to the
+            input and its pseudo-labels alike.
+        val_crop_size: centre-crop validation images to this side (``None``: whole images).
+        val_multiple: validation sides are centre-cropped to a multiple of this.
+
+    Skipped files go to the process' default `SkipLog` (``self.skip_log``, `get_skip_log()`);
+    DataLoader workers keep their own copies.
+    """
+
+    def __init__(
+        self,
+        labeled_root: str,
+        unlabeled_root: str | None = None,
+        val_root: str | None = None,
+        labeled_layout: str = "paired",
+        unlabeled_layout: str = "unpaired",
+        val_layout: str = "paired",
+        labeled_split: str | None = None,
+        unlabeled_split: str | None = None,
+        val_split: str | None = None,
+        crop_size: int = 64,
+        batch_size: int = 4,
+        unlabeled_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        small_images: str = "pad",
+        quality_table: str | None = None,
+        augment: bool = True,
+        unlabeled_fixed_view: bool = True,
+        val_crop_size: int | None = None,
+        val_multiple: int = 8,
+    ) -> None:
+        super().__init__()
+        for name, value in (("crop_size", crop_size), ("batch_size", batch_size),
+                            ("unlabeled_batch_size", unlabeled_batch_size),
+                            ("val_crop_size", val_crop_size), ("val_multiple", val_multiple)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if small_images not in SMALL_IMAGE_MODES:
+            raise ValueError(f"small_images must be one of {', '.join(SMALL_IMAGE_MODES)}; got {small_images!r}")
+        for layout in (labeled_layout, unlabeled_layout, val_layout):
+            check_layout(layout)
+        for name, folder in (("labeled_root", labeled_root), ("unlabeled_root", unlabeled_root),
+                             ("val_root", val_root)):
+            if folder is not None and not Path(folder).is_dir():
+                raise FileNotFoundError(f"{name} folder does not exist: {folder}")
+        if quality_table is not None and not Path(quality_table).is_file():
+            raise FileNotFoundError(f"quality_table file does not exist: {quality_table}")
+        self.save_hyperparameters()
+        self.labeled_root, self.unlabeled_root, self.val_root = labeled_root, unlabeled_root, val_root
+        self.layouts = {"labeled": labeled_layout, "unlabeled": unlabeled_layout, "val": val_layout}
+        self.splits = {"labeled": labeled_split, "unlabeled": unlabeled_split, "val": val_split}
+        self.crop_size, self.batch_size = crop_size, batch_size
+        self.unlabeled_batch_size = unlabeled_batch_size or batch_size
+        self.num_workers, self.seed, self.small_images = num_workers, seed, small_images
+        self.quality_table, self.augment = quality_table, augment
+        self.unlabeled_fixed_view = unlabeled_fixed_view
+        self.val_crop_size, self.val_multiple = val_crop_size, val_multiple
+        self.skip_log = get_skip_log()  # the process' default log: run drivers print its summary
+        self.datasets: dict[str, Dataset] = {}
+
+    def _read(self, part: str, root: str) -> list[ImageRecord]:
+        options: dict[str, object] = {}
+        if self.splits[part] is not None:
+            options["split"] = self.splits[part]
+        if self.layouts[part] in ("rtts", "exdark"):
+            options["skip_log"] = self.skip_log
+        return read_layout(self.layouts[part], root, **options)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and "labeled" not in self.datasets:
+            labeled = self._read("labeled", self.labeled_root)
+            quality = None if self.quality_table is None else read_quality_table(self.quality_table, labeled)
+            self.datasets["labeled"] = CropDataset(
+                labeled, self.crop_size, paired=True, quality=quality, augment=self.augment,
+                small_images=self.small_images, seed=self.seed, skip_log=self.skip_log)
+            if self.unlabeled_root is not None:
+                self.datasets["unlabeled"] = CropDataset(
+                    self._read("unlabeled", self.unlabeled_root), self.crop_size, paired=False,
+                    augment=self.augment and not self.unlabeled_fixed_view, small_images=self.small_images,
+                    seed=self.seed + 1, skip_log=self.skip_log, random_crop=not self.unlabeled_fixed_view)
+        if stage in (None, "fit", "validate") and self.val_root is not None and "val" not in self.datasets:
+            records = self._read("val", self.val_root)
+            self.datasets["val"] = EvalDataset(
+                records, paired=all(r.gt is not None for r in records), multiple=self.val_multiple,
+                crop_size=self.val_crop_size, skip_log=self.skip_log)
+
+    def _loader(self, part: str, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+        if part not in self.datasets:
+            raise RuntimeError(f"no {part} data set: call setup() first (or give the {part} folder)")
+        dataset = self.datasets[part]
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) >= batch_size,
+            num_workers=self.num_workers,
+            worker_init_fn=seed_worker,
+            generator=torch.Generator().manual_seed(seed),
+            persistent_workers=False,
+        )
+
+    def train_dataloader(self) -> CombinedLoader:
+        loaders = {"labeled": self._loader("labeled", self.batch_size, True, self.seed)}
+        if "unlabeled" in self.datasets:
+            loaders["unlabeled"] = self._loader("unlabeled", self.unlabeled_batch_size, True, self.seed + 1)
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_root is None:
+            return []
+        return self._loader("val", 1, False, self.seed)
+
+    def teardown(self, stage: str | None = None) -> None:
+        if len(self.skip_log):
+            log.warning("data: %s", self.skip_log.summary())
