@@ -248,6 +248,7 @@ class QualiTeacherModule(L.LightningModule):
             "stage3/pref_a": l_pref_a, "stage3/pref_b": l_pref_b, "stage3/crop": l_crop,
             "stage3/aux": l_aux, "stage3/bank_mean_score": self.bank.mean_score(),
             "stage3/bank_images": float(len(self.bank)), **{f"stage3/{k}": v for k, v in logs.items()},
+            **{f"stage3/pl_level_{q}": float(c) for q, c in enumerate(self.bank.level_counts())},
         }, prog_bar=False, on_step=True, on_epoch=False, batch_size=b)
         self.log("loss", total, prog_bar=True, on_step=True, batch_size=b, logger=False)
         return total

@@ -1,0 +1,32 @@
+"""Shared fixtures: seeded torch, a small demo data set built once per session."""
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded demo data at 48 px, all four tasks (about 2 s)."""
+    from qualiteacher.data.demo import build_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    build_demo(root, seed=0, size=48, n_labeled=8, n_unlabeled=6, n_test=3, n_clean=8, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fast_ensemble_factory():
+    """An offline ensemble without NIQE (the slowest member on CPU) for mechanics tests."""
+    from qualiteacher.iqa.presets import ensemble_from_specs, preset_specs
+
+    def make(task: str = "dehaze"):
+        specs = [s for s in preset_specs("offline", task) if s.name != "niqe"]
+        return ensemble_from_specs(specs, task=task)
+
+    return make

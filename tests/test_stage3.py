@@ -1,0 +1,131 @@
+"""QualiTeacher stage 3: every loss term runs, checkpoints keep the bank, both students work."""
+import math
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers.logger import Logger
+
+from qualiteacher.data.datamodule import RestorationDataModule
+from qualiteacher.training.restore import restore, tiled_apply
+from qualiteacher.training.stage3 import QualiTeacherModule
+from qualiteacher.archs.presets import build_unet
+
+TERMS = ("sup", "pl", "pref", "pref_a", "pref_b", "crop", "total")
+
+
+class Capture(Logger):
+    """Keeps every logged metric per step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[int, dict[str, float]] = {}
+
+    name = "capture"
+    version = "0"
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.setdefault(int(step), {}).update({k: float(v) for k, v in metrics.items()})
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def _fit(module, demo_root, steps, tmp_path=None, ckpt=None, logger=None, task="dehaze", callbacks=()):
+    dm = RestorationDataModule(labeled_root=str(demo_root / task / "labeled"),
+                               unlabeled_root=str(demo_root / task / "unlabeled"), crop_size=32, batch_size=2)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=logger or False, log_every_n_steps=1,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, callbacks=list(callbacks))
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    return trainer
+
+
+def _module(ensemble, **kw):
+    args = dict(preset="tiny", ensemble=ensemble, pref_start_step=2, crop_start_step=2, mask_block=16,
+                views=("identity", "hflip", "vflip", "rot90"), n_aug_variants=1, ema_decay=0.9, lr=1e-3)
+    args.update(kw)
+    return QualiTeacherModule(**args)
+
+
+def test_short_run_with_offline_ensemble_logs_every_term(demo_root):
+    from qualiteacher.iqa.presets import build_ensemble
+
+    cap = Capture()
+    module = _module(build_ensemble("offline", task="dehaze"))
+    teacher_before = [p.clone() for p in module.teacher.parameters()]
+    _fit(module, demo_root, 4, logger=cap)
+    after_start = [row for step, row in cap.rows.items() if step >= 2]
+    assert after_start, "no step logged after the preference start"
+    for row in after_start:
+        for term in TERMS:
+            assert math.isfinite(row[f"stage3/{term}"]), term
+            assert row[f"stage3/{term}"] != 0.0, f"{term} is zero after its start step"
+    for row in (r for s, r in cap.rows.items() if s < 2):
+        assert row["stage3/pref"] == 0.0 and row["stage3/crop"] == 0.0
+    assert sum(row["stage3/pl_level_" + str(q)] for q in range(8) for row in [cap.rows[max(cap.rows)]]) > 0
+    # the bank holds up to k entries for every unlabeled image seen; the teacher moved (EMA)
+    assert 0 < len(module.bank) and all(len(v) <= 3 for v in module.bank.entries.values())
+    assert any(not torch.equal(a, b) for a, b in zip(teacher_before, module.teacher.parameters()))
+    assert not module.teacher.training and not any(p.requires_grad for p in module.teacher.parameters())
+
+
+@pytest.mark.parametrize("mode", ["all_pairs", "pair"])
+def test_preference_modes_and_independent_crops_run(demo_root, fast_ensemble_factory, mode):
+    cap = Capture()
+    module = _module(fast_ensemble_factory(), pref_mode=mode, crop_windows="independent",
+                     pref_start_step=0, crop_start_step=0)
+    _fit(module, demo_root, 2, logger=cap)
+    last = cap.rows[max(cap.rows)]
+    assert last["stage3/pref"] > 0 and last["stage3/crop"] >= 0 and math.isfinite(last["stage3/total"])
+
+
+def test_unet_student_and_cond_mode_adaln(demo_root, fast_ensemble_factory):
+    for kw in ({"student": "unet"}, {"cond_mode": "adaln"}):
+        cap = Capture()
+        module = _module(fast_ensemble_factory(), **kw)
+        _fit(module, demo_root, 3, logger=cap)
+        assert all(math.isfinite(v) for v in cap.rows[max(cap.rows)].values())
+
+
+def test_checkpoint_keeps_bank_and_teacher_but_not_the_ensemble(demo_root, fast_ensemble_factory, tmp_path):
+    module = _module(fast_ensemble_factory())
+    trainer = _fit(module, demo_root, 2, tmp_path)
+    path = tmp_path / "s3.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    assert not any(k.startswith("ensemble.") for k in ckpt["state_dict"])
+    assert any(k.startswith("teacher.") for k in ckpt["state_dict"])
+    assert set(ckpt["pseudo_label_bank"]["entries"]) == set(module.bank.entries)
+    # resume: the bank comes back and training continues to the new max_steps
+    fresh = _module(fast_ensemble_factory())
+    trainer2 = _fit(fresh, demo_root, 4, tmp_path, ckpt=str(path))
+    assert trainer2.global_step == 4
+    assert set(fresh.bank.entries) >= set(module.bank.entries)
+
+
+def test_bad_config_values_fail_early(fast_ensemble_factory):
+    with pytest.raises(ValueError, match="ema_decay"):
+        _module(fast_ensemble_factory(), ema_decay=2.0)
+    with pytest.raises(ValueError, match="low_levels"):
+        _module(fast_ensemble_factory(), low_levels=(4, 9))
+    with pytest.raises(ValueError, match="views"):
+        _module(fast_ensemble_factory(), views=("identity", "rot45"))
+
+
+def test_tiled_restore_matches_untiled_when_image_fits_one_tile():
+    torch.manual_seed(0)
+    net = build_unet("tiny").eval()
+    x = torch.rand(1, 3, 32, 32)
+    whole = restore(net, x, level=7)
+    tiled = restore(net, x, level=7, tile=32, overlap=8)
+    assert torch.allclose(whole, tiled, atol=1e-5)
+
+
+def test_tiled_apply_blends_exactly_for_pointwise_functions_and_any_size():
+    x = torch.rand(2, 3, 70, 45)
+    out = tiled_apply(lambda t: t * 2 + 1, x, tile=32, overlap=8, tiles_per_batch=3)
+    assert out.shape == x.shape
+    assert torch.allclose(out, x * 2 + 1, atol=1e-5)
+    with pytest.raises(ValueError):
+        tiled_apply(lambda t: t, x, tile=16, overlap=8)
