@@ -1,7 +1,7 @@
 """Evaluation stage of the pipeline and the stage-3 image grids logged to MLflow."""
 from __future__ import annotations
 
-import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -121,13 +121,16 @@ def evaluate_pipeline(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> p
     client = runs.client
     for name in ("per_image.csv", "results.csv", "score_vs_level.csv", "score_vs_level.png", "test_grid.png"):
         client.log_artifact(run_id, str(out / name), artifact_path="eval")
-    metrics = {f"eval.{r}.{c}": float(v) for r, row in table.iterrows() for c, v in row.items()
-               if isinstance(v, (int, float)) and v == v}
-    metrics["eval.level_spearman"] = float(rho)
-    for k, v in metrics.items():
-        client.log_metric(run_id, k, v)
-        client.log_metric(runs.parent_id, k, v)
-    text = format_table(table)
+    metrics = {f"eval/{str(r).replace('@', '_level')}/{c}": float(v) for r, row in table.iterrows()
+               for c, v in row.items() if isinstance(v, (int, float)) and v == v and c not in ("images", "references")}
+    metrics["eval/level_spearman"] = float(rho)
+    from mlflow.entities import Metric
+
+    batch = [Metric(k, v, int(time.time() * 1000), 0) for k, v in metrics.items()]
+    client.log_batch(run_id, metrics=batch)
+    client.log_batch(runs.parent_id, metrics=batch)
+    brief = [c for c in ("images", "fused", "iqa_level", "psnr", "ssim") if c in table.columns]
+    text = format_table(table[brief])
     print(f"\nResults on {len(test)} held-out {cfg['task']} test images "
           f"(student at level {top}; ensemble '{hp.iqa_preset}'):\n{text}")
     print(f"Ensemble score vs requested level: Spearman ρ = {rho:.3f}")

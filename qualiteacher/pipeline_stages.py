@@ -40,14 +40,16 @@ def prepare_data(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> None:
         from qualiteacher.data.demo import build_demo, summarize_manifest
 
         print(f"[data] building the demo data in {root}")
-        df = build_demo(root, seed=int(demo.get("seed", 0)), size=int(demo.get("size", 96)),
-                        progress=bool(cfg.get("progress", True)), overwrite=True)
+        options = {k: v for k, v in demo.items() if k != "generate"}
+        df = build_demo(root, progress=bool(cfg.get("progress", True)), overwrite=True, **options)
         print(summarize_manifest(df))
     if (root / "manifest.csv").is_file():
         runs.client.log_artifact(run_id, str(root / "manifest.csv"))
     table = Path(cfg["stage1"].get("data", {}).get("quality_table") or Path(cfg["out_dir"]) / "labeled_quality.csv")
     if cfg["student"] == "iqpir" and not table.is_file():
-        scores = grade_clean_images(root / task / "labeled" / "gt", task, cfg["stage3"]["model"].get("iqa_preset", "offline"))
+        scores = grade_clean_images(root / task / "labeled" / "gt", task,
+                                    cfg["stage3"]["model"].get("iqa_preset", "offline"),
+                                    Path(cfg["out_dir"]) / "iqa_cache.parquet")
         table.parent.mkdir(parents=True, exist_ok=True)
         scores.to_csv(table, index=False)
         runs.client.log_artifact(run_id, str(table))
@@ -55,13 +57,13 @@ def prepare_data(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> None:
         runs.client.log_metric(run_id, "data/labeled_mean_quality", float(scores["fused"].mean()))
 
 
-def grade_clean_images(folder: Path, task: str, preset: str) -> pd.DataFrame:
+def grade_clean_images(folder: Path, task: str, preset: str, cache: Path) -> pd.DataFrame:
     """Fused ensemble score of every clean image (``id`` = file stem), through the score cache."""
     from qualiteacher.iqa.cache import score_folder
     from qualiteacher.iqa.presets import build_ensemble
 
     ensemble = build_ensemble(preset, task=task)
-    df = score_folder(folder, ensemble)
+    df = score_folder(folder, ensemble, cache)
     df = df.assign(id=[Path(p).stem for p in df["path"]])
     return df[["id", "path", "fused"]]
 
@@ -147,5 +149,6 @@ def register_student(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> No
     mlflow.set_tracking_uri(runs.uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(module.student, name="student", registered_model_name=name,
+                                        serialization_format="pickle",
                                         pip_requirements=["torch", "qualiteacher"])
     print(f"[mlflow] registered model {name} from {info.model_uri}")

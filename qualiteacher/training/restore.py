@@ -64,12 +64,13 @@ def tiled_apply(fn: Callable[[Tensor], Tensor], image: Tensor, tile: int, overla
 
 @torch.no_grad()
 def restore(model: nn.Module, images: Tensor, level: int | None = 7, tile: int | None = None,
-            overlap: int = 16, tiles_per_batch: int = 8, multiple: int = 8) -> Tensor:
+            overlap: int | None = None, tiles_per_batch: int = 8, multiple: int = 8) -> Tensor:
     """Restore ``images`` (B, 3, H, W) in [0, 1] with a student at quality ``level``.
 
     ``level=None`` runs unconditioned (as the teacher does). With ``tile`` set, the image is
     processed in overlapping tiles of that size (use the training crop size: codebook models with
-    learned positions need it), so a 2048×2048 photo restores with bounded memory.
+    learned positions need it), so a 2048×2048 photo restores with bounded memory. ``overlap``
+    defaults to a quarter of the tile.
     """
     was_training = model.training
     model.eval()
@@ -83,6 +84,7 @@ def restore(model: nn.Module, images: Tensor, level: int | None = 7, tile: int |
             ph, pw = (-h) % multiple, (-w) % multiple
             x = F.pad(images, (0, pw, 0, ph), mode="replicate") if ph or pw else images
             return fn(x)[..., :h, :w]
+        overlap = tile // 4 if overlap is None else overlap
         return tiled_apply(fn, images, tile, overlap, tiles_per_batch, multiple)
     finally:
         model.train(was_training)

@@ -1,0 +1,164 @@
+"""Score cache: IQA scores of image files in a parquet table keyed by content hash and ensemble version.
+
+A file is rescored only when its bytes (sha1) or the ensemble's member specs (``Ensemble.version``)
+change; renaming or moving a file reuses its scores. Batching: images are grouped by size
+(``resize_side=None``, the default, scores every image at its own size) or, with ``resize_side``,
+resized (bilinear, aspect kept) so the shorter side equals ``resize_side`` and then grouped by size.
+Unreadable files are reported (``SkipLog``) and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from qualiteacher.iqa.ensemble import Ensemble
+
+KEY_COLUMNS = ("sha1", "version")
+
+
+def file_sha1(path: str | Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_cache(cache_path: Path) -> pd.DataFrame:
+    if cache_path.is_file():
+        return pd.read_parquet(cache_path)
+    return pd.DataFrame(columns=[*KEY_COLUMNS])
+
+
+def _score_batch(ensemble: Ensemble, images: list[np.ndarray], device: torch.device) -> list[dict[str, float]]:
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().to(device)
+    s = ensemble(x)
+    out = []
+    for i in range(x.shape[0]):
+        row = {"fused": float(s.fused[i]), "level": int(s.level[i])}
+        row.update({f"raw_{k}": float(v[i]) for k, v in s.raw.items()})
+        row.update({f"norm_{k}": float(v[i]) for k, v in s.normalized.items()})
+        out.append(row)
+    return out
+
+
+def _resize(image: np.ndarray, side: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    scale = side / min(h, w)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None]
+    x = F.interpolate(x, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear",
+                      align_corners=False, antialias=scale < 1)
+    return x[0].permute(1, 2, 0).clamp(0, 1).numpy()
+
+
+def score_folder(
+    folder: str | Path,
+    ensemble: Ensemble,
+    cache_path: str | Path,
+    batch_size: int = 16,
+    recursive: bool = True,
+    resize_side: int | None = None,
+) -> pd.DataFrame:
+    """Scores of every image in ``folder`` (one row per readable file), using and updating the cache.
+
+    Columns: path (relative to ``folder``), sha1, version, height, width, fused, level, raw_<member>,
+    norm_<member>. ``resize_side`` is part of the cache key (different sizes give other scores).
+    Unreadable files are logged once (``SkipLog``) and listed in ``table.attrs["skipped"]``.
+    """
+    from qualiteacher.data.io import ImageReadError, get_skip_log, list_images, read_image
+
+    folder, cache_path = Path(folder), Path(cache_path)
+    version = ensemble.version if resize_side is None else f"{ensemble.version}-s{resize_side}"
+    files = list_images(folder, recursive=recursive)
+    cache = _load_cache(cache_path)
+    known = cache[cache["version"] == version].drop_duplicates("sha1").set_index("sha1") if len(cache) else None
+    device = next((b.device for b in ensemble.buffers()), torch.device("cpu"))
+    skip_log = get_skip_log()
+    skipped: dict[str, str] = {}
+
+    rows: dict[Path, dict] = {}
+    todo: dict[tuple[int, int], list[tuple[Path, str, np.ndarray]]] = defaultdict(list)
+    for path in files:
+        sha1 = file_sha1(path)
+        if known is not None and sha1 in known.index:
+            rows[path] = {"sha1": sha1, **known.loc[sha1].to_dict()}
+            continue
+        try:
+            image = read_image(path)
+        except ImageReadError as err:
+            skip_log.record(path, err.reason)
+            skipped[str(path)] = err.reason
+            continue
+        if resize_side is not None:
+            image = _resize(image, resize_side)
+        todo[image.shape[:2]].append((path, sha1, image))
+
+    new_rows = []
+    for (h, w), items in todo.items():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            for (path, sha1, _), scores in zip(chunk, _score_batch(ensemble, [c[2] for c in chunk], device)):
+                row = {"sha1": sha1, "version": version, "height": h, "width": w, **scores}
+                rows[path] = row
+                new_rows.append(row)
+    if new_rows:
+        cache = pd.concat([cache, pd.DataFrame(new_rows)], ignore_index=True) if len(cache) else pd.DataFrame(new_rows)
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(".tmp.parquet")
+        cache.to_parquet(tmp, index=False)
+        tmp.replace(cache_path)
+    table = pd.DataFrame([{"path": str(p.relative_to(folder)), **rows[p]} for p in files if p in rows])
+    table = table.dropna(axis=1, how="all")
+    table.attrs["skipped"] = skipped  # unreadable file -> reason
+    return table
+
+
+def summary_table(table: pd.DataFrame, skipped: int = 0) -> str:
+    """Plain-text summary: counts, fused score statistics, level histogram, member means."""
+    if table.empty:
+        return f"no images scored ({skipped} skipped)"
+    lines = [f"images scored: {len(table)}   skipped (unreadable): {skipped}",
+             f"fused: mean {table.fused.mean():.3f}  std {table.fused.std(ddof=0):.3f}  "
+             f"min {table.fused.min():.3f}  max {table.fused.max():.3f}"]
+    hist = table.level.astype(int).value_counts().reindex(range(8), fill_value=0)
+    lines.append("levels: " + "  ".join(f"{q}:{n}" for q, n in hist.items()))
+    lines.append(f"{'member':<14}{'raw mean':>12}{'norm mean':>12}")
+    for col in [c for c in table.columns if c.startswith("raw_")]:
+        name = col[4:]
+        lines.append(f"{name:<14}{table[col].mean():>12.3f}{table['norm_' + name].mean():>12.3f}")
+    return "\n".join(lines)
+
+
+def score_command(
+    folder: str | Path,
+    preset: str = "offline",
+    task: str | None = None,
+    out: str | Path | None = None,
+    cache: str | Path | None = None,
+    batch_size: int = 16,
+    resize_side: int | None = None,
+) -> tuple[pd.DataFrame, str]:
+    """``qualiteacher score DIR``: score a folder with a preset; write ``out`` (.csv or .parquet).
+
+    ``cache`` defaults to ``$QUALITEACHER_HOME/scores.parquet``.
+    """
+    from qualiteacher.iqa.offline import qualiteacher_home
+    from qualiteacher.iqa.presets import build_ensemble
+
+    ensemble = build_ensemble(preset, task=task)
+    cache_path = Path(cache) if cache else qualiteacher_home() / "scores.parquet"
+    table = score_folder(folder, ensemble, cache_path, batch_size=batch_size, resize_side=resize_side)
+    skipped = len(table.attrs.get("skipped", {}))
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out, index=False) if out.suffix.lower() == ".csv" else table.to_parquet(out, index=False)
+    header = f"preset {preset!r} task {task!r} version {ensemble.version}\n"
+    return table, header + summary_table(table, skipped)

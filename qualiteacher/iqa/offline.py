@@ -1,0 +1,300 @@
+"""IQA members that run with no download.
+
+BRISQUE: the LIVE-trained epsilon-SVR shipped by the ``brisque`` PyPI package (Apache-2.0;
+``brisque/models/svm.txt`` + ``normalize.pickle``) is converted once into
+``$QUALITEACHER_HOME/iqa/brisque_svr_livepkg.pth`` and evaluated on features computed in torch with
+the package's own recipe (skimage grey, MSCN with a zero-padded 7x7 Gaussian, cropped pair products,
+AGGD moment fit, bicubic half-scale), so our score matches the package's score. pyiqa's BRISQUE
+cannot hold this SVR: it hard-codes rho and the feature ranges of the MATLAB model.
+
+NIQE: ``fit_niqe`` fits pristine statistics (mu 1x36, cov 36x36) with pyiqa's NIQE feature code on
+clean images and writes the ``.mat`` pyiqa's NIQE loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NIQE_FIT_PHOTOS: tuple[str, ...] = ("astronaut", "coffee", "camera", "brick", "grass", "gravel")
+BRISQUE_SVR_FILE = "brisque_svr_livepkg.pth"
+NIQE_PARAMS_FILE = "niqe_pristine_skimage_b96.mat"
+_GREY = (0.2125, 0.7154, 0.0721)  # skimage.color.rgb2gray
+
+
+def qualiteacher_home() -> Path:
+    """Project cache root: ``$QUALITEACHER_HOME`` or ``~/.cache/qualiteacher``."""
+    return Path(os.environ.get("QUALITEACHER_HOME", Path.home() / ".cache" / "qualiteacher"))
+
+
+# ----------------------------------------------------------------------------------------- BRISQUE
+def _brisque_package_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("brisque")
+    if spec is None or spec.origin is None:
+        raise ImportError("the offline BRISQUE member needs the `brisque` package: pip install brisque")
+    return Path(spec.origin).parent / "models"
+
+
+def read_libsvm_svr(svm_path: Path) -> dict[str, Tensor | float]:
+    """Parse a libsvm text model (epsilon-SVR, RBF) into support vectors, coefficients, gamma, rho."""
+    header: dict[str, str] = {}
+    coefs: list[float] = []
+    rows: list[dict[int, float]] = []
+    lines = Path(svm_path).read_text().splitlines()
+    try:
+        start = lines.index("SV") + 1
+    except ValueError as err:
+        raise ValueError(f"{svm_path}: not a libsvm model (no 'SV' line)") from err
+    for line in lines[: start - 1]:
+        key, _, value = line.partition(" ")
+        header[key] = value
+    if header.get("svm_type") != "epsilon_svr" or header.get("kernel_type") != "rbf":
+        raise ValueError(f"{svm_path}: expected an epsilon_svr with rbf kernel, got {header}")
+    for line in lines[start:]:
+        if not line.strip():
+            continue
+        first, *pairs = line.split()
+        coefs.append(float(first))
+        rows.append({int(k): float(v) for k, v in (p.split(":") for p in pairs)})
+    dim = max(max(r) for r in rows)
+    sv = torch.zeros(len(rows), dim, dtype=torch.float64)
+    for i, row in enumerate(rows):
+        for k, v in row.items():
+            sv[i, k - 1] = v
+    return {
+        "sv": sv,
+        "sv_coef": torch.tensor(coefs, dtype=torch.float64),
+        "gamma": float(header["gamma"]),
+        "rho": float(header["rho"]),
+    }
+
+
+def convert_brisque_package_svr(out_path: str | Path | None = None) -> Path:
+    """Convert the ``brisque`` package's SVR + feature ranges into one torch file (idempotent)."""
+    out = Path(out_path) if out_path else qualiteacher_home() / "iqa" / BRISQUE_SVR_FILE
+    if out.exists():
+        return out
+    models = _brisque_package_dir()
+    params = read_libsvm_svr(models / "svm.txt")
+    with open(models / "normalize.pickle", "rb") as fh:
+        ranges = pickle.load(fh)
+    params["feature_min"] = torch.tensor([float(v) for v in ranges["min_"]], dtype=torch.float64)
+    params["feature_max"] = torch.tensor([float(v) for v in ranges["max_"]], dtype=torch.float64)
+    params["source_sha1"] = hashlib.sha1((models / "svm.txt").read_bytes()).hexdigest()
+    if params["feature_min"].numel() != params["sv"].shape[1]:
+        raise ValueError(f"{models}: feature ranges do not match the SVR dimension")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    torch.save(params, tmp)
+    tmp.replace(out)
+    return out
+
+
+def _gaussian_window(size: int = 7, sigma: float = 7 / 6) -> Tensor:
+    ax = torch.arange(size, dtype=torch.float64) - size // 2
+    g = torch.exp(-(ax[:, None] ** 2 + ax[None, :] ** 2) / (2 * sigma**2))
+    return (g / g.sum())[None, None]
+
+
+def _phi(alpha: Tensor) -> Tensor:
+    return torch.exp(2 * torch.lgamma(2 / alpha) - torch.lgamma(1 / alpha) - torch.lgamma(3 / alpha))
+
+
+def _solve_alpha(r_big: Tensor, iters: int = 60) -> Tensor:
+    """Solve phi(alpha) = R (phi increasing, range (0, 0.75)) by bisection; implicit gradient."""
+    r_big_d = r_big.detach().clamp(1e-6, 0.7499)
+    lo = torch.full_like(r_big_d, -6.0)  # log alpha
+    hi = torch.full_like(r_big_d, 6.0)
+    with torch.no_grad():
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            above = _phi(mid.exp()) > r_big_d
+            hi = torch.where(above, mid, hi)
+            lo = torch.where(above, lo, mid)
+    alpha0 = ((lo + hi) / 2).exp()
+    if not r_big.requires_grad:
+        return alpha0
+    # one Newton step with a detached slope: value unchanged, d alpha / d R = 1 / phi'(alpha)
+    a = alpha0.detach().requires_grad_(True)
+    with torch.enable_grad():
+        slope = torch.autograd.grad(_phi(a).sum(), a)[0]
+    return alpha0 + (r_big - r_big.detach()) / slope
+
+
+def _aggd_features(x: Tensor, with_mean: bool) -> list[Tensor]:
+    """Moment-matching AGGD fit of (B, N) samples, as the brisque package does it."""
+    neg = (x < 0).to(x.dtype)
+    pos = 1 - neg
+    sq = x * x
+    left = (sq * neg).sum(1) / neg.sum(1).clamp_min(1)
+    right = (sq * pos).sum(1) / pos.sum(1).clamp_min(1)
+    r_hat = x.abs().mean(1) ** 2 / sq.mean(1).clamp_min(1e-20)
+    gam = left.clamp_min(1e-20).sqrt() / right.clamp_min(1e-20).sqrt()
+    r_big = r_hat * (gam**3 + 1) * (gam + 1) / (gam**2 + 1) ** 2
+    alpha = _solve_alpha(r_big)
+    sigma_l, sigma_r = left.clamp_min(1e-20).sqrt(), right.clamp_min(1e-20).sqrt()
+    if not with_mean:
+        return [alpha, (left + right) / 2]
+    constant = torch.exp((torch.lgamma(1 / alpha) - torch.lgamma(3 / alpha)) / 2)
+    mean = (sigma_r - sigma_l) * constant * torch.exp(torch.lgamma(2 / alpha) - torch.lgamma(1 / alpha))
+    return [alpha, mean, left, right]
+
+
+def _scale_features(grey: Tensor) -> Tensor:
+    """18 BRISQUE features of a (B, 1, H, W) float64 grey image in [0, 1]."""
+    win = _gaussian_window().to(grey)
+    mu = F.conv2d(grey, win, padding=3)
+    dev = (F.conv2d(grey * grey, win, padding=3) - mu * mu).abs().clamp_min(1e-20).sqrt()
+    m = ((grey - mu) / (dev + 1 / 255))[:, 0]  # (B, H, W)
+    b = m.shape[0]
+    pairs = [
+        m,
+        m[:, :, :-1] * m[:, :, 1:],
+        m[:, :-1, :] * m[:, 1:, :],
+        m[:, :-1, :-1] * m[:, 1:, 1:],
+        m[:, 1:, :-1] * m[:, :-1, 1:],
+    ]
+    feats: list[Tensor] = []
+    for i, p in enumerate(pairs):
+        feats += _aggd_features(p.reshape(b, -1), with_mean=i > 0)
+    return torch.stack(feats, dim=1)
+
+
+def _half_bicubic(grey: Tensor) -> Tensor:
+    """OpenCV ``resize(fx=fy=0.5, INTER_CUBIC)``: a=-0.75 taps, clamped border, round-half-even size."""
+    taps = torch.tensor([-0.09375, 0.59375, 0.59375, -0.09375], dtype=grey.dtype, device=grey.device)
+    h, w = grey.shape[-2:]
+    x = F.conv2d(F.pad(grey, (0, 0, 1, 2), mode="replicate"), taps.view(1, 1, 4, 1), stride=(2, 1))
+    x = F.conv2d(F.pad(x, (1, 2, 0, 0), mode="replicate"), taps.view(1, 1, 1, 4), stride=(1, 2))
+    return x[..., : round(h / 2), : round(w / 2)]
+
+
+def brisque_features(images: Tensor) -> Tensor:
+    """36 BRISQUE features (B, 36) of RGB images (B, 3, H, W) in [0, 1], float64."""
+    x = images.to(torch.float64)
+    grey = (x * torch.tensor(_GREY, dtype=x.dtype, device=x.device)[None, :, None, None]).sum(1, True)
+    half = _half_bicubic(grey)
+    return torch.cat([_scale_features(grey), _scale_features(half)], dim=1)
+
+
+class BrisqueSVR(nn.Module):
+    """BRISQUE score (B,) of the ``brisque`` package's LIVE SVR; lower = better, differentiable."""
+
+    min_size = 32
+
+    def __init__(self, params: dict[str, Tensor | float]) -> None:
+        super().__init__()
+        for key in ("sv", "sv_coef", "feature_min", "feature_max"):
+            self.register_buffer(key, params[key].to(torch.float64), persistent=False)
+        self.gamma = float(params["gamma"])
+        self.rho = float(params["rho"])
+
+    def forward(self, images: Tensor) -> Tensor:
+        feats = brisque_features(images)
+        scaled = -1 + 2 * (feats - self.feature_min) / (self.feature_max - self.feature_min)
+        dist = torch.cdist(scaled, self.sv.to(scaled)).pow(2)  # (B, nSV)
+        score = torch.exp(-self.gamma * dist) @ self.sv_coef.to(scaled) - self.rho
+        return score.to(images.dtype)
+
+
+def load_brisque_svr(path: str | Path | None = None) -> BrisqueSVR:
+    """The converted SVR at ``path`` (default: convert the ``brisque`` package's model on first use)."""
+    path = Path(path) if path else convert_brisque_package_svr()
+    if not path.is_file():
+        raise FileNotFoundError(f"BRISQUE SVR file not found: {path} (see convert_brisque_package_svr)")
+    return BrisqueSVR(torch.load(path, map_location="cpu", weights_only=True))
+
+
+# -------------------------------------------------------------------------------------------- NIQE
+def load_skimage_photos(names: Sequence[str]) -> list[np.ndarray]:
+    """Clean photos that ship with scikit-image, as float32 RGB (H, W, 3) in [0, 1]."""
+    import skimage.data
+
+    out = []
+    for name in names:
+        loader = getattr(skimage.data, name, None)
+        if loader is None:
+            raise ValueError(f"skimage.data has no image {name!r}")
+        img = np.asarray(loader())
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        out.append(img[..., :3].astype(np.float32) / 255.0)
+    return out
+
+
+def _iter_images(source: str | Path | Iterable[np.ndarray]) -> list[np.ndarray]:
+    if isinstance(source, (str, Path)):
+        from qualiteacher.data.io import ImageReadError, read_image
+
+        folder = Path(source)
+        if not folder.is_dir():
+            raise NotADirectoryError(f"fit_niqe: {folder} is not a folder of clean images")
+        images = []
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}:
+                try:
+                    images.append(read_image(path))
+                except ImageReadError as err:
+                    print(f"fit_niqe: skipped {path}: {err}")
+        return images
+    return [np.asarray(img, dtype=np.float32) for img in source]
+
+
+def fit_niqe(
+    folder_or_images: str | Path | Iterable[np.ndarray],
+    out_path: str | Path,
+    block_size: int = 96,
+    sharpness_fraction: float = 0.0,
+) -> Path:
+    """Fit NIQE pristine statistics on clean images and write pyiqa's ``.mat`` format.
+
+    Every image (float RGB (H, W, 3) in [0, 1], at least 2 blocks on a side) is cut into
+    ``block_size`` blocks; pyiqa's NIQE features (36 per block, two scales) give
+    ``mu_prisparam`` (1, 36) and ``cov_prisparam`` (36, 36). ``sharpness_fraction`` > 0 keeps only
+    blocks whose mean local deviation exceeds that fraction of the image's sharpest block (the
+    original NIQE selection uses 0.75).
+    """
+    import scipy.io
+
+    from qualiteacher.iqa.pyiqa_adapter import niqe_block_features
+
+    feats = []
+    for i, img in enumerate(_iter_images(folder_or_images)):
+        if img.ndim != 3 or min(img.shape[:2]) < block_size:
+            raise ValueError(f"fit_niqe: image {i} has shape {img.shape}, need >= {block_size} px")
+        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None].float()
+        f, sharp = niqe_block_features(x, block_size)  # (N, 36), (N,)
+        keep = sharp >= sharpness_fraction * sharp.max()
+        feats.append(f[keep])
+    if not feats:
+        raise ValueError(f"fit_niqe: no images found in {folder_or_images}")
+    all_feats = torch.cat(feats).double()
+    all_feats = all_feats[torch.isfinite(all_feats).all(1)]
+    if all_feats.shape[0] < 40:
+        raise ValueError(f"fit_niqe: only {all_feats.shape[0]} clean blocks; need >= 40 (36 features)")
+    mu = all_feats.mean(0, keepdim=True).numpy()
+    cov = np.cov(all_feats.numpy(), rowvar=False)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(out, {"mu_prisparam": mu, "cov_prisparam": cov, "n_blocks": all_feats.shape[0]})
+    return out
+
+
+def default_niqe_params() -> Path:
+    """The offline preset's NIQE model: fitted once on ``NIQE_FIT_PHOTOS`` and cached."""
+    out = qualiteacher_home() / "iqa" / NIQE_PARAMS_FILE
+    if not out.exists():
+        tmp = out.with_name(out.stem + f".{os.getpid()}.mat")
+        fit_niqe(load_skimage_photos(NIQE_FIT_PHOTOS), tmp)
+        tmp.replace(out)
+    return out

@@ -1,0 +1,155 @@
+"""IQA ensemble presets: an explicit dict literal (the source of truth) and the member factory.
+
+``configs/iqa/<preset>.yaml`` mirror ``PRESETS`` (a test keeps them equal; regenerate them with
+``write_preset_yaml``). Edit a copy of one and load it with ``build_ensemble_from_yaml``.
+
+- ``paper``: the released fusion ``0.4 m + 0.2 c + 0.4 b`` (MUSIQ/100, CLIP 1 - P(degraded),
+  (100 - BRISQUE)/100); pyiqa / open_clip weights are downloaded on first use or read from the
+  caches (see pyiqa_adapter.py); a missing file raises ``MissingWeightsError``.
+- ``offline``: no download. PIQE (pyiqa, no weights), BRISQUE with the ``brisque`` package's LIVE
+  SVR, NIQE fitted on scikit-image photos, JPEG blockiness, plus the task's physical member and
+  RMS contrast. Weights were chosen on the degradation-ladder sanity check (docs/iqa.md): every
+  task's fused score falls with the task's degradation and with blur, noise and JPEG.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from qualiteacher.iqa.ensemble import Ensemble, load_specs_yaml
+from qualiteacher.iqa.members import MemberSpec
+
+TASKS: tuple[str, ...] = ("dehaze", "derain", "desnow", "lowlight")
+
+
+def _m(name: str, backend: str, weight: float, lo: float, hi: float, higher_better: bool,
+       differentiable: bool = True, reward_mode: str = "grad", **options: Any) -> dict[str, Any]:
+    return {"name": name, "backend": backend, "weight": weight,
+            "normalization": {"kind": "range", "lo": lo, "hi": hi},
+            "higher_better": higher_better, "differentiable": differentiable,
+            "reward_mode": reward_mode, "options": options}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "description": "Released QualiTeacher fusion: 0.4 MUSIQ/100 + 0.2 (1 - P_clip(degraded)) + 0.4 (100 - BRISQUE)/100",
+        "members": [
+            _m("musiq", "pyiqa:musiq", 0.4, 0.0, 100.0, True),
+            _m("clip", "clip:degradation", 0.2, 0.0, 1.0, True, model="ViT-B-32", pretrained="openai"),
+            _m("brisque", "pyiqa:brisque", 0.4, 0.0, 100.0, False),
+        ],
+        "task_members": {},
+    },
+    "offline": {
+        "description": "No download: PIQE + BRISQUE (brisque-package LIVE SVR) + NIQE (fitted on skimage photos) + blockiness + physical",
+        "members": [
+            _m("piqe", "pyiqa:piqe", 0.2, 0.0, 100.0, False, differentiable=False, reward_mode="detach"),
+            _m("brisque", "offline:brisque", 0.3, 0.0, 100.0, False),
+            _m("niqe", "offline:niqe", 0.3, 0.0, 25.0, False),
+            _m("blockiness", "physical:blockiness", 0.2, 0.3, 2.0, False),
+        ],
+        "task_members": {
+            "dehaze": [
+                _m("haze", "physical:haze_density", 0.2, 0.0, 0.6, False),
+                _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
+            ],
+            "derain": [
+                _m("rain", "physical:rain_streaks", 0.2, 0.0, 1.0, False),
+                _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
+            ],
+            "desnow": [
+                _m("snow", "physical:snow_flakes", 0.2, 0.0, 0.2, False),
+                _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
+            ],
+            "lowlight": [
+                _m("exposure", "physical:exposure", 0.2, 0.0, 1.0, True),
+                _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
+            ],
+        },
+    },
+}
+
+
+def list_iqa_presets() -> list[str]:
+    return list(PRESETS)
+
+
+def preset_specs(preset: str, task: str | None = None) -> list[MemberSpec]:
+    """Member specs of a preset, with the task's members appended when the preset has any."""
+    if preset not in PRESETS:
+        raise KeyError(f"unknown IQA preset {preset!r}; available: {list_iqa_presets()}")
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; available: {TASKS}")
+    entry = PRESETS[preset]
+    entries = list(entry["members"])
+    if task is not None:
+        entries += entry["task_members"].get(task, [])
+    return [MemberSpec.from_dict(copy.deepcopy(e)) for e in entries]
+
+
+def build_member(spec: MemberSpec, task: str | None = None, weights_dir: str | None = None) -> nn.Module:
+    """The scoring module of one spec (loads/converts/fits its weights as needed)."""
+    options = {k: v for k, v in spec.options.items() if k != "min_size"}
+    min_size = spec.options.get("min_size")
+    if spec.kind == "pyiqa":
+        from qualiteacher.iqa.pyiqa_adapter import build_pyiqa_member, default_weight_file
+
+        path = spec.weights_path
+        if path is None and weights_dir is not None:
+            file_name = default_weight_file(spec.metric)
+            if file_name and (Path(weights_dir) / file_name).is_file():
+                path = str(Path(weights_dir) / file_name)
+        return build_pyiqa_member(spec.metric, spec.name, path, min_size, **options)
+    if spec.kind == "offline":
+        from qualiteacher.iqa import offline
+
+        if spec.metric == "brisque":
+            return offline.load_brisque_svr(spec.weights_path)
+        if spec.metric == "niqe":
+            from qualiteacher.iqa.pyiqa_adapter import build_pyiqa_member
+
+            path = spec.weights_path or str(offline.default_niqe_params())
+            return build_pyiqa_member("niqe", spec.name, path, min_size)
+        raise ValueError(f"member {spec.name!r}: unknown offline metric {spec.metric!r} (brisque, niqe)")
+    if spec.kind == "physical":
+        from qualiteacher.iqa.physical import PhysicalMember
+
+        return PhysicalMember(spec.metric, **options)
+    from qualiteacher.iqa.clip_member import ClipMember, clip_prompts, load_open_clip
+
+    pretrained = spec.weights_path or options.get("pretrained")
+    model, tokenizer = load_open_clip(options.get("model", "ViT-B-32"), pretrained, spec.name)
+    prompts, num_good = clip_prompts(spec.metric, options.get("task", task))
+    return ClipMember(model, tokenizer, prompts, num_good, float(options.get("logit_scale", 100.0)))
+
+
+def ensemble_from_specs(specs: list[MemberSpec], task: str | None = None, weights_dir: str | None = None) -> Ensemble:
+    """Build every member, assemble the ensemble, freeze it (no grad, eval mode)."""
+    members = {s.name: build_member(s, task, weights_dir) for s in specs}
+    ensemble = Ensemble(specs, members, task=task)
+    ensemble.requires_grad_(False)
+    return ensemble.eval()
+
+
+def build_ensemble(preset: str, task: str | None = None, weights_dir: str | None = None) -> Ensemble:
+    """The frozen ensemble of a preset (``task`` adds the task's members and CLIP prompts)."""
+    return ensemble_from_specs(preset_specs(preset, task), task, weights_dir)
+
+
+def build_ensemble_from_yaml(path: str | Path, task: str | None = None, weights_dir: str | None = None) -> Ensemble:
+    return ensemble_from_specs(load_specs_yaml(path, task), task, weights_dir)
+
+
+def write_preset_yaml(preset: str, path: str | Path) -> Path:
+    """Write ``PRESETS[preset]`` as YAML (how ``configs/iqa/*.yaml`` are produced)."""
+    if preset not in PRESETS:
+        raise KeyError(f"unknown IQA preset {preset!r}; available: {list_iqa_presets()}")
+    path = Path(path)
+    header = f"# IQA preset '{preset}' (mirror of qualiteacher/iqa/presets.py PRESETS; edit a copy)\n"
+    path.write_text(header + yaml.safe_dump(PRESETS[preset], sort_keys=False, width=110))
+    return path

@@ -1,0 +1,1 @@
+"""Loss functions (pure functions on tensors, plus the optional frozen perceptual network)."""
