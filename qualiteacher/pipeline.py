@@ -104,6 +104,17 @@ def validate(cfg: dict[str, Any], stages: list[str]) -> None:
             parse_stage(cfg, stage)
 
 
+def check_data_folders(cfg: dict[str, Any], stages: list[str]) -> None:
+    """Every data folder a training stage reads must exist (ConfigError naming the key otherwise)."""
+    for stage in stages:
+        if stage not in TRAINING_STAGES:
+            continue
+        data = stage_section(cfg, stage).get("data", {})
+        for key in ("labeled_root", "unlabeled_root", "val_root"):
+            if data.get(key) and not Path(data[key]).is_dir():
+                raise ConfigError(f"{stage}.data.{key}: folder not found: {data[key]}")
+
+
 def run_pipeline(cfg: dict[str, Any], from_stage: str | None = None, only_stage: str | None = None) -> dict[str, Any]:
     """Run (or resume) the staged recipe described by a resolved config; returns the state dict."""
     from qualiteacher.tracking.runs import PipelineRuns
@@ -119,6 +130,8 @@ def run_pipeline(cfg: dict[str, Any], from_stage: str | None = None, only_stage:
         for s in stages:  # rerun from here: forget completion, keep run ids
             state.stage(s).pop("done", None)
     validate(cfg, stages)
+    if "data" not in stages or not cfg.get("demo", {}).get("generate", True):
+        check_data_folders(cfg, stages)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     runs = PipelineRuns(cfg, state, workdir=Path.cwd(), commit=_git_commit())
     runs.start_parent()
@@ -130,6 +143,8 @@ def run_pipeline(cfg: dict[str, Any], from_stage: str | None = None, only_stage:
             continue
         print(f"[pipeline] {cfg['task']} · {stage}")
         run_stage(stage, cfg, state, runs)
+        if stage == "data":
+            check_data_folders(cfg, stages)
         state.stage(stage)["done"] = True
         state.save()
     runs.end_parent()

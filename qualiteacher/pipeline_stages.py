@@ -36,7 +36,9 @@ def prepare_data(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> None:
     demo = cfg.get("demo", {})
     if not (root / task / "labeled").is_dir():
         if not demo.get("generate", True):
-            raise FileNotFoundError(f"no labeled data at {root / task / 'labeled'} and demo generation is off")
+            from qualiteacher.pipeline_config import ConfigError
+
+            raise ConfigError(f"data_root: no labeled data at {root / task / 'labeled'} and demo generation is off")
         from qualiteacher.data.demo import build_demo, summarize_manifest
 
         print(f"[data] building the demo data in {root}")
@@ -114,6 +116,9 @@ def train_stage(stage: str, cfg: dict[str, Any], runs: PipelineRuns, run_id: str
     trainer.fit(model, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
     if trainer.interrupted:
         raise KeyboardInterrupt(f"{stage} interrupted; rerun the same command to resume")
+    if trainer.global_rank > 0:
+        # DDP worker processes re-run this command; rank 0 alone saves, evaluates and registers
+        raise SystemExit(0)
     final = out / "final.ckpt"
     trainer.save_checkpoint(final)
     runs.client.log_artifact(run_id, str(final), artifact_path="checkpoints")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qualiteacher.archs.iqpir import freeze_prior_
 from qualiteacher.losses.consistency import crop_consistency_loss, random_window
 from qualiteacher.losses.preference import all_pairs_preference_loss, draw_low_levels, preference_loss
 from qualiteacher.losses.pseudo import pseudo_label_loss
@@ -121,6 +122,9 @@ class QualiTeacherModule(L.LightningModule):
         if stage == "fit" and self.hparams.init_from and self.global_step == 0:
             load_student_weights(self.student, self.hparams.init_from)
             self.teacher.load_state_dict(self.student.state_dict())
+        if self.hparams.student == "iqpir":
+            # the codebook prior (decoder + codebooks) stays as stage 1 learned it
+            freeze_prior_(self.student)
 
     def train(self, mode: bool = True) -> "QualiTeacherModule":
         super().train(mode)
