@@ -166,8 +166,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_QUIET = (  # known, harmless messages that would drown the progress output
+    r".*isinstance\(treespec, LeafSpec\).*", r".*Total length of .* across ranks is zero.*",
+    r".*module\(s\) in eval mode at the start of training.*", r".*has no `validation_step`.*",
+    r".*does not have many workers.*", r".*`weights_only` was not set.*",
+)
+
+
 def run_pipeline_cli(task: str, argv: list[str]) -> int:
     """Entry point of ``qualiteacher pipeline TASK [options]`` and of ``pipelines/<task>.py``."""
+    import warnings
+
+    for pattern in _QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
     args, rest = _parser().parse_known_args(argv)
     overrides = [a for a in rest if a.startswith("--") and "=" in a]
     bad = [a for a in rest if a not in overrides]

@@ -1,7 +1,6 @@
 """What each pipeline stage does: data, the three training stages, evaluation, registration."""
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 

@@ -1,8 +1,24 @@
 """Shared fixtures: seeded torch, a small demo data set built once per session."""
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def qt_home(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """QUALITEACHER_HOME (converted BRISQUE SVR, fitted NIQE) in pytest's cache folder, so the NIQE
+    fit is kept between runs; a tmp folder without a cache. Subprocesses inherit it."""
+    cache = getattr(request.config, "cache", None)
+    path = cache.mkdir("qualiteacher_home") if cache else tmp_path_factory.mktemp("qualiteacher_home")
+    old = os.environ.get("QUALITEACHER_HOME")
+    os.environ["QUALITEACHER_HOME"] = str(path)
+    yield Path(path)
+    if old is None:
+        os.environ.pop("QUALITEACHER_HOME", None)
+    else:
+        os.environ["QUALITEACHER_HOME"] = old
 
 
 @pytest.fixture(autouse=True)

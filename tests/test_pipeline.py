@@ -115,24 +115,24 @@ def test_sigkill_mid_stage3_then_rerun_resumes(demo_root, tmp_path):
 
     out = tmp_path / "out" / "dehaze"
     cmd = [sys.executable, "-m", "qualiteacher.cli", "pipeline", "dehaze",
-           *_args(tmp_path, demo_root, "dehaze", "--stage3.trainer.max_steps=30", "--checkpoint_every=4")]
+           *_args(tmp_path, demo_root, "dehaze", "--stage3.trainer.max_steps=16", "--checkpoint_every=3")]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = out / "stage3" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
-    while not last.exists() or torch.load(last, map_location="cpu", weights_only=False)["global_step"] < 8:
+    while not last.exists() or torch.load(last, map_location="cpu", weights_only=False)["global_step"] < 6:
         assert proc.poll() is None, "pipeline ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    assert killed_at < 30
+    assert killed_at < 16
     rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming from" in rerun.stdout
     final = torch.load(out / "stage3" / "final.ckpt", map_location="cpu", weights_only=False)
-    assert final["global_step"] == 30
+    assert final["global_step"] == 16
     unlabeled = {p.stem for p in (demo_root / "dehaze" / "unlabeled").glob("*.png")}
     bank = final["pseudo_label_bank"]["entries"]
     assert set(bank) == unlabeled and all(1 <= len(v) <= 3 for v in bank.values())
@@ -140,7 +140,7 @@ def test_sigkill_mid_stage3_then_rerun_resumes(demo_root, tmp_path):
     state = __import__("json").loads((out / "state.json").read_text())
     history = client.get_metric_history(state["stages"]["stage3"]["run_id"], "stage3/total")
     steps = sorted(m.step for m in history)
-    assert steps == list(range(steps[0], steps[0] + 30)), "duplicated or missing metric steps"
+    assert steps == list(range(steps[0], steps[0] + 16)), "duplicated or missing metric steps"
 
 
 def test_config_errors_are_one_clear_message_each(demo_root, tmp_path, capsys):

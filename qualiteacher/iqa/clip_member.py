@@ -14,13 +14,14 @@ computed once and stored as a non-persistent buffer.
 
 from __future__ import annotations
 
+import os
 from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qualiteacher.iqa.members import MissingWeightsError
+from qualiteacher.iqa.members import MissingWeightsError, downloads_allowed
 
 ANTONYM_PROMPTS = ("Good photo.", "Bad photo.")
 CLEAN_PROMPT = "a clean, clear photo."
@@ -51,14 +52,14 @@ def load_open_clip(model_name: str, pretrained: str | None, member_name: str = "
 
     A missing local file or a failed/disabled download raises ``MissingWeightsError``.
     """
-    import os
-
     import open_clip
 
     if pretrained and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
         if not os.path.isfile(pretrained):
             raise MissingWeightsError(member_name, os.path.basename(pretrained), pretrained,
                                       "Give an existing open_clip checkpoint (state dict of the model).")
+    if pretrained and not os.path.isfile(pretrained) and not downloads_allowed():
+        pretrained = _cached_open_clip_file(model_name, pretrained, member_name)
     try:
         model = open_clip.create_model(model_name, pretrained=pretrained or None, device="cpu")
     except Exception as err:  # hub / network / file errors
@@ -72,6 +73,30 @@ def load_open_clip(model_name: str, pretrained: str | None, member_name: str = "
             "the offline preset instead: build_ensemble('offline', task=...).",
         ) from None
     return model, open_clip.get_tokenizer(model_name)
+
+
+def _cached_open_clip_file(model_name: str, tag: str, member_name: str) -> str:
+    """Local Hugging Face cache file of an open_clip pretrained tag, without touching the network."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = open_clip.get_pretrained_cfg(model_name, tag) or {}
+    if "file" in cfg:
+        return cfg["file"]
+    if not cfg.get("hf_hub"):
+        raise MissingWeightsError(member_name, f"open_clip {model_name} / {tag}", "(no Hugging Face entry)",
+                                  "Downloads are disabled; give a local checkpoint path as `pretrained`.")
+    repo_id, file_name = os.path.split(cfg["hf_hub"])
+    names = [n for n in (file_name, "open_clip_model.safetensors", "open_clip_pytorch_model.bin") if n]
+    for name in names:
+        hit = try_to_load_from_cache(repo_id, name)
+        if isinstance(hit, str):
+            return hit
+    raise MissingWeightsError(
+        member_name, f"{repo_id}/{names[0]}", f"the Hugging Face cache ($HF_HOME/hub) as {repo_id}/{names[0]}",
+        "Downloads are disabled (QUALITEACHER_OFFLINE/HF_HUB_OFFLINE). Give a local checkpoint path as the "
+        "member's `pretrained`, or use the offline preset: build_ensemble('offline', task=...).",
+    )
 
 
 class ClipMember(nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping
 
@@ -30,6 +31,12 @@ class MissingWeightsError(FileNotFoundError):
             f"  {hint}"
         )
         super().__init__(message)
+
+
+def downloads_allowed() -> bool:
+    """False when ``QUALITEACHER_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to 1/true/yes."""
+    flags = (os.environ.get("QUALITEACHER_OFFLINE", ""), os.environ.get("HF_HUB_OFFLINE", ""))
+    return not any(f.strip().lower() in ("1", "true", "yes") for f in flags)
 
 
 @dataclass(frozen=True)
@@ -154,10 +161,6 @@ def fit_quantile_levels(scores: Tensor, num_levels: int = NUM_LEVELS) -> Tensor:
 def quantile_level(fused: Tensor, thresholds: Tensor) -> Tensor:
     """Level = number of thresholds at or below the score, (B,) long in 0..len(thresholds)."""
     return torch.bucketize(fused.detach(), thresholds.to(fused.device, fused.dtype), right=True)
-
-
-def spec_list_to_dicts(specs: list[MemberSpec]) -> list[dict[str, Any]]:
-    return [s.to_dict() for s in specs]
 
 
 def total_weight_is_positive(specs: list[MemberSpec]) -> None:

@@ -4,8 +4,11 @@ BRISQUE: the LIVE-trained epsilon-SVR shipped by the ``brisque`` PyPI package (A
 ``brisque/models/svm.txt`` + ``normalize.pickle``) is converted once into
 ``$QUALITEACHER_HOME/iqa/brisque_svr_livepkg.pth`` and evaluated on features computed in torch with
 the package's own recipe (skimage grey, MSCN with a zero-padded 7x7 Gaussian, cropped pair products,
-AGGD moment fit, bicubic half-scale), so our score matches the package's score. pyiqa's BRISQUE
-cannot hold this SVR: it hard-codes rho and the feature ranges of the MATLAB model.
+AGGD moment fit, OpenCV-style bicubic half-scale), so our score matches the package's score
+(to ~1e-11; on exactly flat patches the package's result depends on the rounding sign of MSCN
+values ~1e-12, which we snap to 0 -- see docs/iqa.md for the measured agreement). pyiqa's BRISQUE
+cannot hold this SVR: it hard-codes rho (-153.591) and the feature ranges of the MATLAB model,
+while the package's SVR has rho -155.845 and its own ranges.
 
 NIQE: ``fit_niqe`` fits pristine statistics (mu 1x36, cov 36x36) with pyiqa's NIQE feature code on
 clean images and writes the ``.mat`` pyiqa's NIQE loads.
@@ -28,6 +31,7 @@ NIQE_FIT_PHOTOS: tuple[str, ...] = ("astronaut", "coffee", "camera", "brick", "g
 BRISQUE_SVR_FILE = "brisque_svr_livepkg.pth"
 NIQE_PARAMS_FILE = "niqe_pristine_skimage_b96.mat"
 _GREY = (0.2125, 0.7154, 0.0721)  # skimage.color.rgb2gray
+_FLAT_MSCN = 1e-9
 
 
 def qualiteacher_home() -> Path:
@@ -100,10 +104,17 @@ def convert_brisque_package_svr(out_path: str | Path | None = None) -> Path:
     return out
 
 
-def _gaussian_window(size: int = 7, sigma: float = 7 / 6) -> Tensor:
+def _gaussian_1d(size: int = 7, sigma: float = 7 / 6) -> Tensor:
     ax = torch.arange(size, dtype=torch.float64) - size // 2
-    g = torch.exp(-(ax[:, None] ** 2 + ax[None, :] ** 2) / (2 * sigma**2))
-    return (g / g.sum())[None, None]
+    g = torch.exp(-(ax**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def _blur_same(x: Tensor, g: Tensor) -> Tensor:
+    """Zero-padded 'same' convolution with the separable window ``g g^T`` (scipy convolve2d 'same')."""
+    r = g.numel() // 2
+    x = F.conv2d(x, g.view(1, 1, -1, 1), padding=(r, 0))
+    return F.conv2d(x, g.view(1, 1, 1, -1), padding=(0, r))
 
 
 def _phi(alpha: Tensor) -> Tensor:
@@ -152,10 +163,13 @@ def _aggd_features(x: Tensor, with_mean: bool) -> list[Tensor]:
 
 def _scale_features(grey: Tensor) -> Tensor:
     """18 BRISQUE features of a (B, 1, H, W) float64 grey image in [0, 1]."""
-    win = _gaussian_window().to(grey)
-    mu = F.conv2d(grey, win, padding=3)
-    dev = (F.conv2d(grey * grey, win, padding=3) - mu * mu).abs().clamp_min(1e-20).sqrt()
+    g = _gaussian_1d().to(grey)
+    mu = _blur_same(grey, g)
+    dev = (_blur_same(grey * grey, g) - mu * mu).abs().clamp_min(1e-20).sqrt()
     m = ((grey - mu) / (dev + 1 / 255))[:, 0]  # (B, H, W)
+    # flat patches give MSCN of +-1e-12 rounding noise whose sign would decide the AGGD side: snap
+    # them to 0 (counted as >= 0) so the features do not depend on the convolution's rounding
+    m = torch.where(m.abs() < _FLAT_MSCN, torch.zeros_like(m), m)
     b = m.shape[0]
     pairs = [
         m,

@@ -110,15 +110,16 @@ def rain_streak_density(images: Tensor, max_angle: float = 40.0, steps: int = 9)
 
 
 def snow_flake_density(
-    images: Tensor, blob: int = 7, threshold: float = 0.08, bright: float = 0.7, softness: float = 0.02
+    images: Tensor, blob_fraction: float = 0.06, threshold: float = 0.08, bright: float = 0.7, softness: float = 0.02
 ) -> Tensor:
     """Fraction of pixels in small bright white blobs.
 
     A pixel counts (softly, via sigmoids) when its white top-hat (luma minus the morphological
-    opening) exceeds ``threshold``, its luma exceeds ``bright`` and its saturation is low.
+    opening with a square of side ``blob_fraction * min(H, W)``, at least 3 px) exceeds
+    ``threshold``, its luma exceeds ``bright`` and its saturation is low.
     """
     y = luminance(images)
-    k = _odd_patch(*y.shape[-2:], blob, divisor=8)
+    k = max(3, round(blob_fraction * min(y.shape[-2:]))) | 1
     tophat = y - _max_pool(_min_pool(y, k), k)
     saturation = images.amax(1, keepdim=True) - images.amin(1, keepdim=True)
     flake = (

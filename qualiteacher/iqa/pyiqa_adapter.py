@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qualiteacher.iqa.members import MissingWeightsError
+from qualiteacher.iqa.members import MissingWeightsError, downloads_allowed
 
 # metric -> (pyiqa arch module, key of its ``default_model_urls``) for the default weights
 _WEIGHT_URL_KEYS: dict[str, tuple[str, str]] = {
@@ -35,12 +35,6 @@ OFFLINE_HINT = (
     "Without internet use the offline preset instead: build_ensemble('offline', task=...) / "
     "`qualiteacher score DIR --preset offline`."
 )
-
-
-def downloads_allowed() -> bool:
-    """False when ``QUALITEACHER_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to 1/true."""
-    flags = (os.environ.get("QUALITEACHER_OFFLINE", ""), os.environ.get("HF_HUB_OFFLINE", ""))
-    return not any(f.strip().lower() in ("1", "true", "yes") for f in flags)
 
 
 def pyiqa_weights_dir() -> Path:
