@@ -80,6 +80,16 @@ def test_preference_modes_and_independent_crops_run(demo_root, fast_ensemble_fac
     assert last["stage3/pref"] > 0 and last["stage3/crop"] >= 0 and math.isfinite(last["stage3/total"])
 
 
+def test_quantile_level_rule_spreads_pseudo_label_levels(demo_root, fast_ensemble_factory):
+    cap = Capture()
+    module = _module(fast_ensemble_factory(), level_rule="quantile", n_aug_variants=3)
+    _fit(module, demo_root, 3, logger=cap)
+    assert module.ensemble.level_thresholds.numel() == 7
+    last = cap.rows[max(cap.rows)]
+    used = [q for q in range(8) if last[f"stage3/pl_level_{q}"] > 0]
+    assert len(used) >= 3, used
+
+
 def test_unet_student_and_cond_mode_adaln(demo_root, fast_ensemble_factory):
     for kw in ({"student": "unet"}, {"cond_mode": "adaln"}):
         cap = Capture()

@@ -102,6 +102,10 @@ class PseudoLabelBank:
         scores = [e.score for v in self.entries.values() for e in v]
         return sum(scores) / len(scores) if scores else float("nan")
 
+    def scores(self) -> Tensor:
+        """Fused scores of every kept entry, (N,)."""
+        return torch.tensor([e.score for v in self.entries.values() for e in v], dtype=torch.float32)
+
     def level_counts(self, n_levels: int = 8) -> list[int]:
         counts = [0] * n_levels
         for v in self.entries.values():

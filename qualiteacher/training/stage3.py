@@ -6,7 +6,7 @@ pseudo-label part, the preference part and the consistency part. The maths lives
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import kornia.augmentation as K
 import lightning as L
@@ -37,6 +37,14 @@ def strong_photometric(p: float = 0.8) -> nn.Module:
     )
 
 
+class Refresh(NamedTuple):
+    variants: Tensor   # (N, 3, H, W) degraded pseudo-labels of this step (lower-level targets)
+    masks: Tensor      # (N, 1, H, W) their reliability masks
+    scores: Tensor     # (N,) their fused scores
+    owner: Tensor      # (N,) index of the batch image each belongs to
+    logs: dict[str, float]
+
+
 class QualiTeacherModule(L.LightningModule):
     """Quality-conditioned Mean-Teacher training on paired synthetic + unlabeled real batches.
 
@@ -52,6 +60,11 @@ class QualiTeacherModule(L.LightningModule):
         pref_mode: ``pair`` (METHOD.md L_a + λ₂ L_b) or ``all_pairs`` (every ordered level pair).
         crop_windows: ``aligned`` (same window for both sides) or ``independent`` (as released).
         mask_block: block size of the per-pixel reliability mask.
+        refresh_every: grade new candidates every n steps (and whenever an image is new to the bank).
+        train_on_variants: the step's multi-augmented variants are PL targets too (at their own,
+            lower levels) besides the bank's best k: the student sees the whole quality range.
+        level_rule: ``default`` (METHOD.md: 8 levels from the fused score) or ``quantile``
+            (levels spread evenly over a running pool of the last ``level_pool_size`` candidate scores).
     """
 
     def __init__(
@@ -73,6 +86,9 @@ class QualiTeacherModule(L.LightningModule):
         aug_kinds: tuple[str, ...] = AUGMENTATIONS,
         aug_max_strength: float = 1.0,
         refresh_every: int = 1,
+        train_on_variants: bool = True,
+        level_rule: Literal["default", "quantile"] = "default",
+        level_pool_size: int = 1024,
         strong_aug_p: float = 0.8,
         w_sup: float = 1.0,
         w_pl: float = 1.0,
@@ -110,6 +126,9 @@ class QualiTeacherModule(L.LightningModule):
         self.photometric = strong_photometric(strong_aug_p)
         self.strict_loading = False  # the frozen ensemble is left out of checkpoints
         self._gen = torch.Generator().manual_seed(seed)
+        # running pool of candidate scores for the quantile level rule (saved with checkpoints)
+        self.register_buffer("level_pool", torch.full((level_pool_size,), float("nan")))
+        self.register_buffer("pool_ptr", torch.zeros((), dtype=torch.long))
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
@@ -143,10 +162,28 @@ class QualiTeacherModule(L.LightningModule):
         ema_update_(self.teacher, self.student, self.hparams.ema_decay)
 
     # ------------------------------------------------------------------ pseudo-labels
+    def _masks(self, images: Tensor, fused: Tensor) -> Tensor:
+        h, w = images.shape[-2:]
+        if self.hparams.mask_block >= max(h, w):
+            # one block covers the image: the mask is the image's own fused score
+            return fused.view(-1, 1, 1, 1).expand(-1, 1, h, w)
+        return self.ensemble.reliability_mask(images, block=self.hparams.mask_block)
+
     @torch.no_grad()
-    def refresh_pseudo_labels(self, x: Tensor, ids: list[str]) -> dict[str, float]:
+    def _update_level_rule(self, fused: Tensor) -> None:
+        # quantile rule: levels spread evenly over a running pool of candidate scores
+        n = fused.numel()
+        idx = (self.pool_ptr + torch.arange(n, device=fused.device)) % self.level_pool.numel()
+        self.level_pool[idx] = fused.float()
+        self.pool_ptr.add_(n)
+        pool = self.level_pool[torch.isfinite(self.level_pool)]
+        if self.hparams.level_rule == "quantile" and pool.numel() >= 8:
+            self.ensemble.fit_levels_(pool)
+
+    @torch.no_grad()
+    def refresh_pseudo_labels(self, x: Tensor, ids: list[str]) -> Refresh:
         """Teacher views + multi-augmented variants of ``x`` (B,3,H,W), graded in one call; the
-        best enter the bank."""
+        best enter the bank. Returns the variants (lower-quality targets) and log values."""
         hp = self.hparams
         b = x.shape[0]
         views = tuple(hp.views)
@@ -159,16 +196,24 @@ class QualiTeacherModule(L.LightningModule):
                                 hp.aug_max_strength, generator=self._gen)
             cands = torch.cat([cands, var.images])
             owner = torch.cat([owner, var.source])
-        scores = self.ensemble(cands)                                            # one batched call
+        fused = self.ensemble(cands).fused                                        # one batched call
+        self._update_level_rule(fused)
         cand_ids = [ids[i] for i in owner.tolist()]
-        keep = self.bank.accepts(cand_ids, scores.fused).to(x.device)
+        keep = self.bank.accepts(cand_ids, fused).to(x.device)
+        is_var = torch.arange(cands.shape[0], device=x.device) >= len(views) * b
+        need = keep | (is_var & hp.train_on_variants)
+        masks = torch.zeros_like(cands[:, :1])
+        if need.any():
+            masks[need] = self._masks(cands[need], fused[need])
+        levels = self.ensemble.level_of(fused)
         kept = 0
         if keep.any():
             sel = keep.nonzero(as_tuple=True)[0]
-            masks = self.ensemble.reliability_mask(cands[sel], block=hp.mask_block)
-            kept = self.bank.offer_batch([cand_ids[i] for i in sel.tolist()], cands[sel], masks,
-                                         scores.fused[sel], scores.level[sel])
-        return {"cand_score": float(scores.fused.mean()), "cand_kept": float(kept)}
+            kept = self.bank.offer_batch([cand_ids[i] for i in sel.tolist()], cands[sel], masks[sel],
+                                         fused[sel], levels[sel])
+        logs = {"cand_score": float(fused.mean()), "cand_kept": float(kept)}
+        v = is_var if hp.train_on_variants else torch.zeros_like(is_var)
+        return Refresh(cands[v], masks[v], fused[v], owner[v], logs)
 
     # ------------------------------------------------------------------ losses
     def _reward(self, images: Tensor) -> Tensor:
@@ -187,8 +232,10 @@ class QualiTeacherModule(L.LightningModule):
         logs: dict[str, float] = {}
 
         # pseudo-labels: the teacher restores the real images; the ensemble grades; the bank keeps the best
+        fresh = None
         if step % hp.refresh_every == 0 or not all(i in self.bank for i in ids):
-            logs.update(self.refresh_pseudo_labels(x_u, ids))
+            fresh = self.refresh_pseudo_labels(x_u, ids)
+            logs.update(fresh.logs)
 
         # supervised part: paired synthetic data, unconditioned
         sup = self.student(lab["lq"], None)
@@ -196,10 +243,17 @@ class QualiTeacherModule(L.LightningModule):
         l_aux = sup.aux_loss
 
         # pseudo-label part: the strong view of x at each bank entry's own level
-        pls, masks, levels, _, owner = self.bank.gather(ids, device=x_u.device)
+        # pseudo-label part: bank entries (the best k) plus this step's degraded variants, each
+        # at the level its own score gives under the current level rule
+        pls, masks, _, pl_scores, owner = self.bank.gather(ids, device=x_u.device)
         if owner.numel() == 0:
             raise RuntimeError("the pseudo-label bank holds nothing for this batch: the ensemble "
                                "returned no finite score for any candidate")
+        best_scores, best_owner = pl_scores, owner
+        if fresh is not None and fresh.owner.numel():
+            pls, masks = torch.cat([pls, fresh.variants]), torch.cat([masks, fresh.masks])
+            pl_scores, owner = torch.cat([pl_scores, fresh.scores]), torch.cat([owner, fresh.owner])
+        levels = self.ensemble.level_of(pl_scores)
         x_u, pls, masks = self._geometric(x_u, pls, masks)
         x_s = self.photometric(x_u).clamp(0, 1)
         b = x_s.shape[0]
@@ -227,10 +281,10 @@ class QualiTeacherModule(L.LightningModule):
             outs = out.image[n_pl:].view(-1, b, *x_s.shape[1:])                  # (L, B, 3, H, W)
             rewards = self._reward(outs.flatten(0, 1)).view(-1, b)              # (L, B)
             if hp.pref_mode == "pair":
-                with torch.no_grad():
-                    r_pl = self._reward(pls) if n_pl else x_s.new_zeros(0)
+                # max_k r(PL_k): the fused scores the bank recorded for its entries (teacher side,
+                # no gradients; geometric views leave the score unchanged up to border effects)
                 r_pl_best = torch.full((b,), -1e4, device=x_s.device).scatter_reduce(
-                    0, owner, r_pl.float(), reduce="amax") if n_pl else rewards[0].detach()
+                    0, best_owner, best_scores.float(), reduce="amax")
                 pl = preference_loss(rewards[0], rewards[1], r_pl_best, hp.pref_beta, hp.pref_delta,
                                      hp.pref_lambda, hp.pref_lambda2)
                 l_pref, l_pref_a, l_pref_b = pl
@@ -252,10 +306,15 @@ class QualiTeacherModule(L.LightningModule):
             "stage3/pref_a": l_pref_a, "stage3/pref_b": l_pref_b, "stage3/crop": l_crop,
             "stage3/aux": l_aux, "stage3/bank_mean_score": self.bank.mean_score(),
             "stage3/bank_images": float(len(self.bank)), **{f"stage3/{k}": v for k, v in logs.items()},
-            **{f"stage3/pl_level_{q}": float(c) for q, c in enumerate(self.bank.level_counts())},
+            **{f"stage3/pl_level_{q}": float(c) for q, c in enumerate(self._bank_level_histogram())},
         }, prog_bar=False, on_step=True, on_epoch=False, batch_size=b)
         self.log("loss", total, prog_bar=True, on_step=True, batch_size=b, logger=False)
         return total
+
+    def _bank_level_histogram(self) -> list[int]:
+        # levels under the current rule (the quantile thresholds move as the pool fills)
+        levels = self.ensemble.level_of(self.bank.scores().to(self.level_pool.device))
+        return torch.bincount(levels, minlength=self.hparams.top_level + 1).tolist()
 
     def _crop_consistency(self, x_s: Tensor, top: Tensor | None) -> Tensor:
         hp = self.hparams
@@ -293,6 +352,11 @@ class QualiTeacherModule(L.LightningModule):
             raise RuntimeError(f"checkpoint lacks {len(missing)} weights of this model, e.g. {missing[:5]}")
         if "pseudo_label_bank" in checkpoint:
             self.bank.load_state_dict(checkpoint["pseudo_label_bank"])
+        pool = checkpoint["state_dict"].get("level_pool")
+        if self.hparams.level_rule == "quantile" and self.ensemble is not None and pool is not None:
+            finite = pool[torch.isfinite(pool)]
+            if finite.numel() >= 8:
+                self.ensemble.fit_levels_(finite.to(self.level_pool.device))
 
 
 def _all_gather_objects(obj: Any) -> list[Any]:
