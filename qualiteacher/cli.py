@@ -70,6 +70,40 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _restore(args: argparse.Namespace) -> int:
+    import torch
+
+    from qualiteacher.data.datamodule import ImageFolderDataset
+    from qualiteacher.data.io import get_skip_log, write_image
+    from qualiteacher.training.restore import restore
+    from qualiteacher.training.stage3 import QualiTeacherModule
+
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_file():
+        print(f"error: checkpoint not found: {ckpt} (a stage-3 final.ckpt)", file=sys.stderr)
+        return 2
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    hparams = {k: v for k, v in state.get("hyper_parameters", {}).items() if k != "init_from"}
+    module = QualiTeacherModule(**hparams, ensemble=torch.nn.Identity())
+    module.load_state_dict(state["state_dict"], strict=False)
+    net = (module.teacher if args.teacher else module.student).to(args.device).eval()
+    out = Path(args.out)
+    seen: set[str] = set()
+    dataset = ImageFolderDataset(args.input)
+    for index in range(len(dataset)):
+        item = dataset[index]
+        if item["path"] in seen:  # a bad file is replaced by the next readable one: do each once
+            continue
+        seen.add(item["path"])
+        x = item["image"][None].to(args.device)
+        level = None if args.teacher else args.level
+        y = restore(net, x, level=level, tile=args.tile)
+        write_image(out / (Path(item["path"]).stem + ".png"), y[0].cpu())
+    print(f"{len(seen)} image(s) restored into {out} ({'teacher' if args.teacher else f'student at level {args.level}'})")
+    print(get_skip_log().summary())
+    return 0
+
+
 def _pipeline(args: argparse.Namespace, extra: list[str]) -> int:
     from qualiteacher.pipeline import run_pipeline_cli
 
@@ -115,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", default=None, help="CSV or parquet file for the scores")
     score.add_argument("--cache", default=None, help="parquet score cache (default: in the project cache)")
     score.set_defaults(handler=_score)
+
+    rest = sub.add_parser("restore", help="restore a folder of images with a trained student")
+    rest.add_argument("input", help="folder of images")
+    rest.add_argument("--checkpoint", required=True, help="stage-3 checkpoint (OUT/stage3/final.ckpt)")
+    rest.add_argument("--out", required=True, help="output folder (PNG)")
+    rest.add_argument("--level", type=int, default=7, help="requested quality level (0..7)")
+    rest.add_argument("--teacher", action="store_true", help="use the EMA teacher instead (unconditioned)")
+    rest.add_argument("--tile", type=int, default=None, help="tile size for large images (e.g. the training crop)")
+    rest.add_argument("--device", default="cpu")
+    rest.set_defaults(handler=_restore)
 
     pipe = sub.add_parser(
         "pipeline", add_help=False,

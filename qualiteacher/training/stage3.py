@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qualiteacher.archs.conditioning import AdaLNModulation, LevelEmbedding
 from qualiteacher.archs.iqpir import freeze_prior_
 from qualiteacher.losses.consistency import crop_consistency_loss, random_window
 from qualiteacher.losses.preference import all_pairs_preference_loss, draw_low_levels, preference_loss
@@ -56,6 +57,7 @@ class QualiTeacherModule(L.LightningModule):
         iqa_preset / task / iqa_weights_dir: the IQA ensemble (frozen, never checkpointed).
         ema_decay: teacher EMA decay ``d``. bank_k: candidates kept per unlabeled image.
         views: teacher views; n_aug_variants / aug_kinds / aug_max_strength: multi-augmentation.
+        cond_lr_mult: learning-rate multiplier of the (zero-initialised) quality conditioning.
         w_*: loss weights; pref_start_step / crop_start_step: the step ``N`` they start at.
         pref_mode: ``pair`` (METHOD.md L_a + λ₂ L_b) or ``all_pairs`` (every ordered level pair).
         crop_windows: ``aligned`` (same window for both sides) or ``independent`` (as released).
@@ -77,6 +79,7 @@ class QualiTeacherModule(L.LightningModule):
         task: str | None = None,
         iqa_weights_dir: str | None = None,
         lr: float = 5e-5,
+        cond_lr_mult: float = 10.0,
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         ema_decay: float = 0.999,
@@ -153,9 +156,15 @@ class QualiTeacherModule(L.LightningModule):
         return self
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.hparams.lr, betas=self.hparams.betas,
-                                 weight_decay=self.hparams.weight_decay)
+        # the zero-initialised quality conditioning starts from nothing: it gets cond_lr_mult × lr
+        cond = {id(p) for m in self.student.modules()
+                if isinstance(m, (LevelEmbedding, AdaLNModulation)) for p in m.parameters()}
+        trainable = [p for p in self.student.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trainable if id(p) not in cond]},
+                  {"params": [p for p in trainable if id(p) in cond],
+                   "lr": self.hparams.lr * self.hparams.cond_lr_mult}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr,
+                                 betas=self.hparams.betas, weight_decay=self.hparams.weight_decay)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
