@@ -104,6 +104,20 @@ def _restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _detmap(args: argparse.Namespace) -> int:
+    from qualiteacher.data.layouts import read_layout
+    from qualiteacher.eval.detection import detections_from_csv, evaluate_detections, ground_truths_from_records
+
+    options = {"split": args.split} if args.split else {}
+    truths = ground_truths_from_records(read_layout(args.layout, Path(args.root), **options))
+    result = evaluate_detections(detections_from_csv(args.detections), truths,
+                                 iou_threshold=args.iou, unknown_images="ignore")
+    for name, ap in sorted(result.ap.items()):
+        print(f"{name:12s} AP {ap:.4f}  ({result.num_gt.get(name, 0)} objects)")
+    print(f"mAP@{args.iou:g}: {result.mean_ap:.4f} over {len(truths)} annotated images")
+    return 0
+
+
 def _pipeline(args: argparse.Namespace, extra: list[str]) -> int:
     from qualiteacher.pipeline import run_pipeline_cli
 
@@ -159,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     rest.add_argument("--tile", type=int, default=None, help="tile size for large images (e.g. the training crop)")
     rest.add_argument("--device", default="cpu")
     rest.set_defaults(handler=_restore)
+
+    det = sub.add_parser("detmap", help="VOC detection mAP of your detector's detections (RTTS, ExDark)")
+    det.add_argument("root", help="data set root (rtts or exdark layout)")
+    det.add_argument("--detections", required=True, help="CSV: image_id,label,score,x1,y1,x2,y2")
+    det.add_argument("--layout", default="rtts", choices=("rtts", "exdark"))
+    det.add_argument("--split", default=None, help="ExDark split: train, val, test or all")
+    det.add_argument("--iou", type=float, default=0.5)
+    det.set_defaults(handler=_detmap)
 
     pipe = sub.add_parser(
         "pipeline", add_help=False,
