@@ -71,21 +71,17 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    import torch
 
     from qualiteacher.data.datamodule import ImageFolderDataset
     from qualiteacher.data.io import get_skip_log, write_image
     from qualiteacher.training.restore import restore
-    from qualiteacher.training.stage3 import QualiTeacherModule
+    from qualiteacher.training.stage3 import load_trained
 
-    ckpt = Path(args.checkpoint)
-    if not ckpt.is_file():
-        print(f"error: checkpoint not found: {ckpt} (a stage-3 final.ckpt)", file=sys.stderr)
+    try:
+        module = load_trained(args.checkpoint)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    hparams = {k: v for k, v in state.get("hyper_parameters", {}).items() if k != "init_from"}
-    module = QualiTeacherModule(**hparams, ensemble=torch.nn.Identity())
-    module.load_state_dict(state["state_dict"], strict=False)
     net = (module.teacher if args.teacher else module.student).to(args.device).eval()
     out = Path(args.out)
     seen: set[str] = set()

@@ -6,7 +6,6 @@ from typing import Any
 
 import lightning as L
 import pandas as pd
-import torch
 
 from qualiteacher.pipeline import PipelineState, parse_stage, stage_classes, stage_section
 from qualiteacher.tracking.mlflow_logger import FlushBeforeCheckpoint, MlflowStepLogger, _flatten
@@ -130,18 +129,9 @@ def train_stage(stage: str, cfg: dict[str, Any], runs: PipelineRuns, run_id: str
 # ---------------------------------------------------------------------------- registration
 def load_stage3(cfg: dict[str, Any]) -> Any:
     """The trained QualiTeacher module of ``OUT/stage3/final.ckpt`` (student and teacher) on the CPU."""
-    from qualiteacher.training.stage3 import QualiTeacherModule
+    from qualiteacher.training.stage3 import load_trained
 
-    path = Path(cfg["out_dir"]) / "stage3" / "final.ckpt"
-    if not path.is_file():
-        raise FileNotFoundError(f"stage 3 result not found: {path} (run stage3 first)")
-    section = stage_section(cfg, "stage3")["model"]
-    section = {k: v for k, v in section.items() if k != "init_from"}
-    module = QualiTeacherModule(**section, ensemble=torch.nn.Identity())
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    module.load_state_dict(state["state_dict"], strict=False)
-    module.bank.load_state_dict(state.get("pseudo_label_bank", {"k": module.bank.k, "entries": {}}))
-    return module.eval()
+    return load_trained(Path(cfg["out_dir"]) / "stage3" / "final.ckpt")
 
 
 def register_student(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> None:

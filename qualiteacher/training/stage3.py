@@ -6,6 +6,7 @@ pseudo-label part, the preference part and the consistency part. The maths lives
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import kornia.augmentation as K
@@ -366,6 +367,20 @@ class QualiTeacherModule(L.LightningModule):
             finite = pool[torch.isfinite(pool)]
             if finite.numel() >= 8:
                 self.ensemble.fit_levels_(finite.to(self.level_pool.device))
+
+
+def load_trained(path: str | Path) -> QualiTeacherModule:
+    """A trained stage-3 module (student, teacher, bank) from its checkpoint, on the CPU, in eval
+    mode; the IQA ensemble is not rebuilt (build one with ``build_ensemble`` to score outputs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"stage 3 checkpoint not found: {path} (run stage3 first)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    hparams = {k: v for k, v in state.get("hyper_parameters", {}).items() if k != "init_from"}
+    module = QualiTeacherModule(**hparams, ensemble=nn.Identity())
+    module.load_state_dict(state["state_dict"], strict=False)
+    module.bank.load_state_dict(state.get("pseudo_label_bank", {"k": module.bank.k, "entries": {}}))
+    return module.eval()
 
 
 def _all_gather_objects(obj: Any) -> list[Any]:
