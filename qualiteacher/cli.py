@@ -71,7 +71,6 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
-
     from qualiteacher.data.datamodule import ImageFolderDataset
     from qualiteacher.data.io import get_skip_log, write_image
     from qualiteacher.training.restore import restore
