@@ -267,3 +267,14 @@ def test_trainer_fit_smoke(tmp_path):
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm)
     assert model.seen == [((2, 3, CROP, CROP), (2, 3, CROP, CROP))] * 2
+
+
+def test_quality_table_keeps_numeric_looking_ids(tmp_path):
+    # the demo data names images 0000.png, 0001.png ...: a CSV round trip must not turn "0001" into 1
+    from qualiteacher.data.datamodule import read_quality_table
+    from qualiteacher.data.records import ImageRecord
+
+    records = [ImageRecord(id=f"{i:04d}", lq=tmp_path / f"{i:04d}.png") for i in range(3)]
+    path = tmp_path / "q.csv"
+    pd.DataFrame({"id": ["0000", "0001", "0002"], "fused": [0.1, 0.8, 0.9]}).to_csv(path, index=False)
+    assert read_quality_table(path, records) == [0.1, 0.8, 0.9]

@@ -238,7 +238,7 @@ def read_quality_table(path: str | Path, records: Sequence[ImageRecord]) -> list
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        table = pd.read_csv(path)
+        table = pd.read_csv(path, dtype={"id": str})  # ids such as "0007" stay strings
     elif suffix in (".parquet", ".pq"):
         table = pd.read_parquet(path)
     else:
