@@ -204,8 +204,27 @@ def detections_from_csv(path: str | os.PathLike) -> dict[str, Detections]:
     return out
 
 
+class GroundTruthSet(NamedTuple):
+    """Ground truths of the annotated records, and the ids of the ``unannotated`` ones left out."""
+
+    ground_truths: dict[str, GroundTruth]
+    unannotated: tuple[str, ...]
+
+
+def collect_ground_truths(records: Iterable[ImageRecord]) -> GroundTruthSet:
+    """`ground_truths_from_records` that also reports the records left out (``boxes`` None: no or
+    unreadable annotation file). Those images must not be scored: their objects are unknown, so
+    every detection on them would wrongly count as a false positive."""
+    records = list(records)
+    return GroundTruthSet(ground_truths_from_records(records),
+                          tuple(r.id for r in records if r.boxes is None))
+
+
 def ground_truths_from_records(records: Iterable[ImageRecord]) -> dict[str, GroundTruth]:
-    """Ground truths of the annotated records (``boxes`` not None), with ``meta["difficult"]`` if any."""
+    """Ground truths of the annotated records (``boxes`` not None), with ``meta["difficult"]`` if any.
+
+    Records without annotation are dropped silently; `collect_ground_truths` also reports them.
+    """
     out = {}
     for r in records:
         if r.boxes is None:

@@ -1,19 +1,24 @@
 """The only module that imports pyiqa (PolyForm-Noncommercial-1.0.0 licence boundary).
 
-Weight files: pyiqa keeps them in ``$TORCH_HOME/hub/pyiqa/<file>``. Before building a metric we look
-for the file there (or at the member's ``weights_path``) and hand pyiqa the local path, so pyiqa
-itself never downloads. If the file is missing we download it with pyiqa's downloader unless
-downloads are disabled (``QUALITEACHER_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``); a disabled or failed
-download raises one ``MissingWeightsError`` naming the file and where to put it.
+Weight files: ``METRIC_WEIGHT_FILES`` lists, per pyiqa NR metric, every file pyiqa 0.1.16 loads when
+the metric is built with its default configuration (its own checkpoint and any backbone). Before
+building a metric we check that each file is in the place pyiqa (or torchvision / timm) looks for it,
+and hand pyiqa the local path of the files it takes as an argument, so pyiqa itself never downloads.
+A missing file is downloaded into that place unless downloads are disabled (``QUALITEACHER_OFFLINE=1``
+or ``HF_HUB_OFFLINE=1``); a disabled or failed download raises one ``MissingWeightsError`` naming the
+file and where to put it. ``metric_available`` answers the same question without building anything.
 
 ``DEFAULT_MIN_SIZE`` gives each metric's smallest input side; the ensemble upsamples smaller images.
 """
 
 from __future__ import annotations
 
-import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,20 +26,104 @@ from torch import Tensor, nn
 
 from qualiteacher.iqa.members import MissingWeightsError, downloads_allowed
 
-# metric -> (pyiqa arch module, key of its ``default_model_urls``) for the default weights
-_WEIGHT_URL_KEYS: dict[str, tuple[str, str]] = {
-    "musiq": ("musiq_arch", "koniq10k"),
-    "brisque": ("brisque_arch", "url"),
-    "niqe": ("niqe_arch", "url"),
+WeightStore = Literal["pyiqa", "clip", "torch", "hf"]
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One file a pyiqa metric loads when built with its default configuration.
+
+    ``store`` is where it is cached: ``pyiqa`` (``$TORCH_HOME/hub/pyiqa``, pyiqa's weight repository),
+    ``clip`` (``$TORCH_HOME/hub/clip``: OpenAI CLIP checkpoints as pyiqa's own CLIP loader caches them,
+    not the ``clip`` package's ``~/.cache/clip``), ``torch`` (``$TORCH_HOME/hub/checkpoints``,
+    torchvision) or ``hf`` (the Hugging Face hub cache; timm backbones). ``source`` is where it is
+    downloaded from: a URL (clip, torch) or a repo id (hf); pyiqa files come from pyiqa's repository.
+    ``kwarg`` is the ``create_metric`` keyword that receives the local path (None: the loader finds
+    the file at its cache place itself). ``checkpoint`` marks the metric's own trained weights, which
+    ``pretrained=False`` leaves out (backbones are still loaded).
+    """
+
+    store: WeightStore
+    name: str
+    source: str = ""
+    kwarg: str | None = None
+    checkpoint: bool = True
+
+
+def _ckpt(name: str, kwarg: str | None = "pretrained_model_path") -> WeightFile:
+    return WeightFile("pyiqa", name, kwarg=kwarg)
+
+
+def _timm(repo: str) -> WeightFile:
+    return WeightFile("hf", "model.safetensors", repo, checkpoint=False)
+
+
+# metric -> every file pyiqa 0.1.16 loads for ``create_metric(metric)`` (DEFAULT_CONFIGS + arch code)
+METRIC_WEIGHT_FILES: dict[str, tuple[WeightFile, ...]] = {
+    "piqe": (),
+    "entropy": (),
+    "brisque": (_ckpt("brisque_svm_weights.pth"),),
+    "niqe": (_ckpt("niqe_modelparameters.mat"),),
+    "cnniqa": (_ckpt("CNNIQA_koniq10k-e6f14c91.pth"),),
+    "musiq": (_ckpt("musiq_koniq_ckpt-e95806b9.pth"),),
+    # CLIPIQA (model_type 'clipiqa', backbone RN50) has no checkpoint of its own: only CLIP's weights
+    "clipiqa": (
+        WeightFile(
+            "clip",
+            "RN50.pt",
+            "https://openaipublic.azureedge.net/clip/models/"
+            "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+            kwarg="backbone",
+        ),
+    ),
+    "nima": (_timm("timm/inception_resnet_v2.tf_in1k"), _ckpt("NIMA_InceptionV2_ava-b0c77c00.pth")),
+    "topiq_nr": (_timm("timm/resnet50.a1_in1k"), _ckpt("cfanet_nr_koniq_res50-9a73138b.pth")),
+    "hyperiqa": (_timm("timm/resnet50.a1_in1k"), _ckpt("HyperIQA-resnet50-koniq10k-c96c41b1.pth")),
+    # MANIQA reads a local path with weight key 'params' but its default file without: let pyiqa find it
+    "maniqa": (
+        _timm("timm/vit_base_patch8_224.augreg2_in21k_ft_in1k"),
+        _ckpt("ckpt_koniq10k.pt", kwarg=None),
+    ),
+    "dbcnn": (
+        WeightFile("torch", "vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth",
+                   checkpoint=False),
+        WeightFile("pyiqa", "DBCNN_scnn-7ea73d75.pth", checkpoint=False),
+        _ckpt("DBCNN_KonIQ10k-2de81c0a.pth"),
+    ),
 }
-# smallest input side each metric handles sensibly (NIQE: two 96 px blocks per side)
-DEFAULT_MIN_SIZE: dict[str, int] = {"niqe": 192, "piqe": 32, "brisque": 32, "musiq": 32}
-NO_WEIGHTS_METRICS = ("piqe", "entropy")
+# create_metric keywords that build a metric without its own checkpoint (tests only: random scores)
+_RANDOM_INIT_KWARGS: dict[str, dict[str, object]] = {
+    "piqe": {},
+    "entropy": {},
+    "cnniqa": {"pretrained": None},
+    "musiq": {"pretrained": False},
+    "nima": {"pretrained": False},
+    "topiq_nr": {"pretrained": False},
+    "hyperiqa": {"pretrained": False},
+    "maniqa": {"pretrained": False},
+    "dbcnn": {"pretrained": False},
+}
+# Python packages a metric imports beyond pyiqa's hard requirements
+_METRIC_PACKAGES: dict[str, str] = {"clipiqa": "clip"}
+_HUB_SUBDIRS: dict[str, str] = {"pyiqa": "pyiqa", "clip": "clip", "torch": "checkpoints"}
+# smallest input side each metric handles sensibly (NIQE: two 96 px blocks per side; HyperIQA and
+# MANIQA: 224 px crops)
+DEFAULT_MIN_SIZE: dict[str, int] = {
+    "niqe": 192, "piqe": 32, "brisque": 32, "musiq": 32, "cnniqa": 32, "clipiqa": 32, "nima": 32,
+    "topiq_nr": 32, "dbcnn": 32, "hyperiqa": 224, "maniqa": 224,
+}
+NO_WEIGHTS_METRICS = tuple(m for m, files in METRIC_WEIGHT_FILES.items() if not files)
 DOWNLOAD_TIMEOUT_S = 30.0
 OFFLINE_HINT = (
     "Without internet use the offline preset instead: build_ensemble('offline', task=...) / "
     "`qualiteacher score DIR --preset offline`."
 )
+DISABLED_NOTE = "Downloads are disabled (QUALITEACHER_OFFLINE/HF_HUB_OFFLINE)."
+
+
+def list_weight_table_metrics() -> list[str]:
+    """Metrics whose weight files ``METRIC_WEIGHT_FILES`` lists."""
+    return list(METRIC_WEIGHT_FILES)
 
 
 def pyiqa_weights_dir() -> Path:
@@ -42,50 +131,178 @@ def pyiqa_weights_dir() -> Path:
     return Path(torch.hub.get_dir()) / "pyiqa"
 
 
-def default_weight_url(metric: str) -> str | None:
-    """URL of pyiqa's default weight file for ``metric`` (None when it needs none / is unknown)."""
-    if metric not in _WEIGHT_URL_KEYS:
-        return None
-    import importlib
+def _weight_files(metric: str) -> tuple[WeightFile, ...]:
+    if metric not in METRIC_WEIGHT_FILES:
+        raise KeyError(f"no weight-file entry for {metric!r}; listed: {list_weight_table_metrics()}")
+    return METRIC_WEIGHT_FILES[metric]
 
-    module_name, key = _WEIGHT_URL_KEYS[metric]
-    module = importlib.import_module(f"pyiqa.archs.{module_name}")
-    return module.default_model_urls[key]
+
+def _primary(metric: str) -> WeightFile | None:
+    """The file ``weights_path`` replaces: the one passed to pyiqa by keyword."""
+    return next((f for f in METRIC_WEIGHT_FILES.get(metric, ()) if f.kwarg is not None), None)
+
+
+def weight_file_path(file: WeightFile) -> Path:
+    """Where ``file`` is expected: the file itself, or for a missing ``hf`` file its repo's cache folder."""
+    if file.store != "hf":
+        return Path(torch.hub.get_dir()) / _HUB_SUBDIRS[file.store] / file.name
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(file.source, file.name)
+    if isinstance(cached, str):
+        return Path(cached)
+    return Path(constants.HF_HUB_CACHE) / ("models--" + file.source.replace("/", "--"))
+
+
+def metric_weight_files(metric: str) -> list[Path]:
+    """Expected local paths of every file ``metric`` loads by default (see ``weight_file_path``)."""
+    return [weight_file_path(f) for f in _weight_files(metric)]
+
+
+def _where(file: WeightFile, path: Path) -> str:
+    if file.store == "hf":
+        return (f"'{file.name}' of the Hugging Face repo '{file.source}' (cache: {path}; fetch it with "
+                f"`hf download {file.source} {file.name}`)")
+    return f"'{file.name}' in {path.parent}"
+
+
+def metric_available(metric: str) -> tuple[bool, str]:
+    """``(True, "")`` when every file ``metric`` loads is present (or it needs none), else
+    ``(False, reason)`` naming the missing file(s) and the folder to put them in. Never downloads."""
+    if metric not in METRIC_WEIGHT_FILES:
+        return False, f"the weight files of {metric!r} are not listed (METRIC_WEIGHT_FILES)"
+    package = _METRIC_PACKAGES.get(metric)
+    if package is not None:
+        import importlib.util
+
+        if importlib.util.find_spec(package) is None:
+            return False, f"{metric} needs the Python package {package!r}"
+    missing = [_where(f, p) for f, p in zip(METRIC_WEIGHT_FILES[metric], metric_weight_files(metric))
+               if not p.is_file()]
+    if missing:
+        return False, f"{metric} needs " + "; ".join(missing)
+    return True, ""
+
+
+def default_weight_url(metric: str) -> str | None:
+    """URL of the file ``weights_path`` replaces for ``metric`` (None when it has none)."""
+    file = _primary(metric)
+    return None if file is None else _download_url(file)
 
 
 def default_weight_file(metric: str) -> str | None:
-    url = default_weight_url(metric)
-    return None if url is None else os.path.basename(url.split("?")[0])
+    """File name of the file ``weights_path`` replaces for ``metric`` (None when it has none)."""
+    file = _primary(metric)
+    return None if file is None else file.name
 
 
-def resolve_weights(member: str, metric: str, weights_path: str | None, allow_download: bool) -> str | None:
-    """Local path of the weights of a pyiqa metric, downloading them if allowed."""
+def _download_url(file: WeightFile) -> str:
+    if file.store == "pyiqa":
+        from pyiqa.archs.arch_util import get_url_from_name
+
+        return get_url_from_name(file.name)
+    return file.source
+
+
+def _download(file: WeightFile, path: Path) -> Path:
+    if file.store == "hf":
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(file.source, file.name))
+    if file.store == "pyiqa":
+        from pyiqa.utils.download_util import load_file_from_url
+
+        return Path(load_file_from_url(_download_url(file), model_dir=str(path.parent)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(file.source, str(path))
+    return path
+
+
+def _fetch(member: str, file: WeightFile, allow_download: bool, offline_hint: str) -> Path:
+    path = weight_file_path(file)
+    if path.is_file():
+        return path
+    label, how = file.name, ""
+    if file.store == "hf":
+        label = f"{file.source}/{file.name}"
+        how = f"It lives in the Hugging Face cache: fetch it with `hf download {file.source} {file.name}`. "
+    if not allow_download:
+        raise MissingWeightsError(member, label, str(path), f"{how}{DISABLED_NOTE} {offline_hint}")
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return _download(file, path)
+    except Exception as err:  # urllib / requests / hub errors all mean "not available"
+        hint = f"Download failed ({type(err).__name__}: {err}). {offline_hint}"
+        raise MissingWeightsError(member, label, str(path), hint) from err
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
+def resolve_metric_kwargs(
+    member: str,
+    metric: str,
+    weights_path: str | None,
+    allow_download: bool,
+    pretrained: bool = True,
+    offline_hint: str = OFFLINE_HINT,
+) -> dict[str, str]:
+    """Make every file ``metric`` loads local (downloading if allowed); return the ``create_metric``
+    keywords that pass pyiqa the paths. ``weights_path`` replaces the metric's keyword file."""
+    primary = _primary(metric)
     if weights_path is not None:
         path = Path(weights_path).expanduser()
         if not path.is_file():
             raise MissingWeightsError(member, path.name, str(path), "The preset names this file explicitly.")
-        return str(path)
-    file_name = default_weight_file(metric)
-    if file_name is None:
-        return None
-    cached = pyiqa_weights_dir() / file_name
-    if cached.is_file():
-        return str(cached)
-    hint = OFFLINE_HINT
-    if allow_download:
-        from pyiqa.utils.download_util import load_file_from_url
+        if metric in METRIC_WEIGHT_FILES and primary is None:
+            raise ValueError(f"member {member!r}: {metric!r} takes no weights_path")
+    if metric not in METRIC_WEIGHT_FILES:
+        # not in the table: only an explicit file, or pyiqa's own download when that is allowed
+        if weights_path is not None:
+            return {"pretrained_model_path": str(path)}
+        if allow_download:
+            return {}
+        raise MissingWeightsError(
+            member, f"<weights of {metric}>", str(pyiqa_weights_dir()),
+            f"{DISABLED_NOTE} {metric!r} is not in METRIC_WEIGHT_FILES, so its files cannot be checked "
+            f"offline. {offline_hint}",
+        )
+    kwargs: dict[str, str] = {}
+    for file in METRIC_WEIGHT_FILES[metric]:
+        if file.checkpoint and not pretrained:
+            continue
+        if file is primary and weights_path is not None:
+            kwargs[file.kwarg] = str(path)
+            continue
+        local = _fetch(member, file, allow_download, offline_hint)
+        if file.kwarg is not None:
+            kwargs[file.kwarg] = str(local)
+    return kwargs
 
-        old_timeout = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-        try:
-            return load_file_from_url(default_weight_url(metric), model_dir=str(cached.parent))
-        except Exception as err:  # urllib / requests / hub errors all mean "not available"
-            hint = f"Download failed ({type(err).__name__}: {err}). {OFFLINE_HINT}"
-        finally:
-            socket.setdefaulttimeout(old_timeout)
-    else:
-        hint = f"Downloads are disabled (QUALITEACHER_OFFLINE/HF_HUB_OFFLINE). {OFFLINE_HINT}"
-    raise MissingWeightsError(member, file_name, str(cached), hint)
+
+def resolve_weights(member: str, metric: str, weights_path: str | None, allow_download: bool) -> str | None:
+    """Local path of the weights of a pyiqa metric (its keyword file), downloading them if allowed."""
+    kwargs = resolve_metric_kwargs(member, metric, weights_path, allow_download)
+    primary = _primary(metric)
+    key = primary.kwarg if primary is not None else "pretrained_model_path"
+    return kwargs.get(key)
+
+
+@contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Keep timm's Hugging Face look-ups in the local cache while a metric is built offline
+    (huggingface_hub reads ``HF_HUB_OFFLINE`` once at import; its request hook checks the constant)."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
 
 
 class PyiqaMember(nn.Module):
@@ -111,21 +328,27 @@ def build_pyiqa_member(
     min_size: int | None = None,
     allow_download: bool | None = None,
     pretrained: bool = True,
+    offline_hint: str = OFFLINE_HINT,
 ) -> PyiqaMember:
-    """Resolve the weights (see the module doc), build the pyiqa metric, wrap it."""
+    """Resolve the weights (see the module doc), build the pyiqa metric, wrap it.
+
+    ``pretrained=False`` builds the metric without its own checkpoint (random weights, for tests;
+    backbones are still loaded). ``offline_hint`` ends the message of a ``MissingWeightsError``.
+    """
     import pyiqa
 
     if metric not in pyiqa.list_models(metric_mode="NR"):
         raise ValueError(f"member {member_name!r}: {metric!r} is not a no-reference pyiqa metric")
+    if not pretrained and metric not in _RANDOM_INIT_KWARGS:
+        raise ValueError(f"member {member_name!r}: {metric!r} cannot be built without its weights")
     allow = downloads_allowed() if allow_download is None else allow_download
-    kwargs: dict[str, object] = {}
-    if pretrained:
-        path = resolve_weights(member_name, metric, weights_path, allow)
-        if path is not None:
-            kwargs["pretrained_model_path"] = path
-    else:
-        kwargs["pretrained"] = False
-    net = pyiqa.create_metric(metric, as_loss=True, loss_reduction="none", device="cpu", **kwargs).net
+    kwargs: dict[str, object] = dict(
+        resolve_metric_kwargs(member_name, metric, weights_path, allow, pretrained, offline_hint)
+    )
+    if not pretrained:
+        kwargs.update(_RANDOM_INIT_KWARGS[metric])
+    with _hub_offline(not allow):
+        net = pyiqa.create_metric(metric, as_loss=True, loss_reduction="none", device="cpu", **kwargs).net
     return PyiqaMember(net.eval(), metric, min_size)
 
 
