@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 TASKS = ("dehaze", "derain", "desnow", "lowlight")
 
@@ -113,6 +113,18 @@ def _detmap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from qualiteacher.eval.command import run_evaluate
+
+    return run_evaluate(args)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from qualiteacher.eval.command import run_compare
+
+    return run_compare(args)
+
+
 def _pipeline(args: argparse.Namespace, extra: list[str]) -> int:
     from qualiteacher.pipeline import run_pipeline_cli
 
@@ -176,6 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--split", default=None, help="ExDark split: train, val, test or all")
     det.add_argument("--iou", type=float, default=0.5)
     det.set_defaults(handler=_detmap)
+
+    from qualiteacher.eval.command import add_compare_arguments, add_evaluate_arguments
+
+    ev = sub.add_parser("evaluate", help="restore a benchmark's test split and report NR-IQA, PSNR/SSIM, mAP",
+                        description="Restore a test split with trained checkpoints (and baselines) and report "
+                                    "NR-IQA metrics, the fused ensemble score, PSNR/SSIM where references exist "
+                                    "and, with a detector, mAP@0.5 and mAP@[.5:.95] (RTTS, ExDark).")
+    add_evaluate_arguments(ev)
+    ev.set_defaults(handler=_evaluate)
+    cmp = sub.add_parser("compare", help="several evaluations' results side by side (Markdown, like a paper's table)")
+    add_compare_arguments(cmp)
+    cmp.set_defaults(handler=_compare)
 
     pipe = sub.add_parser(
         "pipeline", add_help=False,

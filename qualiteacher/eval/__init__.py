@@ -1,53 +1,42 @@
-"""Evaluation: full-reference metrics, NR-IQA versus level, detection mAP, reports and figures.
+"""Evaluation: full-reference metrics, NR-IQA versus level, detection mAP, benchmarks, reports.
 
-`figures` (matplotlib) is imported on demand: ``from qualiteacher.eval.figures import image_grid``.
+Names are loaded on first use (an explicit table, PEP 562), so ``qualiteacher --help`` does not
+import torchmetrics or pyiqa. `figures` (matplotlib): ``from qualiteacher.eval.figures import image_grid``.
 """
+from __future__ import annotations
 
-from qualiteacher.eval.coco_map import MapResult, detection_map
-from qualiteacher.eval.detection import (
-    DetectionResult,
-    Detections,
-    GroundTruth,
-    GroundTruthSet,
-    average_precision,
-    collect_ground_truths,
-    detections_from_csv,
-    evaluate_detections,
-    ground_truths_from_records,
-)
-from qualiteacher.eval.detector import (
-    DEFAULT_CLASS_MAPS,
-    Detector,
-    MissingDetectorWeightsError,
-    build_detector,
-    coco_category_names,
-    list_detectors,
-    load_class_map,
-    run_detector,
-)
-from qualiteacher.eval.fullref import psnr, ssim, to_y
-from qualiteacher.eval.metrics import (
-    DEFAULT_METRICS,
-    EVAL_METRICS,
-    OFFLINE_METRICS,
-    EvalMetric,
-    MetricSet,
-    list_eval_metrics,
-    metric_label,
-    resolve_metrics,
-    score_images,
-)
-from qualiteacher.eval.nriqa import level_spearman, score_levels, scores_frame
-from qualiteacher.eval.report import build_restorers, evaluate_restorers, format_table, summary_table
+import importlib
+from typing import Any
 
-__all__ = [
-    "DEFAULT_CLASS_MAPS", "DetectionResult", "Detections", "Detector", "GroundTruth", "GroundTruthSet",
-    "MapResult", "MissingDetectorWeightsError", "average_precision", "build_detector", "build_restorers",
-    "coco_category_names", "collect_ground_truths", "detection_map", "detections_from_csv",
-    "evaluate_detections", "evaluate_restorers", "format_table", "ground_truths_from_records",
-    "level_spearman", "list_detectors", "load_class_map", "psnr", "run_detector", "score_levels",
-    "scores_frame", "ssim", "summary_table", "to_y",
-    # NR-IQA metric set (eval/metrics.py)
-    "DEFAULT_METRICS", "EVAL_METRICS", "EvalMetric", "MetricSet", "OFFLINE_METRICS", "list_eval_metrics",
-    "metric_label", "resolve_metrics", "score_images",
-]
+# public name -> module of qualiteacher.eval that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("MapResult", "detection_map"), "coco_map"),
+    **dict.fromkeys(("DetectionResult", "Detections", "GroundTruth", "GroundTruthSet", "average_precision",
+                     "collect_ground_truths", "detections_from_csv", "evaluate_detections",
+                     "ground_truths_from_records"), "detection"),
+    **dict.fromkeys(("DEFAULT_CLASS_MAPS", "Detector", "MissingDetectorWeightsError", "build_detector",
+                     "coco_category_names", "list_detectors", "load_class_map", "run_detector"), "detector"),
+    **dict.fromkeys(("psnr", "ssim", "to_y"), "fullref"),
+    **dict.fromkeys(("DEFAULT_METRICS", "EVAL_METRICS", "OFFLINE_METRICS", "EvalMetric", "MetricSet",
+                     "list_eval_metrics", "metric_label", "resolve_metrics", "score_images"), "metrics"),
+    **dict.fromkeys(("level_spearman", "score_levels", "scores_frame"), "nriqa"),
+    **dict.fromkeys(("build_restorers", "comparison_table", "evaluate_restorers", "format_table",
+                     "markdown_table", "summary_table"), "report"),
+    **dict.fromkeys(("BENCHMARKS", "Benchmark", "list_benchmarks", "read_benchmark", "resolve_benchmark"),
+                    "benchmarks"),
+    **dict.fromkeys(("EvalResult", "checkpoint_restorers", "evaluate", "folder_restorer", "log_to_mlflow",
+                     "write_results"), "harness"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'qualiteacher.eval' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"qualiteacher.eval.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -6,6 +6,7 @@ teacher, the student at a level (`build_restorers` makes these from models), or 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -143,3 +144,63 @@ def format_table(df: pd.DataFrame, digits: int = 4) -> str:
     """
     shown = df.dropna(axis=1, how="all")
     return shown.to_string(float_format=lambda v: f"{v:.{digits}f}")
+
+
+HIGHER_BETTER = {"fused": True, "psnr": True, "ssim": True, "map_50": True, "map": True, "map_75": True}
+COLUMN_LABELS = {"images": "images", "fused": "fused", "psnr": "PSNR", "ssim": "SSIM", "map_50": "mAP@0.5",
+                 "map": "mAP@[.5:.95]", "map_75": "mAP@0.75"}
+
+
+def column_direction(column: str) -> bool | None:
+    """True when higher is better, False when lower is, None when the column is not a score."""
+    from qualiteacher.eval.metrics import EVAL_METRICS
+
+    if column in EVAL_METRICS:
+        return EVAL_METRICS[column].higher_better
+    return HIGHER_BETTER.get(column)
+
+
+def markdown_table(df: pd.DataFrame, digits: int = 4, bold_best: bool = True) -> str:
+    """A Markdown table like a paper's: one row per restorer, headers with ↑ / ↓, the best value of
+    every score column (among the rows, input included) in bold. NaN shows as "–"."""
+    from qualiteacher.eval.metrics import EVAL_METRICS
+
+    headers, best = [df.index.name or "restorer"], {}
+    for column in df.columns:
+        direction = column_direction(column)
+        label = EVAL_METRICS[column].label if column in EVAL_METRICS else COLUMN_LABELS.get(column, column)
+        headers.append(label if direction is None else f"{label} {'↑' if direction else '↓'}")
+        values = pd.to_numeric(df[column], errors="coerce")
+        if bold_best and direction is not None and values.notna().sum() > 1:
+            best[column] = values.max() if direction else values.min()
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for name, row in df.iterrows():
+        cells = [str(name)]
+        for column, value in row.items():
+            if isinstance(value, (int, float)) and math.isnan(value):
+                cells.append("–")
+            elif column == "images" or (isinstance(value, int) and not isinstance(value, bool)):
+                cells.append(str(int(value)))
+            elif isinstance(value, float):
+                text = f"{value:.{digits}f}"
+                cells.append(f"**{text}**" if column in best and value == best[column] else text)
+            else:
+                cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparison_table(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Several results tables (``results.csv`` of several evaluations) side by side: one row per
+    restorer, prefixed ``LABEL/`` when two tables share a restorer name; columns are the union."""
+    if not tables:
+        raise ValueError("comparison_table: no table given")
+    names = [str(r) for t in tables.values() for r in t.index]
+    clash = {n for n in names if names.count(n) > 1}
+    parts = []
+    for label, table in tables.items():
+        renamed = table.rename(index=lambda r, lb=label: f"{lb}/{r}" if str(r) in clash else str(r))
+        parts.append(renamed)
+    out = pd.concat(parts, axis=0, sort=False)
+    out.index.name = "restorer"
+    return out

@@ -1,0 +1,176 @@
+"""The ``qualiteacher evaluate`` and ``qualiteacher compare`` commands (argument handling only)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _named(specs: list[str], what: str) -> dict[str, str]:
+    """``NAME=PATH`` or ``PATH`` items; unnamed ones get a name from their path."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = "", spec
+            if len(specs) > 1:  # OUT/stage3/final.ckpt -> the pipeline folder's name
+                p = Path(path)
+                name = p.parent.parent.name if p.parent.name == "stage3" else p.stem
+        if name in out:
+            raise ValueError(f"two {what}s named {name!r}: give each NAME=PATH")
+        out[name] = path
+    return out
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, choices=("dehaze", "derain", "desnow", "lowlight"))
+    p.add_argument("--data", required=True, help="benchmark folder (or the demo data root)")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="[NAME=]CKPT",
+                   help="stage-3 checkpoint (OUT/stage3/final.ckpt); repeat to compare several")
+    p.add_argument("--baseline", action="append", default=[], metavar="NAME=FOLDER",
+                   help="restored images of another method, matched by file name; repeatable")
+    p.add_argument("--level", type=int, default=7, help="requested quality level of the students")
+    p.add_argument("--teacher", action="store_true", help="also evaluate each checkpoint's EMA teacher")
+    p.add_argument("--metrics", nargs="+", default=["auto"],
+                   help="NR-IQA metrics (e.g. musiq clipiqa niqe); auto = whichever have weights")
+    p.add_argument("--iqa-preset", default=None, help="ensemble for the fused score (default: the checkpoint's)")
+    p.add_argument("--benchmark", default="auto",
+                   help="auto (from the folder), demo, paired, unpaired, real3000, rtts, exdark, realsnow")
+    p.add_argument("--split", default=None, help="override the benchmark's split")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument("--detector", default=None, help="torchvision detection model name (needs --detector-weights)")
+    p.add_argument("--detector-weights", default=None, help="local weight file of --detector")
+    p.add_argument("--detector-target", default=None, help="module:callable or file.py:callable detector")
+    p.add_argument("--class-map", default=None,
+                   help="COCO -> data-set classes: YAML/JSON file or 'coco=ds,...' (default: the benchmark's)")
+    p.add_argument("--tile", type=int, default=None, help="tile size (0: never; default: tiles above 512 px)")
+    p.add_argument("--save-images", action="store_true", help="write every restored image to OUT/images/")
+    p.add_argument("--out", default=None, help="output folder (default: outputs/eval/TASK-BENCHMARK)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--mlflow", action="store_true",
+                   help="log to MLflow (a new run in experiment 'qualiteacher-eval' unless MLFLOW_RUN_ID is set)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from qualiteacher.iqa.members import MissingWeightsError
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return _evaluate(args)
+    except (FileNotFoundError, ValueError, MissingWeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from qualiteacher.data.io import get_skip_log
+    from qualiteacher.eval.harness import (
+        benchmark_records,
+        build_metric_set,
+        checkpoint_restorers,
+        evaluate,
+        folder_restorer,
+        write_results,
+    )
+    from qualiteacher.eval.report import format_table
+    from qualiteacher.iqa.presets import build_ensemble
+
+    checkpoints = _named(args.checkpoint, "checkpoint")
+    baselines = _named(args.baseline, "baseline")
+    if not checkpoints and not baselines:
+        raise ValueError("nothing to evaluate: give --checkpoint (and/or --baseline NAME=FOLDER)")
+    bench, records = benchmark_records(args.task, args.data, args.benchmark, args.split, args.limit)
+    detector = class_map = None
+    if args.detector or args.detector_target:
+        if bench.classes is None:
+            raise ValueError(f"benchmark {bench.name!r} has no boxes; detection needs rtts or exdark")
+        from qualiteacher.eval.detector import build_detector, load_class_map
+
+        detector = build_detector(args.detector, args.detector_weights, args.detector_target, args.device)
+        class_map = load_class_map(args.class_map, bench.name)
+    metrics = build_metric_set(args.metrics)
+    for name, reason in metrics.skipped.items():
+        print(f"[eval] metric {name} skipped: {reason}")
+    restorers = {"input": lambda x, _id: x}
+    restorers.update(checkpoint_restorers(checkpoints, args.level, args.teacher, args.tile, args.device))
+    restorers.update({name: folder_restorer(folder) for name, folder in baselines.items()})
+    preset = args.iqa_preset or _checkpoint_preset(checkpoints) or "offline"
+    ensemble = build_ensemble(preset, task=args.task)
+    out = Path(args.out or f"outputs/eval/{args.task}-{bench.name}")
+    print(f"[eval] {bench.name}: {len(records)} image(s) from {args.data}; restorers: {', '.join(restorers)}; "
+          f"metrics: {', '.join(metrics.modules)} + fused ({preset})")
+    result = evaluate(restorers, records, metrics, ensemble, detector, class_map, bench.classes, args.device,
+                      out / "images" if args.save_images else None, progress=not args.no_progress)
+    files = write_results(result, out, title=f"{args.task} on {bench.name} ({len(records)} images)")
+    print(format_table(result.table))
+    if args.mlflow or os.environ.get("MLFLOW_RUN_ID"):
+        _log_mlflow(result, args)
+    print(f"[eval] results in {out} ({', '.join(f.name for f in files)})")
+    print(f"[data] {get_skip_log().summary()}")
+    return 0
+
+
+def _checkpoint_preset(checkpoints: dict[str, str]) -> str | None:
+    import torch
+
+    for path in checkpoints.values():
+        if Path(path).is_file():
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            return state.get("hyper_parameters", {}).get("iqa_preset")
+    return None
+
+
+def _log_mlflow(result: object, args: argparse.Namespace) -> None:
+    import mlflow
+
+    from qualiteacher.eval.harness import log_to_mlflow
+    from qualiteacher.tracking.mlflow_logger import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment("qualiteacher-eval")
+    with mlflow.start_run(run_name=f"eval-{args.task}") as run:
+        mlflow.log_params({"task": args.task, "data": args.data, "level": args.level,
+                           "benchmark": args.benchmark, "checkpoints": ",".join(args.checkpoint)})
+        log_to_mlflow(result)
+        print(f"[mlflow] logged to run {run.info.run_id} ({mlflow.get_tracking_uri()})")
+
+
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", nargs="+", metavar="[LABEL=]RESULTS_CSV",
+                   help="results.csv files of `qualiteacher evaluate` (or their folders)")
+    p.add_argument("--out", default=None, help="write the Markdown table here (and a .csv beside it)")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from qualiteacher.eval.harness import report_columns
+    from qualiteacher.eval.report import comparison_table, markdown_table
+
+    tables = {}
+    try:
+        for label, path in _named(args.results, "result").items():
+            p = Path(path)
+            p = p / "results.csv" if p.is_dir() else p
+            if not p.is_file():
+                raise FileNotFoundError(f"results file not found: {p}")
+            tables[label or p.parent.name] = pd.read_csv(p, index_col=0)
+        table = comparison_table(tables)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    text = markdown_table(report_columns(table))
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        table.to_csv(out.with_suffix(".csv"))
+        print(f"written to {out}")
+    return 0
