@@ -11,7 +11,7 @@ from qualiteacher.cli import main
 def test_help_lists_the_subcommands():
     out = subprocess.run([sys.executable, "-m", "qualiteacher.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for cmd in ("data", "iqa", "score", "restore", "detmap", "pipeline"):
+    for cmd in ("data", "iqa", "score", "restore", "detmap", "evaluate", "compare", "pipeline"):
         assert cmd in out.stdout
 
 
