@@ -106,6 +106,9 @@ def test_stage1_and_stage2_decrease_their_losses(tmp_path):
     x = smooth_fields(2, seed=3)
     with torch.no_grad():
         assert torch.allclose(student(x, None).image, stage2.student.eval()(x, None).image)
+    # a stage 3 with another conditioning cannot take these weights: say why, not a raw key list
+    with pytest.raises(ValueError, match="same cond_mode"):
+        load_student_weights(build_iqpir("tiny", cond_mode="adaln"), tmp_path / "stage2.ckpt")
 
 
 def test_stage2_needs_stage1_weights(tmp_path):

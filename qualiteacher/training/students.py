@@ -37,4 +37,12 @@ def load_student_weights(student: nn.Module, path: str | Path, prefix: str = "st
     sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not sub:
         raise ValueError(f"{path} holds no '{prefix}*' weights: is it a stage-2 / warm-up checkpoint?")
+    own = student.state_dict()
+    missing, unexpected = sorted(set(own) - set(sub)), sorted(set(sub) - set(own))
+    if missing or unexpected:
+        cond = [k for k in missing + unexpected if "conditioning" in k or ".ada." in k]
+        hint = (" The conditioning differs: stage 2 and stage 3 must use the same cond_mode (add / adaln)."
+                if cond else " Are student, preset and cond_mode those the checkpoint was trained with?")
+        raise ValueError(f"{path} does not fit this student: {len(missing)} missing weight(s) "
+                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}).{hint}")
     student.load_state_dict(sub, strict=True)
