@@ -37,6 +37,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "pair": {"pref_mode": "pair", "low_levels": [4, 5, 6]},
     "all_pairs": {"pref_mode": "all_pairs", "low_levels": [1, 3, 5]},
     "all_pairs_wide": {"pref_mode": "all_pairs", "low_levels": [0, 2, 4, 6]},
+    "all_pairs_full": {"pref_mode": "all_pairs", "low_levels": [0, 1, 2, 3, 4, 5, 6]},
 }
 
 
