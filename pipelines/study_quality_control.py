@@ -28,7 +28,7 @@ from qualiteacher.data.datamodule import RestorationDataModule
 from qualiteacher.data.io import read_image, to_tensor
 from qualiteacher.data.layouts import read_layout
 from qualiteacher.eval.nriqa import level_spearman, score_levels
-from qualiteacher.eval.report import build_restorers, evaluate_restorers, summary_table
+from qualiteacher.eval.report import build_restorers, evaluate_restorers, markdown_table, summary_table
 from qualiteacher.pipeline import stage_classes, stage_section
 from qualiteacher.pipeline_config import resolve_config
 
@@ -47,24 +47,18 @@ def _trainer(steps: int, accelerator: str, precision: str | None) -> L.Trainer:
                      precision=precision, num_sanity_val_steps=0)
 
 
-def _grade_labeled(cfg: dict[str, Any], table: Path) -> None:
-    from qualiteacher.iqa.cache import score_folder
-    from qualiteacher.iqa.presets import build_ensemble
-
-    ensemble = build_ensemble(cfg["stage3"]["model"].get("iqa_preset", "offline"), task=cfg["task"])
-    folder = Path(cfg["data_root"]) / cfg["task"] / "labeled" / "gt"
-    df = score_folder(folder, ensemble, table.parent / "iqa_cache.parquet")
-    df.assign(id=[Path(p).stem for p in df["path"]])[["id", "path", "fused"]].to_csv(table, index=False)
-
-
 def warm_up(cfg: dict[str, Any], accelerator: str) -> None:
     """Stage 1 + 2 (IQPIR) or the U-Net warm-up, into ``cfg['out_dir']``, skipped when present."""
     out = Path(cfg["out_dir"])
     stages = ["stage1", "stage2"] if cfg["student"] == "iqpir" else ["stage2"]
     table = out / "labeled_quality.csv"
     if cfg["student"] == "iqpir" and not table.is_file():
+        from qualiteacher.iqa.cache import grade_clean_images
+
         out.mkdir(parents=True, exist_ok=True)
-        _grade_labeled(cfg, table)
+        grade_clean_images(Path(cfg["data_root"]) / cfg["task"] / "labeled" / "gt", cfg["task"],
+                           cfg["stage3"]["model"].get("iqa_preset", "offline"),
+                           out / "iqa_cache.parquet").to_csv(table, index=False)
     for stage in stages:
         final = out / stage / "final.ckpt"
         if final.is_file():
@@ -127,15 +121,9 @@ def summarize(df: pd.DataFrame) -> str:
                         above_0_8=("rho", lambda r: int((r > 0.8).sum())),
                         teacher=("fused_teacher", "mean"), student_top=("fused_student", "mean"),
                         train_s=("train_s", "mean"))
-    return table.to_markdown(floatfmt=".3f") if _has_tabulate() else table.to_string(float_format="%.3f")
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    table.index = [f"{student} {setting}" for student, setting in table.index]
+    table.index.name = "student setting"
+    return markdown_table(table, digits=3, bold_best=False)
 
 
 def main() -> None:

@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import pandas as pd
 
 from qualiteacher.pipeline import PipelineState, parse_stage, stage_classes, stage_section
 from qualiteacher.tracking.mlflow_logger import FlushBeforeCheckpoint, MlflowStepLogger, _flatten
@@ -47,6 +46,8 @@ def prepare_data(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> None:
         runs.client.log_artifact(run_id, str(root / "manifest.csv"))
     table = Path(cfg["stage1"].get("data", {}).get("quality_table") or Path(cfg["out_dir"]) / "labeled_quality.csv")
     if cfg["student"] == "iqpir" and not table.is_file():
+        from qualiteacher.iqa.cache import grade_clean_images
+
         scores = grade_clean_images(root / task / "labeled" / "gt", task,
                                     cfg["stage3"]["model"].get("iqa_preset", "offline"),
                                     Path(cfg["out_dir"]) / "iqa_cache.parquet")
@@ -55,17 +56,6 @@ def prepare_data(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> None:
         runs.client.log_artifact(run_id, str(table))
         runs.client.log_metric(run_id, "data/labeled_hq_fraction", float((scores["fused"] >= 0.7).mean()))
         runs.client.log_metric(run_id, "data/labeled_mean_quality", float(scores["fused"].mean()))
-
-
-def grade_clean_images(folder: Path, task: str, preset: str, cache: Path) -> pd.DataFrame:
-    """Fused ensemble score of every clean image (``id`` = file stem), through the score cache."""
-    from qualiteacher.iqa.cache import score_folder
-    from qualiteacher.iqa.presets import build_ensemble
-
-    ensemble = build_ensemble(preset, task=task)
-    df = score_folder(folder, ensemble, cache)
-    df = df.assign(id=[Path(p).stem for p in df["path"]])
-    return df[["id", "path", "fused"]]
 
 
 # ---------------------------------------------------------------------------- training

@@ -93,13 +93,17 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         detector = build_detector(args.detector, args.detector_weights, args.detector_target, args.device)
         class_map = load_class_map(args.class_map, bench.name)
+    from qualiteacher.training.stage3 import load_trained
+
+    modules = {name: load_trained(path) for name, path in checkpoints.items()}
     metrics = build_metric_set(args.metrics)
     for name, reason in metrics.skipped.items():
         print(f"[eval] metric {name} skipped: {reason}")
     restorers = {"input": lambda x, _id: x}
-    restorers.update(checkpoint_restorers(checkpoints, args.level, args.teacher, args.tile, args.device))
+    restorers.update(checkpoint_restorers(modules, args.level, args.teacher, args.tile, args.device))
     restorers.update({name: folder_restorer(folder) for name, folder in baselines.items()})
-    preset = args.iqa_preset or _checkpoint_preset(checkpoints) or "offline"
+    presets = [m.hparams.get("iqa_preset") for m in modules.values()]
+    preset = args.iqa_preset or next((p for p in presets if p), "offline")
     ensemble = build_ensemble(preset, task=args.task)
     out = Path(args.out or f"outputs/eval/{args.task}-{bench.name}")
     print(f"[eval] {bench.name}: {len(records)} image(s) from {args.data}; restorers: {', '.join(restorers)}; "
@@ -113,16 +117,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"[eval] results in {out} ({', '.join(f.name for f in files)})")
     print(f"[data] {get_skip_log().summary()}")
     return 0
-
-
-def _checkpoint_preset(checkpoints: dict[str, str]) -> str | None:
-    import torch
-
-    for path in checkpoints.values():
-        if Path(path).is_file():
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            return state.get("hyper_parameters", {}).get("iqa_preset")
-    return None
 
 
 def _log_mlflow(result: object, args: argparse.Namespace) -> None:

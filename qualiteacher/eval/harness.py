@@ -54,16 +54,13 @@ def auto_tile(image: Tensor, tile: int | None) -> int | None:
     return AUTO_TILE_SIDE if max(image.shape[-2:]) > AUTO_TILE_SIDE else None
 
 
-def checkpoint_restorers(checkpoints: Mapping[str, str | Path], level: int = 7, teacher: bool = False,
+def checkpoint_restorers(modules: Mapping[str, Any], level: int = 7, teacher: bool = False,
                          tile: int | None = None, device: str | torch.device = "cpu") -> dict[str, Restorer]:
-    """Restorers of trained stage-3 checkpoints: ``NAME`` (student at ``level``) and, with
-    ``teacher``, ``NAME/teacher``. A single checkpoint named ``""`` gives ``student@LEVEL`` and
+    """Restorers of trained stage-3 modules (`load_trained`): ``NAME`` (student at ``level``) and,
+    with ``teacher``, ``NAME/teacher``. A single module named ``""`` gives ``student@LEVEL`` and
     ``teacher``."""
-    from qualiteacher.training.stage3 import load_trained
-
     out: dict[str, Restorer] = {}
-    for name, path in checkpoints.items():
-        module = load_trained(path)
+    for name, module in modules.items():
         student, ema = module.student.to(device).eval(), module.teacher.to(device).eval()
         out[name or f"student@{level}"] = lambda x, _id, m=student: restore(m, x, level=level, tile=auto_tile(x, tile))
         if teacher:
@@ -102,7 +99,7 @@ def _read(rec: ImageRecord) -> tuple[Tensor, Tensor | None]:
     return lq, gt
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def _progress(enabled: bool) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -124,6 +121,8 @@ def evaluate(restorers: Mapping[str, Restorer], records: Sequence[ImageRecord], 
         raise ValueError("evaluate: no restorer given")
     if detector is not None and (class_map is None or not classes):
         raise ValueError("evaluate: a detector needs a class map and the data set's classes")
+    if detector is not None:
+        from qualiteacher.eval.detector import run_detector
     device = torch.device(device)
     for module in (*metrics.modules.values(), ensemble):
         if module is not None:
@@ -132,7 +131,7 @@ def evaluate(restorers: Mapping[str, Restorer], records: Sequence[ImageRecord], 
     rows: list[pd.DataFrame] = []
     detections: dict[str, dict] = {name: {} for name in restorers}
     done: list[ImageRecord] = []
-    with _progress(len(records), progress) as bar:
+    with _progress(progress) as bar:
         task = bar.add_task("eval", total=len(records))
         for rec in records:
             bar.advance(task)
@@ -159,8 +158,6 @@ def evaluate(restorers: Mapping[str, Restorer], records: Sequence[ImageRecord], 
             rows.append(frame)
             for name, out in outputs.items():
                 if detector is not None:
-                    from qualiteacher.eval.detector import run_detector
-
                     detections[name].update(run_detector(detector, [(rec.id, out[0])], class_map, device=device))
                 if save_images is not None:
                     write_image(Path(save_images) / name.replace("/", "_").replace("@", "_level") / f"{rec.id}.png",
@@ -231,7 +228,7 @@ def log_to_mlflow(result: EvalResult, prefix: str = "eval") -> bool:
         key = str(restorer).replace("@", "_level")
         for column, value in row.items():
             if isinstance(value, (int, float)) and not math.isnan(value):
-                metrics[f"{prefix}/{key}/{column}".replace("@", "_")] = float(value)
+                metrics[f"{prefix}/{key}/{column}"] = float(value)
     mlflow.log_metrics(metrics, step=0, timestamp=int(time.time() * 1000))
     for path in result.files:
         mlflow.log_artifact(str(path), artifact_path=prefix)

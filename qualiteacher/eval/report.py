@@ -173,13 +173,14 @@ def markdown_table(df: pd.DataFrame, digits: int = 4, bold_best: bool = True) ->
         values = pd.to_numeric(df[column], errors="coerce")
         if bold_best and direction is not None and values.notna().sum() > 1:
             best[column] = values.max() if direction else values.min()
+    integer = {c for c in df.columns if c == "images" or pd.api.types.is_integer_dtype(df[c])}
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for name, row in df.iterrows():
         cells = [str(name)]
         for column, value in row.items():
             if isinstance(value, (int, float)) and math.isnan(value):
                 cells.append("–")
-            elif column == "images" or (isinstance(value, int) and not isinstance(value, bool)):
+            elif column in integer:  # a row of mixed columns holds its integers as floats
                 cells.append(str(int(value)))
             elif isinstance(value, float):
                 text = f"{value:.{digits}f}"

@@ -162,3 +162,13 @@ def score_command(
         table.to_csv(out, index=False) if out.suffix.lower() == ".csv" else table.to_parquet(out, index=False)
     header = f"preset {preset!r} task {task!r} version {ensemble.version}\n"
     return table, header + summary_table(table, skipped)
+
+
+def grade_clean_images(folder: str | Path, task: str, preset: str, cache: str | Path) -> pd.DataFrame:
+    """Fused score of every clean image of ``folder`` under the ``preset`` ensemble of ``task``
+    (``id`` = file stem), through the score cache: the stage-1 quality table."""
+    from qualiteacher.iqa.presets import build_ensemble
+
+    df = score_folder(folder, build_ensemble(preset, task=task), cache)
+    df = df.assign(id=[Path(p).stem for p in df["path"]])
+    return df[["id", "path", "fused"]]
