@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +50,20 @@ class PipelineState:
 
 
 def stage_classes(student: str) -> dict[str, type]:
+    from qualiteacher.training.fidelity import FidelityModule
     from qualiteacher.training.stage1 import Stage1Module
     from qualiteacher.training.stage2 import Stage2Module
     from qualiteacher.training.stage3 import QualiTeacherModule
     from qualiteacher.training.warmup import WarmupModule
 
     return {"stage1": Stage1Module, "stage2": Stage2Module if student == "iqpir" else WarmupModule,
-            "stage3": QualiTeacherModule}
+            "fidelity": FidelityModule, "stage3": QualiTeacherModule}
+
+
+def student_stages(student: str) -> list[str]:
+    """The stages a student's recipe runs: the U-Net has no codebook (stage 1) and no fidelity path."""
+    skip = {"stage1", "fidelity"} if student == "unet" else set()
+    return [s for s in STAGES if s not in skip]
 
 
 def stage_section(cfg: dict[str, Any], stage: str) -> dict[str, Any]:
@@ -69,6 +77,10 @@ def stage_section(cfg: dict[str, Any], stage: str) -> dict[str, Any]:
             model["student"] = "unet"
         if stage == "stage3":
             model["student"] = "unet"
+    if stage == "stage3" and model.get("init_from") is None:
+        # the student starts from the last training stage before it
+        prev = "stage2" if cfg["student"] == "unet" else "fidelity"
+        model["init_from"] = str(Path(cfg["out_dir"]) / prev / "final.ckpt")
     return section
 
 
@@ -98,10 +110,40 @@ def parse_stage(cfg: dict[str, Any], stage: str) -> tuple[Any, Any]:
 
 
 def validate(cfg: dict[str, Any], stages: list[str]) -> None:
-    """Parse every training stage's section before the first one trains (config errors fail fast)."""
+    """Parse every training stage's section before the first one trains (config errors fail fast),
+    including every Trainer value (:func:`check_trainer_args`)."""
     for stage in stages:
         if stage in TRAINING_STAGES:
-            parse_stage(cfg, stage)
+            _, ns = parse_stage(cfg, stage)
+            check_trainer_args(stage, ns.trainer.as_dict())
+
+
+_HARDWARE_KEYS = ("accelerator", "strategy", "devices", "num_nodes", "plugins", "sync_batchnorm")
+
+
+def check_trainer_args(stage: str, trainer_args: dict[str, Any]) -> None:
+    """Build the stage's ``lightning.Trainer`` once, on the CPU, with no logger or checkpoints, so
+    Lightning checks every value (``max_steps``, intervals, precision ...) before anything trains;
+    the hardware keys are checked when the stage starts (a GPU config validates on a laptop)."""
+    import logging
+
+    import lightning as L
+
+    args = {k: v for k, v in trainer_args.items() if v is not None and k not in _HARDWARE_KEYS and k not in
+            ("logger", "callbacks", "default_root_dir", "enable_checkpointing", "enable_progress_bar",
+             "enable_model_summary", "profiler")}
+    if trainer_args.get("accelerator") not in (None, "auto", "cpu"):
+        args.pop("precision", None)  # e.g. 16-mixed is a GPU precision
+    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        L.Trainer(**args, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False)
+    except Exception as err:  # noqa: BLE001  Lightning's MisconfigurationException, ValueError, TypeError
+        raise ConfigError(f"{stage}.trainer: {err}") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def check_data_folders(cfg: dict[str, Any], stages: list[str]) -> None:
@@ -122,10 +164,13 @@ def run_pipeline(cfg: dict[str, Any], from_stage: str | None = None, only_stage:
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     state = PipelineState(out / "state.json")
-    stages = [s for s in STAGES if not (s == "stage1" and cfg["student"] == "unet")]
+    stages = student_stages(cfg["student"])
     if only_stage:
         stages = [only_stage]
     elif from_stage:
+        if from_stage not in stages:
+            raise ConfigError(f"--from-stage {from_stage}: the {cfg['student']} recipe has no such stage "
+                              f"({', '.join(stages)})")
         stages = stages[stages.index(from_stage):]
         for s in stages:  # rerun from here: forget completion, keep run ids
             state.stage(s).pop("done", None)
@@ -135,19 +180,23 @@ def run_pipeline(cfg: dict[str, Any], from_stage: str | None = None, only_stage:
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     runs = PipelineRuns(cfg, state, workdir=Path.cwd(), commit=_git_commit())
     runs.start_parent()
+    from qualiteacher import console
     from qualiteacher.pipeline_stages import run_stage
 
+    start = time.perf_counter()
     for stage in stages:
         if state.done(stage) and not only_stage:
-            print(f"[pipeline] {stage}: done earlier, skipped")
+            console.stage_skipped(cfg["task"], stage)
             continue
-        print(f"[pipeline] {cfg['task']} · {stage}")
+        console.stage_start(cfg["task"], stage, cfg["student"])
         run_stage(stage, cfg, state, runs)
         if stage == "data":
             check_data_folders(cfg, stages)
         state.stage(stage)["done"] = True
         state.save()
+        console.stage_done(cfg["task"], stage)
     runs.end_parent()
+    console.say(console.final_summary(cfg, state.data, runs.uri, time.perf_counter() - start), "quiet")
     return state.data
 
 
@@ -162,24 +211,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--from-stage", choices=STAGES, default=None, help="rerun from this stage on")
     p.add_argument("--only-stage", choices=STAGES, default=None, help="run this stage alone")
     p.add_argument("--print_config", "--print-config", action="store_true",
-                   help="print the resolved configuration and exit")
+                   help="print the resolved (and validated) configuration and exit")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    talk = p.add_mutually_exclusive_group()
+    talk.add_argument("--quiet", action="store_const", const="quiet", dest="verbosity", default="normal",
+                      help="one line per finished stage and the final summary")
+    talk.add_argument("--verbose", action="store_const", const="verbose", dest="verbosity",
+                      help="also Lightning's and MLflow's info messages, model summaries, known harmless warnings")
     return p
-
-
-_QUIET = (  # known, harmless messages that would drown the progress output
-    r".*isinstance\(treespec, LeafSpec\).*", r".*Total length of .* across ranks is zero.*",
-    r".*module\(s\) in eval mode at the start of training.*", r".*has no `validation_step`.*",
-    r".*does not have many workers.*", r".*`weights_only` was not set.*",
-)
 
 
 def run_pipeline_cli(task: str, argv: list[str]) -> int:
     """Entry point of ``qualiteacher pipeline TASK [options]`` and of ``pipelines/<task>.py``."""
-    import warnings
+    from qualiteacher import console
 
-    for pattern in _QUIET:
-        warnings.filterwarnings("ignore", message=pattern)
     args, rest = _parser().parse_known_args(argv)
+    console.setup(args.verbosity)  # known harmless messages: see qualiteacher/console.py
     overrides = [a for a in rest if a.startswith("--") and "=" in a]
     bad = [a for a in rest if a not in overrides]
     if bad:
@@ -187,15 +234,25 @@ def run_pipeline_cli(task: str, argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     tasks = list(TASKS) if task == "all" else [task]
-    try:
-        cfgs = [resolve_config(t, args.preset, args.config, overrides) for t in tasks]
-        if args.print_config:
+    from qualiteacher.errors import run_with_contract
+
+    def body() -> int:
+        try:
+            cfgs = [resolve_config(t, args.preset, args.config, overrides) for t in tasks]
+            if args.print_config:
+                for cfg in cfgs:
+                    validate(cfg, student_stages(cfg["student"]))
+                    print(yaml.safe_dump(cfg, sort_keys=False))
+                return 0
             for cfg in cfgs:
-                print(yaml.safe_dump(cfg, sort_keys=False))
-            return 0
-        for cfg in cfgs:
-            run_pipeline(cfg, args.from_stage, args.only_stage)
-    except ConfigError as err:
-        print(f"configuration error: {err}", file=sys.stderr)
-        return 2
-    return 0
+                run_pipeline(cfg, args.from_stage, args.only_stage)
+        except ConfigError as err:
+            if args.debug:
+                raise
+            print(f"configuration error: {' '.join(str(err).split())}", file=sys.stderr)
+            return 2
+        return 0
+
+    # other expected errors (a missing weight file or checkpoint, a refused checkpoint, an
+    # unreachable tracking server): one line, exit code 2 (see qualiteacher.errors)
+    return run_with_contract(body, args.debug)

@@ -1,7 +1,7 @@
 """Pipeline configuration: base + task + preset YAML files, user files and ``--key=value`` overrides.
 
 A pipeline config holds pipeline-level keys (task, folders, student kind, demo data, evaluation)
-and one LightningCLI section per training stage (``stage1``, ``stage2``, ``stage3``, each with
+and one LightningCLI section per training stage (``stage1``, ``stage2``, ``fidelity``, ``stage3``, each with
 ``model``, ``data``, ``trainer``). Stage sections are validated by LightningCLI against the typed
 constructor signatures; pipeline-level keys against :data:`PIPELINE_KEYS`.
 """
@@ -15,12 +15,12 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TASKS = ("dehaze", "derain", "desnow", "lowlight")
-TRAINING_STAGES = ("stage1", "stage2", "stage3")
-STAGES = ("data", "stage1", "stage2", "stage3", "eval", "register")
+TRAINING_STAGES = ("stage1", "stage2", "fidelity", "stage3")
+STAGES = ("data", "stage1", "stage2", "fidelity", "stage3", "eval", "register")
 PIPELINE_KEYS: dict[str, type | tuple[type, ...]] = {
     "task": str, "preset": str, "student": str, "out_dir": str, "data_root": str,
     "demo": dict, "eval": dict, "checkpoint_every": int, "experiment": str, "progress": bool,
-    "stage1": dict, "stage2": dict, "stage3": dict,
+    "stage1": dict, "stage2": dict, "fidelity": dict, "stage3": dict,
 }
 
 

@@ -48,7 +48,7 @@ def test_task_pipeline_tracks_everything_in_mlflow(task, demo_root, tmp_path, mo
     assert parent.data.tags["task"] == task and parent.data.tags["preset"] == "tiny"
     assert "git_commit" in parent.data.tags
     children = _child_runs(client, parent.info.run_id)
-    assert set(children) == {"data", "stage1", "stage2", "stage3", "eval", "register"}
+    assert set(children) == {"data", "stage1", "stage2", "fidelity", "stage3", "eval", "register"}
     s3 = children["stage3"].info.run_id
     for term in ("sup", "pl", "pref", "crop", "total", "bank_mean_score", "pl_level_0"):
         history = client.get_metric_history(s3, f"stage3/{term}")
@@ -102,7 +102,7 @@ def test_pipeline_logs_to_a_real_mlflow_server(demo_root, tmp_path, monkeypatch)
         assert not (tmp_path / "mlflow.db").exists()          # nothing went to the embedded store
         exp = client.get_experiment_by_name("qualiteacher")
         runs = client.search_runs([exp.experiment_id])
-        assert {r.data.tags.get("stage") for r in runs} >= {"stage1", "stage2", "stage3", "eval", "register"}
+        assert {r.data.tags.get("stage") for r in runs} >= {"stage1", "stage2", "fidelity", "stage3", "eval", "register"}
         assert client.search_model_versions("name = 'qualiteacher-dehaze'")
         assert any((tmp_path / "server_artifacts").rglob("final.ckpt"))
     finally:

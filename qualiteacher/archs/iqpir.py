@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from qualiteacher.archs.codebooks import DualCodebook
 from qualiteacher.archs.conditioning import QualityConditioning
+from qualiteacher.archs.fidelity import FidelityPath, adain, is_zero
 from qualiteacher.archs.output import StudentOutput
 from qualiteacher.archs.quantize import VectorQuantizer
 from qualiteacher.archs.transformer import CodeTransformer
@@ -40,13 +41,15 @@ def straight_through_codes(logits: Tensor, quantizer: VectorQuantizer) -> Tensor
 
 
 class IQPIRNet(nn.Module):
-    """Quality-conditioned codebook student.
+    """Quality-conditioned codebook student with a fidelity path.
 
-    ``forward(x, level) -> StudentOutput``; ``level`` (B,) long in 0..n_levels-1 or ``None``
-    (unconditioned). Inputs of any size are replicate-padded to a multiple of the encoder's
-    downscale and the output is cropped back. ``aux_loss`` is a zero tensor: the code-prediction
-    losses need ground-truth codes and live in stage 2, and stage 3 trains this net through the
-    straight-through path with its own losses.
+    ``forward(x, level, w=None) -> StudentOutput``; ``level`` (B,) long in 0..n_levels-1 or ``None``
+    (unconditioned); ``w`` the fidelity weight (float or (B,) tensor; ``None``: ``default_w``):
+    ``w = 0`` decodes the codebook prior alone, ``w = 1`` fuses the LQ encoder's (detached)
+    features at full strength (METHOD.md §5). Inputs of any size are replicate-padded to a multiple
+    of the encoder's downscale and the output is cropped back. ``aux_loss`` is a zero tensor: the
+    code-prediction losses need ground-truth codes and live in stage 2, and stage 3 trains this net
+    through the straight-through path with its own losses.
 
     Build with :func:`qualiteacher.archs.presets.build_iqpir`; load the stage-1 prior (encoder copy,
     decoder, codebooks) and freeze it with :func:`init_from_stage1`.
@@ -59,6 +62,8 @@ class IQPIRNet(nn.Module):
         conditioning: QualityConditioning,
         codebook: DualCodebook,
         decoder: Decoder,
+        fidelity: FidelityPath | None = None,
+        default_w: float = 1.0,
     ) -> None:
         super().__init__()
         self.lq_encoder = lq_encoder
@@ -66,21 +71,35 @@ class IQPIRNet(nn.Module):
         self.conditioning = conditioning
         self.codebook = codebook
         self.decoder = decoder
+        self.fidelity = fidelity
+        self.default_w = float(default_w)
         self.downscale = lq_encoder.downscale
 
-    def forward(self, x: Tensor, level: Tensor | None) -> StudentOutput:
-        image = self.predict(x, level).image
+    @property
+    def has_fidelity(self) -> bool:
+        """True when the net has fusion blocks (a ``w`` dial)."""
+        return self.fidelity is not None and len(self.fidelity.blocks) > 0
+
+    @property
+    def size_multiple(self) -> int:
+        """Input sizes that need no padding are multiples of this."""
+        return self.downscale
+
+    def forward(self, x: Tensor, level: Tensor | None, w: float | Tensor | None = None) -> StudentOutput:
+        image = self.predict(x, level, w).image
         return StudentOutput(image, image.new_zeros(()))
 
-    def predict(self, x: Tensor, level: Tensor | None) -> IQPIRResult:
+    def predict(self, x: Tensor, level: Tensor | None, w: float | Tensor | None = None) -> IQPIRResult:
         """Like ``forward`` with logits, encoder feature and decoder latent."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"IQPIRNet expects images (B, 3, H, W), got {tuple(x.shape)}")
-        h, w = x.shape[-2:]
-        pad_h, pad_w = -h % self.downscale, -w % self.downscale
+        w = self.default_w if w is None else w
+        h, wd = x.shape[-2:]
+        pad_h, pad_w = -h % self.downscale, -wd % self.downscale
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-        feature = self.lq_encoder(x)  # (B, C, h, w)
+        fused = self.has_fidelity and not is_zero(w)
+        feature, skips = self.lq_encoder.features(x)  # (B, C, h, w), {factor: (B, C_f, H/f, W/f)}
         logits = self.transformer(
             self.conditioning.feature(feature, level), self.conditioning.vector(level, x.shape[0])
         )
@@ -88,7 +107,17 @@ class IQPIRNet(nn.Module):
             straight_through_codes(logits.common, self.codebook.common),
             straight_through_codes(logits.hq, self.codebook.hq),
         )
-        image = self.decoder(latent)[..., :h, :w]
+        if fused and self.fidelity.adain:
+            latent = adain(latent, feature.detach())
+        fuse = None
+        if fused:
+            skips = {f: s.detach() for f, s in skips.items()}  # the fusion never trains the encoder
+            fidelity = self.fidelity
+
+            def fuse(factor: int, dec: Tensor) -> Tensor:
+                return fidelity.fuse(factor, dec, skips, w, level)
+
+        image = self.decoder(latent, fuse)[..., :h, :wd]
         return IQPIRResult(image, logits.common, logits.hq, feature, latent)
 
     def prior_frozen(self) -> bool:
@@ -108,6 +137,17 @@ def freeze_prior_(net: IQPIRNet) -> IQPIRNet:
     """Freeze the decoder and both codebooks (requires_grad False, eval mode)."""
     for module in (net.decoder, net.codebook):
         module.requires_grad_(False)
+        module.eval()
+    return net
+
+
+def freeze_all_but_fidelity_(net: IQPIRNet) -> IQPIRNet:
+    """Freeze everything except the fusion blocks (the fidelity stage: CodeFormer's stage III)."""
+    if not net.has_fidelity:
+        raise ValueError("this IQPIR net has no fusion blocks (fidelity_scales is empty)")
+    net.requires_grad_(False)
+    net.fidelity.requires_grad_(True)
+    for module in (net.lq_encoder, net.transformer, net.conditioning, net.decoder, net.codebook):
         module.eval()
     return net
 

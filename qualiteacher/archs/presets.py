@@ -10,6 +10,7 @@ from torch import nn
 
 from qualiteacher.archs.codebooks import DualCodebook, Fusion
 from qualiteacher.archs.conditioning import CondMode, QualityConditioning
+from qualiteacher.archs.fidelity import FidelityPath
 from qualiteacher.archs.iqpir import IQPIRNet
 from qualiteacher.archs.transformer import CodeTransformer
 from qualiteacher.archs.unet import ConditionedUNet
@@ -38,6 +39,7 @@ class ArchPreset:
     n_levels: int = 8
     beta: float = 0.25
     hq_weight: float = 0.8
+    fidelity_scales: tuple[int, ...] = ()  # decoder downscale factors with a fusion block (§5)
 
     @property
     def latent_grid(self) -> int:
@@ -49,19 +51,35 @@ PRESETS: dict[str, ArchPreset] = {
     "tiny": ArchPreset(
         resolution=32, base_channels=8, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
         latent_channels=8, codes_common=32, codes_hq=32, tf_layers=1, tf_dim=16, tf_heads=2, tf_mlp=32,
-        unet_channels=8, unet_mults=(1, 2), unet_blocks=1,
+        unet_channels=8, unet_mults=(1, 2), unet_blocks=1, fidelity_scales=(1, 2),
+    ),
+    # CPU demo: 64-px crops -> 16x16 tokens, 256 + 256 codes of width 32, fusion at full and half size
+    "demo": ArchPreset(
+        resolution=64, base_channels=16, channel_mults=(1, 2, 4), num_res_blocks=1, attn_resolutions=(),
+        latent_channels=32, codes_common=256, codes_hq=256, tf_layers=2, tf_dim=64, tf_heads=4, tf_mlp=128,
+        unet_channels=16, unet_mults=(1, 2, 4), unet_blocks=1, fidelity_scales=(1, 2),
     ),
     # CPU demo: 96 px -> 24x24 latent
     "base": ArchPreset(
         resolution=96, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
         latent_channels=32, codes_common=256, codes_hq=256, tf_layers=2, tf_dim=64, tf_heads=4, tf_mlp=128,
-        unet_channels=16, unet_mults=(1, 2, 4), unet_blocks=1,
+        unet_channels=16, unet_mults=(1, 2, 4), unet_blocks=1, fidelity_scales=(1, 2),
     ),
     # METHOD.md §5: 512 px, latent 16x16x256, 1024 + 1024 codes, 9 x d512 transformer
     "paper": ArchPreset(
         resolution=512, base_channels=64, channel_mults=(1, 2, 2, 4, 4, 8), num_res_blocks=2,
         attn_resolutions=(16,), latent_channels=256, codes_common=1024, codes_hq=1024, tf_layers=9,
         tf_dim=512, tf_heads=8, tf_mlp=1024, unet_channels=64, unet_mults=(1, 2, 4, 8), unet_blocks=2,
+        fidelity_scales=(2, 4, 8, 16),  # 256, 128, 64 and 32 px of a 512-px input, as released
+    ),
+    # the paper path's CPU smoke run (tests/test_paper_smoke.py): the "paper" layout — 6 levels of
+    # channel multipliers, 2 res blocks, attention at the latent grid, dual codebook, fusion at the
+    # same scales, 9-layer transformer — at 64 px and 1/8 of the widths (2x2 latent, 1.4 M parameters)
+    "paper-smoke": ArchPreset(
+        resolution=64, base_channels=8, channel_mults=(1, 2, 2, 4, 4, 8), num_res_blocks=2,
+        attn_resolutions=(2,), latent_channels=32, codes_common=64, codes_hq=64, tf_layers=9,
+        tf_dim=32, tf_heads=8, tf_mlp=64, unet_channels=8, unet_mults=(1, 2, 4, 8), unet_blocks=2,
+        fidelity_scales=(2, 4, 8, 16),
     ),
 }
 
@@ -93,8 +111,20 @@ def build_autoencoder(preset: str, fusion: Fusion = "add", hq_threshold: float =
     return VQAutoencoder(_encoder(p), decoder, _codebook(p, fusion, hq_threshold))
 
 
-def build_iqpir(preset: str, cond_mode: CondMode = "add", fusion: Fusion = "add", hq_threshold: float = 0.70) -> IQPIRNet:
-    """IQPIR student of the given size (random weights; see ``init_from_stage1``)."""
+def build_fidelity(p: ArchPreset, adain: bool = False, level_conditioned: bool = True) -> FidelityPath | None:
+    """Fusion blocks at the preset's ``fidelity_scales`` (None when it has none)."""
+    if not p.fidelity_scales:
+        return None
+    widths = {2 ** i: p.base_channels * m for i, m in enumerate(p.channel_mults)}
+    return FidelityPath(p.fidelity_scales, widths, p.n_levels if level_conditioned else None, adain)
+
+
+def build_iqpir(preset: str, cond_mode: CondMode = "add", fusion: Fusion = "add", hq_threshold: float = 0.70,
+                adain: bool = False, default_w: float = 1.0, fidelity_conditioned: bool = True) -> IQPIRNet:
+    """IQPIR student of the given size (random weights; see ``init_from_stage1``).
+
+    ``adain``, ``default_w`` and ``fidelity_conditioned`` (a zero-initialised level embedding in
+    each fusion block) configure the fidelity path when the preset has ``fidelity_scales``."""
     p = get_preset(preset)
     conditioning = QualityConditioning(cond_mode, p.n_levels, p.latent_channels, p.tf_dim)
     transformer = CodeTransformer(
@@ -102,7 +132,8 @@ def build_iqpir(preset: str, cond_mode: CondMode = "add", fusion: Fusion = "add"
         p.latent_grid, p.tf_dim if cond_mode == "adaln" else None,
     )
     ae = build_autoencoder(preset, fusion, hq_threshold)
-    return IQPIRNet(_encoder(p), transformer, conditioning, ae.codebook, ae.decoder)
+    return IQPIRNet(_encoder(p), transformer, conditioning, ae.codebook, ae.decoder,
+                    build_fidelity(p, adain, fidelity_conditioned), default_w)
 
 
 def build_unet(preset: str) -> ConditionedUNet:
@@ -132,5 +163,6 @@ def count_parameters(preset: str, cond_mode: CondMode = "add") -> ParameterCount
         net = build_iqpir(preset, cond_mode)
         unet = build_unet(preset)
     return ParameterCount(
-        _numel(ae), _numel(net), _numel(net.lq_encoder, net.transformer, net.conditioning), _numel(unet)
+        _numel(ae), _numel(net), _numel(net.lq_encoder, net.transformer, net.conditioning, *([net.fidelity] if net.fidelity else [])),
+        _numel(unet),
     )

@@ -51,11 +51,18 @@ class ConditionedUNet(nn.Module):
             ch = width
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
 
-    def forward(self, x: Tensor, level: Tensor | None) -> StudentOutput:
+    has_fidelity = False  # no fidelity dial: ``w`` is accepted and ignored
+
+    @property
+    def size_multiple(self) -> int:
+        """Input sizes that need no padding are multiples of this."""
+        return self.downscale
+
+    def forward(self, x: Tensor, level: Tensor | None, w: float | Tensor | None = None) -> StudentOutput:
         if x.ndim != 4 or x.shape[1] != self.conv_in.in_channels:
             raise ValueError(f"ConditionedUNet expects (B, {self.conv_in.in_channels}, H, W), got {tuple(x.shape)}")
-        h, w = x.shape[-2:]
-        pad_h, pad_w = -h % self.downscale, -w % self.downscale
+        h, wd = x.shape[-2:]
+        pad_h, pad_w = -h % self.downscale, -wd % self.downscale
         inp = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
         feat = self.conv_in(inp)
         skips = []
@@ -68,5 +75,5 @@ class ConditionedUNet(nn.Module):
         for up, block in zip(self.ups, self.up_blocks):
             feat = up(F.interpolate(feat, scale_factor=2.0, mode="nearest"))
             feat = block(torch.cat([feat, skips.pop()], dim=1))
-        image = x + self.conv_out(feat)[..., :h, :w]
+        image = x + self.conv_out(feat)[..., :h, :wd]
         return StudentOutput(image, image.new_zeros(()))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -93,13 +93,20 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(ch, latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.features(x)[0]
+
+    def features(self, x: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
+        """The latent and every level's feature before downsampling, keyed by downscale factor
+        (1 = input resolution): what the fidelity path fuses into the decoder."""
         h = self.conv_in(x)
-        for blocks, down in zip(self.levels, self.downs):
+        skips: dict[int, Tensor] = {}
+        for i, (blocks, down) in enumerate(zip(self.levels, self.downs)):
             for block in blocks:
                 h = block(h)
+            skips[2 ** i] = h
             h = down(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))), skips
 
 
 class Decoder(nn.Module):
@@ -130,11 +137,16 @@ class Decoder(nn.Module):
         self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, fuse: Callable[[int, Tensor], Tensor] | None = None) -> Tensor:
+        """``fuse(factor, h)`` (optional) transforms the feature of each level after its blocks,
+        before upsampling; ``factor`` is the level's downscale relative to the output (1 = full size)."""
         h = self.mid(self.conv_in(z))
-        for blocks, up in zip(self.levels, self.ups):
+        n = len(self.levels)
+        for i, (blocks, up) in enumerate(zip(self.levels, self.ups)):
             for block in blocks:
                 h = block(h)
+            if fuse is not None:
+                h = fuse(2 ** (n - 1 - i), h)
             if not isinstance(up, nn.Identity):
                 h = up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -46,7 +46,7 @@ class PipelineRuns:
             self.state.data["parent_run_id"] = run_id
             self.state.save()
             flat = {k: v for k, v in _flatten({k: v for k, v in self.cfg.items()
-                                               if k not in ("stage1", "stage2", "stage3")}).items()}
+                                               if k not in ("stage1", "stage2", "fidelity", "stage3")}).items()}
             self.log_params(run_id, flat)
             self.log_dict_artifact(run_id, self.cfg, "config.yaml")
         print(f"[mlflow] tracking at {self.uri} · parent run {run_id}")

@@ -65,6 +65,8 @@ class Stage2Module(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.student: IQPIRNet = build_iqpir(preset, cond_mode, fusion)
+        if self.student.fidelity is not None:  # trained later, in the fidelity stage (w = 0 here)
+            self.student.fidelity.requires_grad_(False)
         self.target_encoder: Encoder = copy.deepcopy(self.student.lq_encoder)  # frozen stage-1 encoder
         self.initialised = False
 
@@ -100,7 +102,7 @@ class Stage2Module(L.LightningModule):
         return self
 
     def forward(self, x: Tensor, level: Tensor | None = None) -> Tensor:
-        return self.student(x, level).image
+        return self.student(x, level, w=0.0).image
 
     @torch.no_grad()
     def targets(self, gt: Tensor) -> DualQuantized:
@@ -111,7 +113,7 @@ class Stage2Module(L.LightningModule):
         lq, gt = batch["labeled"]["lq"], batch["labeled"]["gt"]
         hp = self.hparams
         target = self.targets(gt)
-        pred = self.student.predict(lq, None)
+        pred = self.student.predict(lq, None, w=0.0)  # code prediction: the pure codebook prior
         losses = code_prediction_losses(pred, target)
         l1 = F.l1_loss(pred.image, gt)
         total = hp.w_ce * (losses.ce_common + losses.ce_hq) + hp.w_feature * losses.feature + hp.w_l1 * l1
@@ -122,7 +124,7 @@ class Stage2Module(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if "gt" not in batch:
             return
-        out = self.student(batch["lq"], None).image
+        out = self.student(batch["lq"], None, w=0.0).image
         self.log("stage2/val_l1", F.l1_loss(out, batch["gt"]), batch_size=out.shape[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

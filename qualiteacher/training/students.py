@@ -7,38 +7,50 @@ import torch
 from torch import nn
 
 
-def build_student(kind: str, preset: str, cond_mode: str = "add") -> nn.Module:
-    """``iqpir`` (codebook student with the discrete quality path) or ``unet`` (plug-in conditioned U-Net)."""
+def build_student(kind: str, preset: str, cond_mode: str = "add", adain: bool = False,
+                  fidelity_w: float = 1.0) -> nn.Module:
+    """``iqpir`` (codebook student with the discrete quality path and, when the preset has fusion
+    scales, the fidelity path at default ``fidelity_w``) or ``unet`` (plug-in conditioned U-Net)."""
     from qualiteacher.archs.presets import build_iqpir, build_unet
 
     if kind == "iqpir":
-        return build_iqpir(preset, cond_mode=cond_mode)
+        return build_iqpir(preset, cond_mode=cond_mode, adain=adain, default_w=fidelity_w)
     if kind == "unet":
         return build_unet(preset)
     raise ValueError(f"unknown student {kind!r}; choose 'iqpir' or 'unet'")
 
 
 def read_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The ``state_dict`` of a Lightning checkpoint (or a bare state dict), with a clear error."""
+    """The ``state_dict`` of a Lightning checkpoint (or a bare state dict), read safely
+    (``weights_only``: tensors and plain data only; see ``qualiteacher.checkpoints``), with
+    ``torch.compile`` prefixes removed. Problems raise ``CheckpointError`` (a ``ValueError``)."""
+    from qualiteacher.checkpoints import checkpoint_state, read_checkpoint
+
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {path} (run the previous stage first, or "
                                 f"pass the right path)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # corrupt or foreign file
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
-    return ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+    return checkpoint_state(read_checkpoint(path), path)
 
 
-def load_student_weights(student: nn.Module, path: str | Path, prefix: str = "student.") -> None:
-    """Load the ``student.*`` weights of a stage checkpoint into ``student`` (strict)."""
+def load_student_weights(student: nn.Module, path: str | Path, prefix: str = "student.",
+                         allow_missing: tuple[str, ...] = ()) -> None:
+    """Load the ``student.*`` weights of a stage checkpoint into ``student`` (strict, except that
+    weights under the ``allow_missing`` prefixes may be absent: they keep their current values)."""
     state = read_checkpoint_state(path)
     sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not sub:
         raise ValueError(f"{path} holds no '{prefix}*' weights: is it a stage-2 / warm-up checkpoint?")
     own = student.state_dict()
+    for k in own:
+        if k not in sub and k.startswith(allow_missing):
+            sub[k] = own[k]
     missing, unexpected = sorted(set(own) - set(sub)), sorted(set(sub) - set(own))
+    if missing and all(k.startswith("fidelity.") for k in missing):
+        raise ValueError(f"{path} predates IQPIR's fidelity path (it has no fusion blocks, "
+                         f"{len(missing)} 'fidelity.*' weights missing): retrain it with the current "
+                         f"pipeline (stages 2, fidelity, 3), or use an architecture preset without "
+                         f"fidelity_scales")
     if missing or unexpected:
         cond = [k for k in missing + unexpected if "conditioning" in k or ".ada." in k]
         hint = (" The conditioning differs: stage 2 and stage 3 must use the same cond_mode (add / adaln)."
