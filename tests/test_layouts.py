@@ -72,7 +72,18 @@ def test_paired_errors(tmp_path):
         read_paired(tmp_path)
     _img(tmp_path / "gt" / "a.png")
     _img(tmp_path / "gt" / "a.jpg")
-    with pytest.raises(ValueError, match="two suffixes"):
+    _img(tmp_path / "lq" / "b.png")
+    _img(tmp_path / "gt" / "b.png")
+    # one id with two suffixes is reported (both files) and skipped; the rest of the folder is read
+    from qualiteacher.data.records import check_unique_ids
+
+    log = SkipLog()
+    recs = check_unique_ids([ImageRecord(id=p.stem, lq=p) for p in sorted((tmp_path / "gt").iterdir())],
+                            tmp_path / "gt", log)
+    assert [r.id for r in recs] == ["b"]
+    assert {Path(p).name for p in log.paths} == {"a.png", "a.jpg"}
+    assert all("two suffixes" in r for r in log.paths.values())
+    with pytest.raises(ValueError, match="without a partner"):  # lq/a.png lost its reference
         read_paired(tmp_path)
 
 

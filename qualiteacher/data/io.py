@@ -11,8 +11,11 @@ Every image is read as float32 RGB ``(H, W, 3)`` in ``[0, 1]``:
 - the EXIF orientation tag is applied (the array is what a viewer shows);
 - multi-frame files (TIFF pages, animations) give their first frame.
 
-A file that cannot be decoded (missing, empty, truncated, corrupt, not an image) raises
-`ImageReadError` carrying the path and the reason. Data sets catch it and record it in a `SkipLog`.
+A file that cannot be decoded (missing, empty, truncated, corrupt, not an image), a float image
+holding NaN / infinite values, and a file whose header declares more pixels than the cap
+(``QUALITEACHER_MAX_PIXELS``, default 64 million, checked before any pixel is decoded: a 20-KB PNG
+can declare 12000 x 12000) raise `ImageReadError` carrying the path and the reason. Data sets catch
+it and record it in a `SkipLog`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +33,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+MAX_PIXELS_ENV = "QUALITEACHER_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 64_000_000  # 48-MP phone photos pass; decoding one costs ~0.8 GB as float32 RGB
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -46,12 +53,27 @@ class ImageReadError(ValueError):
         return (type(self), (self.path, self.reason))
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def configured_max_pixels() -> int | None:
+    """The pixel cap of `read_image`: ``$QUALITEACHER_MAX_PIXELS`` (0: no cap) or the default."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(float(raw))
+    except ValueError:
+        raise ValueError(f"{MAX_PIXELS_ENV}={raw!r} is not a number of pixels (0: no cap)") from None
+    return value if value > 0 else None
+
+
+def read_image(path: str | os.PathLike, max_pixels: int | None = -1) -> np.ndarray:
     """Read an image file as float32 RGB ``(H, W, 3)`` in ``[0, 1]``.
 
     See the module docstring for the conversion rules. Raises `ImageReadError` (a ``ValueError``)
-    with the path and the reason when the file is missing, empty, truncated, corrupt or not an image.
+    with the path and the reason when the file is missing, empty, truncated, corrupt or not an
+    image, holds non-finite float pixels, or declares more than ``max_pixels`` pixels in its header
+    (default -1: `configured_max_pixels`; None or 0: no cap), checked before decoding.
     """
+    cap = configured_max_pixels() if max_pixels == -1 else (max_pixels or None)
     path = Path(path)
     if not path.exists():
         raise ImageReadError(path, "file does not exist")
@@ -60,13 +82,22 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if path.stat().st_size == 0:
         raise ImageReadError(path, "empty file (0 bytes)")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # our own cap decides; Pillow's bomb warning would only repeat it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im_file = Image.open(path)
+        with im_file as im:
+            w, h = im.size
+            if cap is not None and w * h > cap:
+                raise ImageReadError(path, f"{w}x{h} = {w * h / 1e6:.1f} MP exceeds the pixel cap of "
+                                           f"{cap / 1e6:g} MP (raise it with --max-pixels or {MAX_PIXELS_ENV})")
             im.load()
             try:
                 im = ImageOps.exif_transpose(im)
             except Exception as exc:  # noqa: BLE001  a broken EXIF block must not lose a readable image
                 log.debug("ignoring unreadable EXIF orientation in %s: %s", path, exc)
             return _to_rgb_float(im)
+    except ImageReadError:
+        raise
     except UnidentifiedImageError:
         raise ImageReadError(path, "not a recognised image format") from None
     except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
@@ -82,7 +113,11 @@ def _to_rgb_float(im: Image.Image) -> np.ndarray:
     if im.mode in _SIXTEEN_BIT_MODES or im.mode == "I":
         return _gray_to_rgb(np.clip(np.asarray(im, dtype=np.float32) / 65535.0, 0.0, 1.0))
     if im.mode == "F":
-        return _gray_to_rgb(np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0))
+        arr = np.asarray(im, dtype=np.float32)
+        bad = int(arr.size - np.isfinite(arr).sum())
+        if bad:  # NaN would restore to black and score as NaN: refuse the file instead
+            raise ValueError(f"float image holds {bad} NaN or infinite pixel value(s)")
+        return _gray_to_rgb(np.clip(arr, 0.0, 1.0))
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode in _ALPHA_MODES and im.mode != "RGBA":
@@ -140,10 +175,13 @@ def write_image(path: str | os.PathLike, image: np.ndarray | torch.Tensor) -> Pa
     return path
 
 
-def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+def list_images(folder: str | os.PathLike, recursive: bool = False,
+                skip_log: SkipLog | None = None) -> list[Path]:
     """Sorted image files of ``folder`` with a recognised suffix (case-insensitive).
 
     Hidden files (name starting with ``.``, e.g. macOS ``._x.png`` resource forks) are ignored.
+    A name with an image suffix that is not a readable file (a dangling symbolic link, a folder
+    named ``x.png``) is reported in ``skip_log`` (default: the process' `SkipLog`) and left out.
     Raises ``FileNotFoundError`` / ``NotADirectoryError`` naming the folder.
     """
     folder = Path(folder)
@@ -152,10 +190,21 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path
     if not folder.is_dir():
         raise NotADirectoryError(f"not a folder: {folder}")
     candidates = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(
-        p for p in candidates
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-    )
+    out = []
+    for p in candidates:
+        if p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
+            continue
+        if p.is_file():
+            out.append(p)
+            continue
+        log = skip_log if skip_log is not None else get_skip_log()
+        if p.is_symlink() and not p.exists():
+            log.record(p, f"dangling symbolic link (its target {os.readlink(p)} does not exist)")
+        elif p.is_dir():
+            log.record(p, "is a directory, not an image file")
+        else:
+            log.record(p, "not a regular file")
+    return sorted(out)
 
 
 def pad_to_size(image: np.ndarray, height: int, width: int) -> np.ndarray:

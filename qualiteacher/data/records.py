@@ -5,8 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from qualiteacher.data.io import SkipLog
 
 
 # eq=False: records hold numpy boxes, whose element-wise `==` would make the generated
@@ -78,18 +82,23 @@ def format_names(names: list[str], limit: int = 10) -> str:
     return f"{shown}, ... (+{len(names) - limit} more)" if len(names) > limit else shown
 
 
-def check_unique_ids(records: list[ImageRecord], where: str | Path) -> list[ImageRecord]:
-    """Return ``records`` or raise ``ValueError`` naming ids that occur twice (``a.png`` + ``a.jpg``)."""
-    seen: dict[str, Path] = {}
-    clashes: list[str] = []
+def check_unique_ids(records: list[ImageRecord], where: str | Path,
+                     skip_log: SkipLog | None = None) -> list[ImageRecord]:
+    """``records`` without the ids that occur more than once (``a.png`` + ``a.jpg``): which file is
+    meant is unknown, so every file of such an id is reported in ``skip_log`` (default: the
+    process' `SkipLog`) and left out; the rest of the folder is read as usual."""
+    from qualiteacher.data.io import get_skip_log
+
+    groups: dict[str, list[ImageRecord]] = {}
     for r in records:
-        if r.id in seen:
-            clashes.append(f"{seen[r.id].name} / {r.lq.name}")
-        else:
-            seen[r.id] = r.lq
-    if clashes:
-        raise ValueError(
-            f"{where}: {len(clashes)} image name(s) occur with two suffixes, ids must be unique: "
-            + format_names(clashes)
-        )
-    return records
+        groups.setdefault(r.id, []).append(r)
+    clashes = {i: rs for i, rs in groups.items() if len(rs) > 1}
+    if not clashes:
+        return records
+    log = skip_log if skip_log is not None else get_skip_log()
+    for image_id, rs in clashes.items():
+        names = " / ".join(r.lq.name for r in rs)
+        for r in rs:
+            log.record(r.lq, f"{where}: id {image_id!r} occurs with two suffixes ({names}); ids must be "
+                             f"unique, so all {len(rs)} files are skipped")
+    return [r for r in records if r.id not in clashes]

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from qualiteacher.iqa.ensemble import upsample_to_min_side
+from qualiteacher.iqa.guards import MemberDomain, guarded_scores, member_domain
 from qualiteacher.iqa.members import MissingWeightsError, downloads_allowed
 
 
@@ -80,17 +81,24 @@ def metric_label(name: str) -> str:
 
 class MinSizeScorer(nn.Module):
     """A member module run as the ensemble runs it: float32, no autocast, images clamped to [0, 1]
-    and upsampled (bilinear) so the shorter side is at least ``min_size``."""
+    and upsampled (bilinear) so the shorter side is at least ``min_size``; images outside the
+    metric's ``domain`` (tiny, extreme aspect, constant, NaN; see ``iqa.guards``) score NaN."""
 
-    def __init__(self, module: nn.Module, min_size: int) -> None:
+    def __init__(self, module: nn.Module, min_size: int, domain: MemberDomain | None = None,
+                 name: str = "metric") -> None:
         super().__init__()
         self.module = module
         self.min_size = int(min_size)
+        self.domain = domain or member_domain("pyiqa", module)
+        self.name = name
 
     def forward(self, images: Tensor) -> Tensor:
-        with torch.autocast(device_type=images.device.type, enabled=False):
-            x = upsample_to_min_side(images.float().clamp(0, 1), self.min_size)
-            return self.module(x).float().reshape(-1)
+        def score(x: Tensor) -> Tensor:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return self.module(upsample_to_min_side(x.float().clamp(0, 1), self.min_size)).float().reshape(-1)
+
+        # raw scores have no known worst value here: a constant image is unscorable (NaN)
+        return guarded_scores(score, images, self.domain, None, self.name)
 
 
 def _lookup(name: str) -> EvalMetric:
@@ -126,7 +134,7 @@ def _build(metric: EvalMetric, allow_download: bool) -> MinSizeScorer:
         spec = next(s for s in preset_specs("offline") if s.name == metric.metric)
         module = build_member(spec)
         min_size = spec.options.get("min_size", getattr(module, "min_size", 0))
-    scorer = MinSizeScorer(module, min_size)
+    scorer = MinSizeScorer(module, min_size, member_domain(metric.kind, module), metric.name)
     scorer.requires_grad_(False)
     return scorer.eval()
 

@@ -1,6 +1,7 @@
 """MLflow tracking: an embedded store by default, a Lightning logger that survives resumes."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -11,6 +12,47 @@ from typing import Any, Mapping
 import lightning as L
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+
+class TrackingUnavailableError(ConnectionError):
+    """The MLflow tracking store cannot be reached or written; the message says what to do."""
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Pre-flight check of a tracking URI, done before any work: an HTTP server must answer
+    within ``timeout`` seconds (any HTTP status counts as an answer), a SQLite store's folder must
+    exist and be writable. Raises :class:`TrackingUnavailableError` with one clear message
+    instead of MLflow's minutes of retries. Other schemes (databricks, ...) are not checked.
+
+    For an HTTP server it also caps MLflow's own retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` 2,
+    ``MLFLOW_HTTP_REQUEST_TIMEOUT`` 30 s) unless they are set, so a server that goes away later
+    costs seconds per call, not minutes.
+    """
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    fix = "start the server, or unset MLFLOW_TRACKING_URI to use the embedded store mlflow.db"
+    if parsed.scheme in ("http", "https"):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                return
+        except urllib.error.HTTPError:
+            return  # the server answered (auth, proxy, no /health route): it is there
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            raise TrackingUnavailableError(f"MLflow tracking server {uri} is not reachable ({reason}; "
+                                           f"checked with a {timeout:g}-s timeout): {fix}") from None
+    if parsed.scheme == "sqlite":
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        folder = Path(path).parent if path and path != ":memory:" else None
+        if folder is not None and not (folder.is_dir() and os.access(folder, os.W_OK)):
+            raise TrackingUnavailableError(f"MLflow store {uri}: folder {folder} is missing or not writable")
 
 
 def tracking_uri(workdir: str | Path = ".") -> str:
@@ -51,13 +93,21 @@ class MlflowStepLogger(Logger):
     every checkpoint, via :class:`FlushBeforeCheckpoint`). On a resumed run, steps that MLflow
     already holds for a metric are not written again, so a run killed and restarted has no
     duplicated steps; flushing before each checkpoint means none are missing either.
+
+    Tracking never ends training: a write that fails (server down, store unwritable) keeps its
+    metrics in the buffer and is retried at the next flush (one warning, then a count); beyond
+    ``max_buffer`` values the oldest are dropped, and what could not be written is reported at
+    the end.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 20) -> None:
+    def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 20, max_buffer: int = 200_000) -> None:
         super().__init__()
         self._uri = tracking_uri
         self._run_id = run_id
         self._flush_every = flush_every
+        self._max_buffer = max_buffer
+        self._failures = 0      # flushes that failed since the last success
+        self._dropped = 0       # metric values dropped because the buffer was full
         self._buffer: list[Any] = []
         self._last_step: dict[str, int] = {}
         self._client: Any = None
@@ -81,9 +131,19 @@ class MlflowStepLogger(Logger):
 
     def _already_logged(self, key: str) -> int:
         if key not in self._last_step:
-            history = self.experiment.get_metric_history(self._run_id, key)
+            try:
+                history = self.experiment.get_metric_history(self._run_id, key)
+            except Exception as err:  # noqa: BLE001  tracking never ends training
+                self._warn("reading metric history", err)
+                history = []
             self._last_step[key] = max((m.step for m in history), default=-1)
         return self._last_step[key]
+
+    def _warn(self, what: str, err: BaseException) -> None:
+        self._failures += 1
+        if self._failures == 1:
+            log.warning("MLflow %s failed (%s: %s); training goes on, metrics stay buffered and are retried",
+                        what, type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -102,10 +162,22 @@ class MlflowStepLogger(Logger):
 
     @rank_zero_only
     def flush(self) -> None:
-        """Write the buffered metrics to MLflow."""
+        """Write the buffered metrics to MLflow; on failure keep them for the next flush."""
+        if len(self._buffer) > self._max_buffer:
+            extra = len(self._buffer) - self._max_buffer
+            self._dropped += extra
+            self._buffer = self._buffer[extra:]
         while self._buffer:
-            chunk, self._buffer = self._buffer[:900], self._buffer[900:]
-            self.experiment.log_batch(self._run_id, metrics=chunk)
+            chunk = self._buffer[:900]
+            try:
+                self.experiment.log_batch(self._run_id, metrics=chunk)
+            except Exception as err:  # noqa: BLE001  tracking never ends training
+                self._warn("metric logging", err)
+                return
+            self._buffer = self._buffer[900:]
+            if self._failures:
+                log.warning("MLflow metric logging works again after %d failed attempt(s)", self._failures)
+                self._failures = 0
 
     @rank_zero_only
     def log_hyperparams(self, params: dict[str, Any] | Namespace) -> None:
@@ -113,10 +185,13 @@ class MlflowStepLogger(Logger):
 
         params = vars(params) if isinstance(params, Namespace) else dict(params)
         flat = _flatten(params)
-        existing = self.experiment.get_run(self._run_id).data.params
-        new = [Param(k[:250], str(v)[:6000]) for k, v in flat.items() if k[:250] not in existing]
-        for i in range(0, len(new), 90):
-            self.experiment.log_batch(self._run_id, params=new[i:i + 90])
+        try:
+            existing = self.experiment.get_run(self._run_id).data.params
+            new = [Param(k[:250], str(v)[:6000]) for k, v in flat.items() if k[:250] not in existing]
+            for i in range(0, len(new), 90):
+                self.experiment.log_batch(self._run_id, params=new[i:i + 90])
+        except Exception as err:  # noqa: BLE001  tracking never ends training
+            self._warn("parameter logging", err)
 
     @rank_zero_only
     def save(self) -> None:
@@ -125,6 +200,10 @@ class MlflowStepLogger(Logger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         self.flush()
+        lost = len(self._buffer) + self._dropped
+        if lost:
+            log.warning("MLflow: %d metric value(s) of run %s could not be written (store unreachable); "
+                        "the checkpoints hold the trained weights", lost, self._run_id)
 
 
 class FlushBeforeCheckpoint(L.Callback):

@@ -185,4 +185,4 @@ def read_exdark(
                     root, ", ".join(f"{n} ({c})" for n, c in sorted(unknown.items())))
     if not records:
         raise ValueError(f"ExDark {root}: no readable listed image for split {split!r}")
-    return check_unique_ids(records, image_root)
+    return check_unique_ids(records, image_root, skip_log)

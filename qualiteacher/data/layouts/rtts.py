@@ -125,4 +125,4 @@ def read_rtts(
         if orphans:
             log.warning("RTTS %s: %d annotation file(s) without an image: %s",
                         root, len(orphans), format_names(orphans))
-    return check_unique_ids(records, image_dir)
+    return check_unique_ids(records, image_dir, skip_log)
