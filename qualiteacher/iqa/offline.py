@@ -212,9 +212,15 @@ class BrisqueSVR(nn.Module):
             self.register_buffer(key, params[key].to(torch.float64), persistent=False)
         self.gamma = float(params["gamma"])
         self.rho = float(params["rho"])
+        self.fast = True  # float32 input: the batched float32 features of fast_features.py
 
     def forward(self, images: Tensor) -> Tensor:
-        feats = brisque_features(images)
+        if self.fast and images.dtype != torch.float64:
+            from qualiteacher.iqa.fast_features import brisque_package_features
+
+            feats = brisque_package_features(images).double()
+        else:  # float64 input (or fast off): this module's exact float64 recipe
+            feats = brisque_features(images)
         scaled = -1 + 2 * (feats - self.feature_min) / (self.feature_max - self.feature_min)
         dist = torch.cdist(scaled, self.sv.to(scaled)).pow(2)  # (B, nSV)
         score = torch.exp(-self.gamma * dist) @ self.sv_coef.to(scaled) - self.rho

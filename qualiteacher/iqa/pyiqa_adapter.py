@@ -313,12 +313,42 @@ class PyiqaMember(nn.Module):
         self.net = net
         self.metric = metric
         self.min_size = DEFAULT_MIN_SIZE.get(metric, 0) if min_size is None else int(min_size)
+        # NIQE / BRISQUE: our float32 batched implementation with this net's parameters
+        self.fast_net = fast_equivalent(net, metric)
+        self.fast = self.fast_net is not None
 
     def forward(self, images: Tensor) -> Tensor:
+        if self.fast and self.fast_net is not None:
+            return self.fast_net(images).reshape(-1).float()
         out = self.net(images)
         if isinstance(out, tuple):
             out = out[0]
         return out.reshape(images.shape[0], -1)[:, 0].float()
+
+
+def fast_equivalent(net: nn.Module, metric: str) -> nn.Module | None:
+    """Our float32 batched NIQE / BRISQUE (``fast_features.py``) holding ``net``'s parameters, when
+    ``net`` is pyiqa's NIQE or BRISQUE ('original' version) in its default configuration; else None."""
+    from qualiteacher.iqa.fast_features import FastBrisque, FastNiqe
+
+    if metric == "niqe" and getattr(net, "test_y_channel", False) and getattr(net, "color_space", "") == "yiq" \
+            and getattr(net, "crop_border", 1) == 0 and hasattr(net, "mu_pris_param"):
+        return FastNiqe(net.mu_pris_param, net.cov_pris_param)
+    if metric == "brisque" and getattr(net, "version", "") == "original" and getattr(net, "kernel_size", 0) == 7 \
+            and abs(getattr(net, "kernel_sigma", 0.0) - 7 / 6) < 1e-12 and getattr(net, "test_y_channel", False):
+        lo, hi = _brisque_feature_ranges()
+        return FastBrisque(net.sv, net.sv_coef.reshape(-1), net.gamma, net.rho, lo, hi, recipe="pyiqa")
+    return None
+
+
+def _brisque_feature_ranges() -> tuple[Tensor, Tensor]:
+    # pyiqa scales features linearly to [-1, 1] with fixed ranges: read them off two evaluations
+    from pyiqa.archs.brisque_arch import scale_features
+
+    zero = scale_features(torch.zeros(1, 36, dtype=torch.float64))[0]
+    slope = scale_features(torch.ones(1, 36, dtype=torch.float64))[0] - zero   # 2 / (hi - lo)
+    lo = -(zero + 1) / slope
+    return lo, lo + 2 / slope
 
 
 def build_pyiqa_member(

@@ -48,3 +48,59 @@ def draw_low_levels(batch: int, choices: tuple[int, ...] = (4, 5, 6),
     """The lower levels ``q_l`` compared with the top level, one per image."""
     idx = torch.randint(len(choices), (batch,), generator=generator)
     return torch.tensor(choices)[idx].to(device)
+
+
+def draw_level_subsets(batch: int, grid: Tensor, m: int, keep: int | None = None,
+                       generator: torch.Generator | None = None) -> Tensor:
+    """Per image, ``m`` distinct levels of ``grid`` (L,), sorted ascending: (B, m).
+
+    Drawn uniformly without replacement; ``keep`` (a level of the grid, e.g. the top level) is in
+    every subset and the other ``m - 1`` are drawn from the rest.
+    """
+    grid = grid.flatten()
+    n = grid.numel()
+    if not 2 <= m <= n:
+        raise ValueError(f"a subset of m={m} levels needs 2 <= m <= {n} (the grid size)")
+    if keep is None:
+        idx = torch.rand(batch, n, generator=generator).argsort(1)[:, :m].to(grid.device)
+        return grid[idx].sort(1).values
+    others = grid[grid != keep]
+    if others.numel() != n - 1:
+        raise ValueError(f"keep={keep} must be one level of the grid {grid.tolist()}")
+    idx = torch.rand(batch, n - 1, generator=generator).argsort(1)[:, : m - 1].to(grid.device)
+    kept = torch.full((batch, 1), keep, dtype=grid.dtype, device=grid.device)
+    return torch.cat([others[idx], kept], 1).sort(1).values
+
+
+def pair_inclusion_probability(n: int, m: int, keep: int | None, level_i: Tensor, level_j: Tensor) -> Tensor:
+    """Probability that both levels of a pair are in a subset drawn by ``draw_level_subsets``."""
+    if keep is None:
+        p = m * (m - 1) / (n * (n - 1))
+        return torch.full(level_i.shape, p, dtype=torch.float64, device=level_i.device)
+    with_keep = torch.full(level_i.shape, (m - 1) / (n - 1), dtype=torch.float64, device=level_i.device)
+    p_rest = (m - 1) * (m - 2) / ((n - 1) * (n - 2)) if n > 2 else 1.0
+    return torch.where((level_i == keep) | (level_j == keep), with_keep, torch.full_like(with_keep, p_rest))
+
+
+def sampled_all_pairs_preference_loss(rewards: Tensor, levels: Tensor, n_levels: int, keep: int | None = None,
+                                      beta: float = 1.0, delta_per_level: float = 0.05) -> Tensor:
+    """Unbiased estimate of ``all_pairs_preference_loss`` over a grid of ``n_levels`` levels from
+    per-image subsets: ``rewards`` (B, m) at ``levels`` (B, m) drawn by ``draw_level_subsets``.
+
+    Each pair's loss is divided by its probability of being drawn (Horvitz-Thompson) and the sum is
+    divided by the number of (image, pair) terms of the full loss, so the expectation over the draws
+    equals the full loss. With ``keep=None`` this is the plain mean over the drawn pairs.
+    """
+    if rewards.shape != levels.shape or rewards.ndim != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards and levels must both be (B, m>=2), got {tuple(rewards.shape)}, "
+                         f"{tuple(levels.shape)}")
+    b, m = rewards.shape
+    if keep is not None and m < 3 and n_levels > m:
+        raise ValueError("with a kept level, subsets need m >= 3 levels so that every pair can be drawn")
+    gap = (levels[:, :, None] - levels[:, None, :]).to(rewards.dtype)             # (B, m, m)
+    diff = rewards[:, :, None] - rewards[:, None, :]                                # (B, m, m)
+    losses = -F.logsigmoid(beta * (diff - delta_per_level * gap))
+    li, lj = levels[:, :, None].expand(-1, m, m), levels[:, None, :].expand(-1, m, m)
+    prob = pair_inclusion_probability(n_levels, m, keep, li, lj).to(rewards.dtype)
+    weighted = torch.where(gap > 0, losses / prob, torch.zeros_like(losses))
+    return weighted.sum() / (b * n_levels * (n_levels - 1) / 2)
