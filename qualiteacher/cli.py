@@ -125,6 +125,12 @@ def _compare(args: argparse.Namespace) -> int:
     return run_compare(args)
 
 
+def _app(args: argparse.Namespace) -> int:
+    from qualiteacher.app.command import run_app
+
+    return run_app(args)
+
+
 def _pipeline(args: argparse.Namespace, extra: list[str]) -> int:
     from qualiteacher.pipeline import run_pipeline_cli
 
@@ -200,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="several evaluations' results side by side (Markdown, like a paper's table)")
     add_compare_arguments(cmp)
     cmp.set_defaults(handler=_compare)
+
+    from qualiteacher.app.command import add_app_arguments
+
+    app = sub.add_parser("app", help="a local web page: restore an image at any quality level, see its scores",
+                         description="Serve a Gradio page (on 127.0.0.1 by default) for a trained model: "
+                                     "upload an image, move the quality-level (and fidelity) sliders, compare "
+                                     "input and output and every IQA member's score, sweep all levels.")
+    add_app_arguments(app)
+    app.set_defaults(handler=_app)
 
     pipe = sub.add_parser(
         "pipeline", add_help=False,

@@ -131,8 +131,11 @@ def evaluate_pipeline(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> p
     client.log_batch(runs.parent_id, metrics=batch)
     brief = [c for c in ("images", "fused", "iqa_level", "psnr", "ssim") if c in table.columns]
     text = format_table(table[brief])
-    print(f"\nResults on {len(test)} held-out {cfg['task']} test images "
-          f"(student at level {top}; ensemble '{hp.iqa_preset}'):\n{text}")
-    print(f"Ensemble score vs requested level: Spearman ρ = {rho:.3f}")
-    print(f"MLflow: {runs.uri} (parent run {runs.parent_id}); files in {out}")
+    from qualiteacher import console
+
+    console.stage_numbers("eval", console.eval_numbers(table, rho))  # the full table: in the final summary
+    console.say(f"\nResults on {len(test)} held-out {cfg['task']} test images "
+                f"(student at level {top}; ensemble '{hp.iqa_preset}'):\n{text}", "verbose")
+    console.say(f"Ensemble score vs requested level: Spearman ρ = {rho:.3f}", "verbose")
+    console.say(f"MLflow: {runs.uri} (parent run {runs.parent_id}); files in {out}", "verbose")
     return table

@@ -36,12 +36,14 @@ def prepare_data(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> None:
             from qualiteacher.pipeline_config import ConfigError
 
             raise ConfigError(f"data_root: no labeled data at {root / task / 'labeled'} and demo generation is off")
+        from qualiteacher import console
         from qualiteacher.data.demo import build_demo, summarize_manifest
 
-        print(f"[data] building the demo data in {root}")
+        console.say(f"  [data] building the demo data in {root}")
         options = {k: v for k, v in demo.items() if k != "generate"}
-        df = build_demo(root, progress=bool(cfg.get("progress", True)), overwrite=True, **options)
-        print(summarize_manifest(df))
+        df = build_demo(root, progress=console.show_progress(cfg), overwrite=True, **options)
+        console.say(summarize_manifest(df), "verbose")
+        console.stage_numbers("data", f"demo data: {len(df)} images in {root}")
     if (root / "manifest.csv").is_file():
         runs.client.log_artifact(run_id, str(root / "manifest.csv"))
     table = Path(cfg["stage1"].get("data", {}).get("quality_table") or Path(cfg["out_dir"]) / "labeled_quality.csv")
@@ -61,21 +63,25 @@ def prepare_data(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> None:
 # ---------------------------------------------------------------------------- training
 def stage_trainer(cfg: dict[str, Any], stage: str, trainer_args: dict[str, Any], runs: PipelineRuns,
                   run_id: str, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
-    """The stage's Trainer: its config plus our MLflow logger, resumable checkpoints, progress bars."""
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    """The stage's Trainer: its config plus our MLflow logger, resumable checkpoints, the console's
+    step progress bar and key numbers (qualiteacher/console.py)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from qualiteacher import console
 
     out = Path(cfg["out_dir"]) / stage
-    progress = bool(cfg.get("progress", True))
+    progress = console.show_progress(cfg)
     callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                         every_n_train_steps=int(cfg.get("checkpoint_every", 50))),
-        FlushBeforeCheckpoint(), *extra_callbacks,
+        FlushBeforeCheckpoint(), *extra_callbacks, console.StageNumbers(stage),
     ]
     if progress:
-        callbacks.append(RichProgressBar())
+        callbacks.append(console.StepProgressBar(stage))
     args = {k: v for k, v in trainer_args.items() if k not in ("logger", "callbacks", "default_root_dir",
                                                                "enable_progress_bar", "log_every_n_steps")}
     args = {k: v for k, v in args.items() if v is not None}
+    args.setdefault("enable_model_summary", console.verbosity() == "verbose")
     return L.Trainer(**args, logger=MlflowStepLogger(runs.uri, run_id), callbacks=callbacks,
                      default_root_dir=str(out), enable_progress_bar=progress, log_every_n_steps=1)
 
@@ -99,20 +105,24 @@ def train_stage(stage: str, cfg: dict[str, Any], runs: PipelineRuns, run_id: str
     runs.log_dict_artifact(run_id, section, f"{stage}_config.yaml")
     out = Path(cfg["out_dir"]) / stage
     last = out / "checkpoints" / "last.ckpt"
+    from qualiteacher import console
+
     if last.is_file():
-        print(f"[pipeline] {stage}: resuming from {last}")
-    trainer.fit(model, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
+        console.say(f"  {stage}: resuming from {last}", "quiet")
+    with console.fit_warnings(model, data):
+        trainer.fit(model, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
     if trainer.interrupted:
         raise KeyboardInterrupt(f"{stage} interrupted; rerun the same command to resume")
     if trainer.global_rank > 0:
         # DDP worker processes re-run this command; rank 0 alone saves, evaluates and registers
         raise SystemExit(0)
     final = out / "final.ckpt"
-    trainer.save_checkpoint(final)
+    trainer.save_checkpoint(final, weights_only=False)  # explicit: full state, as Lightning's default
     runs.client.log_artifact(run_id, str(final), artifact_path="checkpoints")
     from qualiteacher.data.io import get_skip_log
 
-    print(f"[data] {get_skip_log().summary()}")
+    skipped = get_skip_log()
+    console.say(f"  [data] {skipped.summary()}", "quiet" if len(skipped) else "verbose")
     return final
 
 
@@ -135,4 +145,6 @@ def register_student(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> No
         info = mlflow.pytorch.log_model(module.student, name="student", registered_model_name=name,
                                         serialization_format="pickle",
                                         pip_requirements=["torch", "qualiteacher"])
-    print(f"[mlflow] registered model {name} from {info.model_uri}")
+    from qualiteacher import console
+
+    console.stage_numbers("register", f"model {name} from {info.model_uri}")

@@ -54,3 +54,34 @@ def fast_ensemble_factory():
         return ensemble_from_specs(specs, task=task)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def app_checkpoint(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, fast_ensemble_factory) -> Path:
+    """A tiny stage-3 checkpoint (U-Net student, one step, task dehaze) whose level embedding is set
+    by hand so every quality level gives a visibly different output (app tests)."""
+    import lightning as L
+
+    from qualiteacher.data.datamodule import RestorationDataModule
+    from qualiteacher.training.stage3 import QualiTeacherModule
+
+    module = QualiTeacherModule(preset="tiny", student="unet", ensemble=fast_ensemble_factory(), mask_block=16,
+                                views=("identity",), n_aug_variants=1, task="dehaze")
+    dm = RestorationDataModule(labeled_root=str(demo_root / "dehaze" / "labeled"),
+                               unlabeled_root=str(demo_root / "dehaze" / "unlabeled"), crop_size=32, batch_size=2)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    _set_level_ramp_(module.student.level_embedding.embedding.weight)
+    path = tmp_path_factory.mktemp("app") / "final.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def _set_level_ramp_(weight: torch.Tensor, strength: float = 1.5) -> None:
+    """Level q adds ``strength * (q / (n-1) - 0.5)`` times an alternating ±1 pattern over channels."""
+    n, c = weight.shape
+    ramp = (torch.arange(n, dtype=torch.float32) / (n - 1) - 0.5)[:, None]
+    signs = torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in range(c)])[None, :]
+    with torch.no_grad():
+        weight.copy_(strength * ramp * signs)

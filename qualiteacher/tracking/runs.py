@@ -49,7 +49,9 @@ class PipelineRuns:
                                                if k not in ("stage1", "stage2", "fidelity", "stage3")}).items()}
             self.log_params(run_id, flat)
             self.log_dict_artifact(run_id, self.cfg, "config.yaml")
-        print(f"[mlflow] tracking at {self.uri} · parent run {run_id}")
+        from qualiteacher.console import say
+
+        say(f"[mlflow] tracking at {self.uri} · parent run {run_id}")
         return run_id
 
     def child(self, stage: str) -> str:
