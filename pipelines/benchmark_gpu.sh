@@ -24,7 +24,9 @@ timeout 45 python pipelines/benchmark_restore.py --size 2048 --student unet --pr
 echo "== quality-control study (stage 3 from the demo warm-up; ${qc_seconds} s budget)" | tee -a "$log"
 timeout "$qc_seconds" python pipelines/study_quality_control.py --out "$work/qc" --accelerator gpu \
   --students unet iqpir --settings pair all_pairs --seeds 0 1 2 --steps 300 2>&1 \
-  | grep -E '^\{|warm-up|rho|student|unet|iqpir|Error|error' | tee -a "$log"
-cp "$work/qc/qc_runs.csv" "$out/" 2>/dev/null
-cp "$work/qc/qc_summary.md" "$out/" 2>/dev/null
+  | grep -E '^\||^\[study\]|Error|error' | tee -a "$log"
+for s in unet iqpir; do
+  cp "$work/qc/$s/study_runs.csv" "$out/qc_${s}_runs.csv" 2>/dev/null
+  cp "$work/qc/$s/study_summary.md" "$out/qc_${s}_summary.md" 2>/dev/null
+done
 echo "== done" | tee -a "$log"

@@ -131,6 +131,12 @@ def _app(args: argparse.Namespace) -> int:
     return run_app(args)
 
 
+def _study(args: argparse.Namespace) -> int:
+    from qualiteacher.study.command import run_study_cli
+
+    return run_study_cli(args)
+
+
 def _pipeline(args: argparse.Namespace, extra: list[str]) -> int:
     from qualiteacher.pipeline import run_pipeline_cli
 
@@ -215,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      "input and output and every IQA member's score, sweep all levels.")
     add_app_arguments(app)
     app.set_defaults(handler=_app)
+
+    from qualiteacher.study.command import add_study_arguments
+
+    st = sub.add_parser("study", help="QualiTeacher vs supervised / Mean Teacher / ablations over seeds (table + figure)",
+                        description="From one shared warm-up per seed, train the chosen stage-3 modes for the same "
+                                    "steps, measure them on the held-out test split (PSNR, SSIM, every ensemble "
+                                    "member, a held-out member, the level dial) and write a table (mean ± std over "
+                                    "seeds), a figure and a per-run CSV. Rerun the same command to resume.")
+    add_study_arguments(st)
+    st.set_defaults(handler=_study)
 
     pipe = sub.add_parser(
         "pipeline", add_help=False,

@@ -40,10 +40,12 @@ class Stage3Visuals(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if trainer.global_rank != 0 or step % self.every != 0:
+        if trainer.global_rank != 0 or step % self.every != 0 or "unlabeled" not in batch:
             return
         unl = batch["unlabeled"]
         x, ids = unl["lq"][: self.n], list(unl["id"][: self.n])
+        if not all(i in pl_module.bank for i in ids):  # e.g. the supervised baseline keeps no bank
+            return
         pls = pl_module.bank.gather(ids, device=x.device)
         # the best entry of every image is its first (entries are sorted by score)
         firsts = [int((pls[4] == i).nonzero()[0]) for i in range(len(ids))]

@@ -164,11 +164,15 @@ def score_command(
     return table, header + summary_table(table, skipped)
 
 
-def grade_clean_images(folder: str | Path, task: str, preset: str, cache: str | Path) -> pd.DataFrame:
+def grade_clean_images(folder: str | Path, task: str, preset: str, cache: str | Path,
+                       exclude: tuple[str, ...] = ()) -> pd.DataFrame:
     """Fused score of every clean image of ``folder`` under the ``preset`` ensemble of ``task``
-    (``id`` = file stem), through the score cache: the stage-1 quality table."""
+    without the members ``exclude`` (``id`` = file stem), through the score cache: the stage-1
+    quality table."""
+    from qualiteacher.iqa.ensemble import without_members
     from qualiteacher.iqa.presets import build_ensemble
 
-    df = score_folder(folder, build_ensemble(preset, task=task), cache)
+    ensemble = build_ensemble(preset, task=task)
+    df = score_folder(folder, without_members(ensemble, exclude) if exclude else ensemble, cache)
     df = df.assign(id=[Path(p).stem for p in df["path"]])
     return df[["id", "path", "fused"]]

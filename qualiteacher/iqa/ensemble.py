@@ -165,6 +165,19 @@ class Ensemble(nn.Module):
         return path
 
 
+def without_members(ensemble: Ensemble, names: Sequence[str]) -> Ensemble:
+    """The ensemble minus the members ``names`` (modules shared, remaining weights renormalised by
+    the fusion): training never sees a held-out member, which then checks the results."""
+    have = [s.name for s in ensemble.specs]
+    unknown = sorted(set(names) - set(have))
+    if unknown:
+        raise ValueError(f"cannot leave out {unknown}: the ensemble's members are {have}")
+    specs = [s for s in ensemble.specs if s.name not in set(names)]
+    if not specs:
+        raise ValueError(f"cannot leave out every member {have}")
+    return Ensemble(specs, {s.name: ensemble.members[s.name] for s in specs}, task=ensemble.task).eval()
+
+
 def load_specs_yaml(path: str | Path, task: str | None = None) -> list[MemberSpec]:
     """Member specs of a YAML file: ``members:`` plus optional ``task_members: {task: [...]}``."""
     path = Path(path)

@@ -68,6 +68,16 @@ class QualiTeacherModule(L.LightningModule):
             lower levels) besides the bank's best k: the student sees the whole quality range.
         level_rule: ``default`` (METHOD.md: 8 levels from the fused score) or ``quantile``
             (levels spread evenly over a running pool of the last ``level_pool_size`` candidate scores).
+        mode: ``qualiteacher`` (the method); ``supervised`` (L_sup alone on the paired data: the
+            unlabeled batch, the teacher's pseudo-labels, the bank and the ensemble are never used);
+            ``mean_teacher`` (plain Mean Teacher: EMA teacher, views, best-k bank, masked L1 to the
+            bank's pseudo-labels, student unconditioned; multi-augmentation, preference and
+            consistency are off whatever their settings). ``study.modes`` names the variants.
+        use_mask: weight the pseudo-label loss by the reliability mask (False: uniform weight 1).
+        condition_on_level: condition the student on each pseudo-label's level (False: every
+            student call at ``top_level``, the "-conditioning" ablation).
+        iqa_exclude: ensemble members left out of training altogether (grading, levels, masks,
+            reward): a held-out member to score the results with afterwards.
     """
 
     def __init__(
@@ -112,6 +122,10 @@ class QualiTeacherModule(L.LightningModule):
         crop_windows: Literal["aligned", "independent"] = "aligned",
         mask_block: int = 144,
         seed: int = 0,
+        mode: Literal["qualiteacher", "supervised", "mean_teacher"] = "qualiteacher",
+        use_mask: bool = True,
+        condition_on_level: bool = True,
+        iqa_exclude: tuple[str, ...] = (),
         ensemble: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -123,6 +137,8 @@ class QualiTeacherModule(L.LightningModule):
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
         check_views(views)
+        if mode not in ("qualiteacher", "supervised", "mean_teacher"):
+            raise ValueError(f"mode must be qualiteacher, supervised or mean_teacher, got {mode!r}")
         self.student = build_student(student, preset, cond_mode)
         self.teacher = make_teacher(self.student)
         self.ensemble = ensemble  # built in setup() when not given
@@ -136,12 +152,17 @@ class QualiTeacherModule(L.LightningModule):
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
-        if self.ensemble is None:
+        if self.ensemble is None and self.hparams.mode != "supervised":  # supervised grades nothing
             from qualiteacher.iqa.presets import build_ensemble
 
             self.ensemble = build_ensemble(self.hparams.iqa_preset, task=self.hparams.task,
                                            weights_dir=self.hparams.iqa_weights_dir)
-        self.ensemble.requires_grad_(False)
+        if self.ensemble is not None and self.hparams.iqa_exclude:
+            from qualiteacher.iqa.ensemble import without_members
+
+            self.ensemble = without_members(self.ensemble, tuple(self.hparams.iqa_exclude))
+        if self.ensemble is not None:
+            self.ensemble.requires_grad_(False)
         if stage == "fit" and self.hparams.init_from and self.global_step == 0:
             load_student_weights(self.student, self.hparams.init_from)
             self.teacher.load_state_dict(self.student.state_dict())
@@ -201,8 +222,9 @@ class QualiTeacherModule(L.LightningModule):
         restored = self.teacher(stacked, None).image.clamp(0, 1)
         cands = torch.cat([invert_view(restored[i * b:(i + 1) * b], v) for i, v in enumerate(views)])
         owner = torch.arange(b, device=x.device).repeat(len(views))
-        if hp.n_aug_variants > 0:
-            var = multi_augment(cands[:b], x, hp.n_aug_variants, tuple(hp.aug_kinds),
+        n_variants = hp.n_aug_variants if hp.mode == "qualiteacher" else 0  # plain MT: views only
+        if n_variants > 0:
+            var = multi_augment(cands[:b], x, n_variants, tuple(hp.aug_kinds),
                                 hp.aug_max_strength, generator=self._gen)
             cands = torch.cat([cands, var.images])
             owner = torch.cat([owner, var.source])
@@ -212,8 +234,8 @@ class QualiTeacherModule(L.LightningModule):
         keep = self.bank.accepts(cand_ids, fused).to(x.device)
         is_var = torch.arange(cands.shape[0], device=x.device) >= len(views) * b
         need = keep | (is_var & hp.train_on_variants)
-        masks = torch.zeros_like(cands[:, :1])
-        if need.any():
+        masks = torch.zeros_like(cands[:, :1]) if hp.use_mask else torch.ones_like(cands[:, :1])
+        if hp.use_mask and need.any():
             masks[need] = self._masks(cands[need], fused[need])
         levels = self.ensemble.level_of(fused)
         kept = 0
@@ -236,6 +258,9 @@ class QualiTeacherModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> Tensor:
         hp = self.hparams
+        if hp.mode == "supervised":
+            return self._supervised_step(batch["labeled"])
+        conditioned = hp.mode == "qualiteacher"
         step = self.global_step
         lab, unl = batch["labeled"], batch["unlabeled"]
         x_u, ids = unl["lq"], list(unl["id"])
@@ -267,8 +292,8 @@ class QualiTeacherModule(L.LightningModule):
         x_u, pls, masks = self._geometric(x_u, pls, masks)
         x_s = self.photometric(x_u).clamp(0, 1)
         b = x_s.shape[0]
-        use_pref = hp.w_pref > 0 and step >= hp.pref_start_step
-        use_crop = hp.w_crop > 0 and step >= hp.crop_start_step
+        use_pref = conditioned and hp.w_pref > 0 and step >= hp.pref_start_step
+        use_crop = conditioned and hp.w_crop > 0 and step >= hp.crop_start_step
         # conditions of one image go through one student forward: PL levels (+ top and lower level)
         inputs, conds = [x_s[owner]], [levels]
         if use_pref:
@@ -280,7 +305,10 @@ class QualiTeacherModule(L.LightningModule):
                 pref_levels = grid[:, None].expand(-1, b)                         # (L, B)
             inputs += [x_s] * pref_levels.shape[0]
             conds += list(pref_levels)
-        out = self.student(torch.cat(inputs), torch.cat(conds))
+        cond = torch.cat(conds)
+        if not hp.condition_on_level:  # "-conditioning": the student only ever sees the top level
+            cond = torch.full_like(cond, hp.top_level)
+        out = self.student(torch.cat(inputs), cond if conditioned else None)
         n_pl = owner.numel()
         l_pl = pseudo_label_loss(out.image[:n_pl], pls, masks, owner, b)
         l_aux = l_aux + out.aux_loss
@@ -318,6 +346,17 @@ class QualiTeacherModule(L.LightningModule):
             "stage3/bank_images": float(len(self.bank)), **{f"stage3/{k}": v for k, v in logs.items()},
             **{f"stage3/pl_level_{q}": float(c) for q, c in enumerate(self._bank_level_histogram())},
         }, prog_bar=False, on_step=True, on_epoch=False, batch_size=b)
+        self.log("loss", total, prog_bar=True, on_step=True, batch_size=b, logger=False)
+        return total
+
+    def _supervised_step(self, lab: dict[str, Any]) -> Tensor:
+        # the "supervised" baseline: L_sup on the paired data, nothing else
+        sup = self.student(lab["lq"], None)
+        l_sup = F.l1_loss(sup.image, lab["gt"])
+        total = self.hparams.w_sup * l_sup + self.hparams.w_aux * sup.aux_loss
+        b = lab["lq"].shape[0]
+        self.log_dict({"stage3/total": total, "stage3/sup": l_sup, "stage3/aux": sup.aux_loss},
+                      prog_bar=False, on_step=True, on_epoch=False, batch_size=b)
         self.log("loss", total, prog_bar=True, on_step=True, batch_size=b, logger=False)
         return total
 

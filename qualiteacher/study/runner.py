@@ -1,0 +1,314 @@
+"""``run_study``: every chosen mode trained from one shared warm-up per seed, measured, tabled.
+
+Seeds are the outer loop (a study cut short holds every mode of its first seeds). For each seed:
+the warm-up (pipeline stages before stage 3, `study.warmup`), the warm-up's own measures (rows
+``input`` and ``warmup``), then stage 3 of every mode for the same steps on the same data (through
+the pipeline's stage training: checkpoints, resume, MLflow), measured on the held-out test split
+(`study.measures`). Each run's rows are written atomically when it ends (`study.store`); a rerun
+skips finished runs. MLflow: one study run; under it a run per seed's warm-up (holding the
+pipeline's stage runs) and a run per mode and seed.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pandas as pd
+import torch
+
+from qualiteacher.study.modes import GROUPS, is_conditioned, mode_overrides, resolve_modes
+from qualiteacher.study.store import RunKey, StudyStore
+
+OUT_FILES = {"runs": "study_runs.csv", "summary": "study_summary.csv", "table": "study_summary.md",
+             "figure": "study.png"}
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """What ``qualiteacher study`` was asked for (``overrides``: ``section.key=value`` strings;
+    ``variants``: extra named modes, stage-3 overrides on top of ``qualiteacher``)."""
+
+    task: str = "dehaze"
+    preset: str = "demo"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    modes: tuple[str, ...] = GROUPS["headline"]
+    steps: int | None = None
+    out: str | None = None
+    held_out: str | None = "piqe"
+    data_root: str | None = None
+    configs: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()
+    variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out or f"outputs/study/{self.task}-{self.preset}")
+
+
+class StudyResult(NamedTuple):
+    runs: pd.DataFrame      # one row per (mode, seed) and the warm-up's input / warmup rows
+    summary: pd.DataFrame   # mean / std over seeds per mode
+    files: dict[str, Path]  # runs, summary, table, figure
+    trained: list[str]      # runs trained (or measured) by this call, finished ones skipped
+
+
+# ------------------------------------------------------------------------------ configuration
+def seed_config(s: StudySettings, store: StudyStore, seed: int) -> dict[str, Any]:
+    """The pipeline config of ``seed``'s warm-up folder (placeholders filled with it), data seeded."""
+    from qualiteacher.pipeline_config import resolve_config
+
+    overrides = list(s.overrides) + [f"out_dir={store.warmup_dir(seed)}",
+                                     f"stage1.data.quality_table={store.out / 'labeled_quality.csv'}"]
+    if s.data_root:
+        overrides.append(f"data_root={s.data_root}")
+    cfg = resolve_config(s.task, s.preset, list(s.configs), overrides)
+    from qualiteacher.study.warmup import warm_stages
+
+    for stage in [*warm_stages(cfg), "stage3"]:
+        if isinstance(cfg.get(stage), dict):
+            cfg[stage].setdefault("data", {})["seed"] = seed
+    cfg["stage3"].setdefault("model", {})["seed"] = seed
+    return cfg
+
+
+def run_config(seed_cfg: dict[str, Any], store: StudyStore, key: RunKey, steps: int,
+               held_out: str | None, variants: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """``seed_cfg`` with stage 3 set to ``key.mode``: its own folder, the warm-up as init."""
+    from qualiteacher.pipeline import stage_section
+
+    cfg = copy.deepcopy(seed_cfg)
+    init = stage_section(seed_cfg, "stage3")["model"].get("init_from")  # in the warm-up folder
+    cfg["out_dir"] = str(store.run_dir(key))
+    stage3 = cfg["stage3"]
+    stage3["model"]["init_from"] = init
+    stage3["model"].update(mode_overrides(key.mode, variants))
+    stage3["model"]["iqa_exclude"] = [held_out] if held_out else []
+    stage3.setdefault("trainer", {})["max_steps"] = steps
+    if stage3["model"].get("mode") == "supervised":
+        stage3["data"]["unlabeled_root"] = None  # the baseline never reads unlabeled data
+    return cfg
+
+
+def check_held_out(cfg: dict[str, Any], held_out: str | None) -> str | None:
+    """``held_out`` if it is a member of the stage-3 ensemble (names looked up now, not hard-coded)."""
+    from qualiteacher.iqa.presets import preset_specs
+    from qualiteacher.pipeline_config import ConfigError
+
+    if held_out is None:
+        return None
+    preset = cfg["stage3"]["model"].get("iqa_preset", "offline")
+    try:
+        names = [spec.name for spec in preset_specs(preset, cfg["task"])]
+    except KeyError as err:
+        raise ConfigError(str(err)) from err
+    if held_out not in names:
+        raise ConfigError(f"held-out member {held_out!r} is not in the '{preset}' ensemble of "
+                          f"{cfg['task']} (members: {', '.join(names)}); pass --held-out-member NAME or none")
+    if len(names) < 2:
+        raise ConfigError(f"the '{preset}' ensemble has one member: nothing is left to train with")
+    return held_out
+
+
+# ------------------------------------------------------------------------------ measuring
+class _Measurer:
+    """The full ensemble, the test split and the device, built on first use."""
+
+    def __init__(self, cfg: dict[str, Any], held_out: str | None) -> None:
+        self.cfg, self.held_out = cfg, held_out
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        ev = cfg.get("eval", {})
+        self.tile = ev.get("tile") or int(cfg["stage3"].get("data", {}).get("crop_size", 64))
+        self._ensemble = self._test = None
+
+    def _load(self) -> None:
+        if self._ensemble is None:
+            from qualiteacher.iqa.presets import build_ensemble
+            from qualiteacher.pipeline_eval import _test_set
+
+            m = self.cfg["stage3"]["model"]
+            self._ensemble = build_ensemble(m.get("iqa_preset", "offline"), task=self.cfg["task"],
+                                            weights_dir=m.get("iqa_weights_dir")).to(self.device)
+            self._test = _test_set(self.cfg)
+
+    def rows(self, restorers: dict[str, Any], dial_of: dict[str, torch.nn.Module]) -> list[dict[str, Any]]:
+        from qualiteacher.study.measures import dial_columns, level_dial, measure_restorers
+
+        self._load()
+        table = measure_restorers(restorers, self._test, self._ensemble, self.held_out, self.device)
+        rows = []
+        for name, row in table.iterrows():
+            dial = None
+            if name in dial_of:
+                dial = level_dial(dial_of[name], self._test, self._ensemble, self.held_out, self.tile,
+                                  device=self.device)
+            rows.append({"restorer": name, **row.to_dict(), **dial_columns(dial)})
+        return rows
+
+    def restorer(self, net: torch.nn.Module, level: int | None) -> Any:
+        from qualiteacher.training.restore import restore
+
+        net = net.to(self.device).eval()
+        return lambda x: restore(net, x, level=level, tile=self.tile)
+
+
+def warmup_student(cfg: dict[str, Any]) -> torch.nn.Module:
+    """The student stage 3 starts from (``stage3.model.init_from`` loaded as stage 3 loads it)."""
+    from qualiteacher.pipeline import parse_stage
+    from qualiteacher.training.stage3 import QualiTeacherModule
+
+    _, ns = parse_stage(cfg, "stage3")
+    args = {**ns.model.as_dict(), "mode": "supervised", "ensemble": None}  # supervised: no ensemble built
+    module = QualiTeacherModule(**args)
+    module.setup("fit")
+    return module.student
+
+
+# ------------------------------------------------------------------------------ the study
+def run_study(s: StudySettings) -> StudyResult:
+    """Run (or resume) the study ``s``; see the module docstring. Config errors raise ConfigError,
+    a folder of another study StudyMismatch, an unknown mode KeyError, before anything trains."""
+    from qualiteacher.pipeline import _git_commit, parse_stage
+    from qualiteacher.pipeline_config import ConfigError
+
+    modes = resolve_modes(s.modes, s.variants)
+    store = StudyStore(s.out_dir)
+    cfgs = {seed: seed_config(s, store, seed) for seed in s.seeds}
+    if not cfgs:
+        raise ConfigError("no seed given")
+    base = next(iter(cfgs.values()))
+    steps = int(s.steps or base["stage3"].get("trainer", {}).get("max_steps") or 0)
+    if steps < 1:
+        raise ConfigError(f"stage-3 steps must be >= 1, got {steps}")
+    held = check_held_out(base, s.held_out)
+    for seed, cfg in cfgs.items():  # every mode's stage-3 section is valid before anything trains
+        for mode in modes:
+            parse_stage(run_config(cfg, store, RunKey(mode, seed), steps, held, s.variants), "stage3")
+    store.check_settings({"task": s.task, "preset": s.preset, "student": base["student"], "steps": steps,
+                          "held_out": held, "data_root": base["data_root"], "configs": list(s.configs),
+                          "overrides": list(s.overrides), "variants": dict(s.variants)})
+    runs = _study_runs(base, store, _git_commit())
+    measurer = _Measurer(base, held)
+    meta = {"task": s.task, "preset": s.preset, "student": base["student"], "steps": steps, "held_out": held}
+    trained: list[str] = []
+    keys: list[RunKey] = []
+    from qualiteacher.study.warmup import grade_labeled, warm_up
+
+    grade_labeled(base, store.out / "labeled_quality.csv", (held,) if held else ())
+    for seed, cfg in cfgs.items():
+        seed_keys = [RunKey("warmup", seed)] + [RunKey(m, seed) for m in modes]
+        keys += seed_keys
+        if all(store.read(k) is not None for k in seed_keys):
+            print(f"[study] seed {seed}: every run finished earlier, skipped")
+            continue
+        warm_up(cfg, seed, lambda seed=seed: runs.child(RunKey("warmup", seed).name))
+        for key in seed_keys:
+            if store.read(key) is not None:
+                print(f"[study] {key.name}: finished earlier, skipped")
+                continue
+            print(f"[study] {s.task} · {key.name}" + ("" if key.mode == "warmup" else f" · {steps} stage-3 steps"))
+            rows = _run_one(key, cfg, store, runs, measurer, steps, held, s.variants)
+            rows = [{**meta, "mode": key.mode, "seed": seed, **r} for r in rows]
+            store.write(key, rows)
+            _log_rows(runs, key, rows, store.result_path(key))
+            trained.append(key.name)
+    return _finish(store, keys, modes, held, runs, s, trained)
+
+
+def _run_one(key: RunKey, cfg: dict[str, Any], store: StudyStore, runs: Any, measurer: _Measurer,
+             steps: int, held: str | None, variants: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    if key.mode == "warmup":  # the shared start: the unrestored input and the warm-up student
+        start = time.perf_counter()
+        student = warmup_student(cfg)
+        rows = measurer.rows({"input": lambda x: x, "warmup": measurer.restorer(student, None)}, {})
+        return [{**r, "train_s": float("nan"), "eval_s": time.perf_counter() - start} for r in rows]
+    from qualiteacher.pipeline_stages import train_stage
+    from qualiteacher.training.stage3 import load_trained
+
+    rcfg = run_config(cfg, store, key, steps, held, variants)
+    run_id = runs.child(key.name)
+    runs.client.set_tag(run_id, "mode", key.mode)
+    runs.client.set_tag(run_id, "seed", str(key.seed))
+    import lightning as L
+
+    L.seed_everything(key.seed, workers=True, verbose=False)
+    start = time.perf_counter()
+    final = train_stage("stage3", rcfg, runs, run_id)
+    train_s = time.perf_counter() - start
+    module = load_trained(final)
+    hp = module.hparams
+    level = int(hp.top_level) if hp.get("mode", "qualiteacher") == "qualiteacher" else None
+    dial = {key.mode: module.student} if is_conditioned(hp) else {}
+    start = time.perf_counter()
+    rows = measurer.rows({key.mode: measurer.restorer(module.student, level)}, dial)
+    return [{**r, "level": level if level is not None else float("nan"), "train_s": train_s,
+             "eval_s": time.perf_counter() - start} for r in rows]
+
+
+# ------------------------------------------------------------------------------ MLflow and files
+def _study_runs(cfg: dict[str, Any], store: StudyStore, commit: str) -> Any:
+    from qualiteacher.pipeline import PipelineState
+    from qualiteacher.tracking.runs import PipelineRuns
+
+    state = PipelineState(store.out / "mlflow_state.json")
+    runs = PipelineRuns(cfg, state, workdir=Path.cwd(), commit=commit)
+    if "parent_run_id" not in state.data:
+        run = runs.client.create_run(runs.experiment_id, run_name=f"study-{cfg['task']}-{cfg['preset']}",
+                                     tags={**runs.tags, "study": "modes"})
+        state.data["parent_run_id"] = run.info.run_id
+        state.save()
+    runs.start_parent()
+    return runs
+
+
+def _numeric(row: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and k != "seed":
+            out[k] = float(v)
+    return out
+
+
+def _log_rows(runs: Any, key: RunKey, rows: list[dict[str, Any]], path: Path) -> None:
+    from mlflow.entities import Metric
+
+    run_id = runs.child(key.name)
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"study/{r['restorer']}/{k}", v, now, 0) for r in rows for k, v in _numeric(r).items()]
+    for i in range(0, len(metrics), 900):
+        runs.client.log_batch(run_id, metrics=metrics[i:i + 900])
+    runs.client.log_artifact(run_id, str(path))
+    runs.finish(run_id)
+
+
+def _finish(store: StudyStore, keys: list[RunKey], modes: list[str], held: str | None, runs: Any,
+            s: StudySettings, trained: list[str]) -> StudyResult:
+    from mlflow.entities import Metric
+
+    from qualiteacher.study.report import plot_study, row_order, summarize, summary_markdown
+
+    df = store.rows(keys)
+    files = {k: store.out / v for k, v in OUT_FILES.items()}
+    df.to_csv(files["runs"], index=False)
+    order = row_order(df, modes)
+    summary = summarize(df, order, held)
+    summary.to_csv(files["summary"])
+    title = (f"{s.task} · preset {s.preset} · {df['steps'].iloc[0]} stage-3 steps · seeds "
+             f"{', '.join(str(x) for x in sorted(df['seed'].unique()))} · held-out member: {held or 'none'}")
+    files["table"].write_text(f"# Study: {title}\n\n{summary_markdown(summary, held)}\n")
+    plot_study(df, files["figure"], order, held, title=title)
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"study/{mode}/{col}", float(v), now, 0) for mode, row in summary.iterrows()
+               for col, v in row.items() if isinstance(v, (int, float)) and v == v]
+    for i in range(0, len(metrics), 900):
+        runs.client.log_batch(runs.parent_id, metrics=metrics[i:i + 900])
+    for path in files.values():
+        runs.client.log_artifact(runs.parent_id, str(path), artifact_path="study")
+    runs.end_parent()
+    print(f"\n{files['table'].read_text()}")
+    print(f"[study] files: {', '.join(str(p) for p in files.values())}")
+    print(f"[study] MLflow: {runs.uri} (study run {runs.parent_id})")
+    return StudyResult(df, summary, files, trained)
