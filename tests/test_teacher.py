@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from qualiteacher.teacher import (AUGMENTATIONS, PseudoLabelBank, VIEWS, apply_view, ema_update_,
-                                  invert_view, make_teacher, multi_augment)
+from qualiteacher.teacher import (AUGMENTATIONS, DiskStore, MemoryStore, PseudoLabelBank, VIEWS, apply_view,
+                                  ema_update_, invert_view, make_teacher, merge_indexes, multi_augment)
 
 
 def _net() -> nn.Module:
@@ -89,8 +89,13 @@ def _img(v: float) -> torch.Tensor:
     return torch.full((3, 4, 4), v)
 
 
-def test_bank_keeps_best_k_under_scripted_sequence():
-    bank = PseudoLabelBank(k=3)
+def _store(kind: str, tmp_path):
+    return DiskStore(tmp_path / "bank", cache_entries=2) if kind == "disk" else MemoryStore()
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_bank_keeps_best_k_under_scripted_sequence(kind, tmp_path):
+    bank = PseudoLabelBank(k=3, store=_store(kind, tmp_path))
     mask = torch.ones(1, 4, 4)
     script = [("a", 0.5, True), ("a", 0.2, True), ("a", 0.3, True),  # fills up
               ("a", 0.1, False),                                       # worse than worst: rejected
@@ -101,30 +106,55 @@ def test_bank_keeps_best_k_under_scripted_sequence():
         assert bank.offer(image_id, _img(score), mask, score, int(score * 10)) is expected
     assert [e.score for e in bank.entries["a"]] == [0.9, 0.5, 0.3]
     assert [e.level for e in bank.entries["a"]] == [9, 5, 3]
-    # stored images are the offered ones (uint8 round trip)
-    assert torch.allclose(bank.entries["a"][0].image.float() / 255, _img(0.9), atol=1 / 255)
+    assert len(bank) == 2 and "a" in bank and "zzz" not in bank
     imgs, masks, levels, scores, owner = bank.gather(["b", "a", "zzz"])
     assert imgs.shape == (4, 3, 4, 4) and masks.shape == (4, 1, 4, 4)
     assert owner.tolist() == [0, 1, 1, 1]
     assert scores.tolist() == pytest.approx([0.05, 0.9, 0.5, 0.3])
+    assert levels.tolist() == [0, 9, 5, 3]
+    # stored images are the offered ones (uint8 round trip)
+    assert torch.allclose(imgs[1], _img(0.9), atol=1 / 255) and torch.allclose(imgs[3], _img(0.3), atol=1 / 255)
     assert bank.accepts(["a", "a", "c"], torch.tensor([0.31, 0.29, 0.0])).tolist() == [True, False, True]
+    assert bank.level_counts(10) == [1, 0, 0, 1, 0, 1, 0, 0, 0, 1]
+    assert bank.mean_score() == pytest.approx((0.9 + 0.5 + 0.3 + 0.05) / 4)
+    assert bank.best_scores(["a", "zzz"], default=-1.0) == pytest.approx([0.9, -1.0])
 
 
-def test_bank_batch_offer_state_round_trip_and_merge():
+def test_bank_skips_non_finite_scores_and_duplicate_content():
+    bank = PseudoLabelBank(k=3)
+    assert not bank.offer("a", _img(0.5), torch.ones(1, 4, 4), float("nan"), 0)
+    assert "a" not in bank
+    assert bank.offer("a", _img(0.5), torch.ones(1, 4, 4), 0.5, 5)
+    assert not bank.offer("a", _img(0.5), torch.ones(1, 4, 4), 0.5, 5)   # the same pixels: one entry
+    assert len(bank.entries["a"]) == 1
+
+
+def test_bank_batch_offer_state_round_trip_and_index_merge():
     bank = PseudoLabelBank(k=2)
     n = 5
     ids = ["x", "x", "x", "y", "y"]
     scores = torch.tensor([0.1, 0.7, 0.4, 0.2, 0.3])
-    bank.offer_batch(ids, torch.rand(n, 3, 4, 4), torch.ones(n, 1, 4, 4), scores, torch.arange(n))
+    assert bank.offer_batch(ids, torch.rand(n, 3, 4, 4), torch.ones(n, 1, 4, 4), scores, torch.arange(n)) == 5
     assert [e.score for e in bank.entries["x"]] == pytest.approx([0.7, 0.4])
     restored = PseudoLabelBank()
     restored.load_state_dict(bank.state_dict())
-    assert restored.k == 2
-    assert all(torch.equal(a.image, b.image) for a, b in zip(bank.entries["x"], restored.entries["x"]))
+    assert restored.k == 2 and restored.entries == bank.entries
+    assert torch.equal(restored.gather(["x", "y"]).images, bank.gather(["x", "y"]).images)
     other = PseudoLabelBank(k=2)
     other.offer("z", torch.rand(3, 4, 4), torch.ones(1, 4, 4), 0.5, 5)
     other.offer("x", torch.rand(3, 4, 4), torch.ones(1, 4, 4), 0.99, 7)
-    bank.merge_(other)
-    assert set(bank.entries) == {"x", "y", "z"}
-    assert [e.score for e in bank.entries["x"]] == pytest.approx([0.99, 0.7])
-    assert bank.level_counts()[7] == 1
+    merged = merge_indexes([bank.index_state(), other.index_state()], k=2)
+    assert set(merged) == {"x", "y", "z"}
+    assert [e[0] for e in merged["x"]] == pytest.approx([0.99, 0.7])
+    assert merged["y"] == bank.index_state()["y"]
+
+
+def test_legacy_checkpoint_bank_loads():
+    legacy = {"k": 2, "entries": {"a": [{"image": torch.full((3, 4, 4), 200, dtype=torch.uint8),
+                                         "mask": torch.full((1, 4, 4), 255, dtype=torch.uint8),
+                                         "score": 0.6, "level": 6}]}}
+    bank = PseudoLabelBank()
+    bank.load_state_dict(legacy)
+    got = bank.gather(["a"])
+    assert bank.k == 2 and got.levels.tolist() == [6]
+    assert torch.equal((got.images * 255).round().to(torch.uint8), legacy["entries"]["a"][0]["image"][None])
