@@ -17,6 +17,7 @@ from torch import Tensor
 from qualiteacher.archs.conditioning import CondMode
 from qualiteacher.archs.iqpir import IQPIRNet, freeze_all_but_fidelity_
 from qualiteacher.archs.presets import build_iqpir
+from qualiteacher.training.distributed import set_conditioning_trainable_
 from qualiteacher.training.students import load_student_weights
 
 
@@ -62,6 +63,7 @@ class FidelityModule(L.LightningModule):
             load_student_weights(self.student, self.hparams.stage2_checkpoint, allow_missing=("fidelity.",))
             self.initialised = True
         freeze_all_but_fidelity_(self.student)
+        set_conditioning_trainable_(self.student, False)  # the blocks' level embeddings: unused until stage 3
 
     def forward(self, x: Tensor, level: Tensor | None = None, w: float | None = None) -> Tensor:
         return self.student(x, level, w).image
@@ -78,7 +80,7 @@ class FidelityModule(L.LightningModule):
             logs["perceptual"] = self.perceptual(out, gt)
             total = total + hp.w_perceptual * logs["perceptual"]
         with torch.no_grad():
-            prior = self.student(lq, None, w=0.0).image if batch_idx % 25 == 0 else None
+            prior = self.student(lq, None, w=0.0).image if self.global_step % 25 == 0 else None
         if prior is not None:
             logs["prior_l1"] = F.l1_loss(prior, gt)  # what the pure prior gives: the gap fusion closes
         logs["total"] = total

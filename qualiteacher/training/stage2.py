@@ -15,6 +15,7 @@ from qualiteacher.archs.conditioning import CondMode
 from qualiteacher.archs.iqpir import IQPIRNet, IQPIRResult, init_from_stage1
 from qualiteacher.archs.presets import build_autoencoder, build_iqpir
 from qualiteacher.archs.vqae import Encoder, VQAutoencoder
+from qualiteacher.training.distributed import set_conditioning_trainable_
 
 
 class CodeLosses(NamedTuple):
@@ -67,6 +68,7 @@ class Stage2Module(L.LightningModule):
         self.student: IQPIRNet = build_iqpir(preset, cond_mode, fusion)
         if self.student.fidelity is not None:  # trained later, in the fidelity stage (w = 0 here)
             self.student.fidelity.requires_grad_(False)
+        set_conditioning_trainable_(self.student, False)  # unused until stage 3 (DDP needs used weights)
         self.target_encoder: Encoder = copy.deepcopy(self.student.lq_encoder)  # frozen stage-1 encoder
         self.initialised = False
 

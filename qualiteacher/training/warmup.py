@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qualiteacher.training.distributed import set_conditioning_trainable_
 from qualiteacher.training.students import build_student
 
 
@@ -20,6 +21,7 @@ class WarmupModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.student = build_student(student, preset, cond_mode)
+        set_conditioning_trainable_(self.student, False)  # unused until stage 3 (DDP needs used weights)
 
     def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> Tensor:
         lab = batch["labeled"]
