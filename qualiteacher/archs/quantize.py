@@ -24,11 +24,17 @@ class Quantized(NamedTuple):
 
 
 def nearest_code(flat: Tensor, codebook: Tensor) -> Tensor:
-    """Index of the nearest codebook row (squared L2) for each row of ``flat`` (N, C) -> (N,)."""
-    # ||z||^2 - 2 z.e + ||e||^2, one matrix product for the whole batch
-    dist = torch.addmm(codebook.pow(2).sum(1)[None], flat, codebook.t(), alpha=-2.0)
-    dist = dist + flat.pow(2).sum(1, keepdim=True)
-    return dist.argmin(dim=1)
+    """Index of the nearest codebook row (squared L2) for each row of ``flat`` (N, C) -> (N,).
+
+    Always computed in float32: under an autocast region (``bf16-mixed``) the matrix product would
+    otherwise run in bfloat16 whatever the input dtype, and near-ties pick other codes.
+    """
+    with torch.autocast(flat.device.type, enabled=False):
+        flat, codebook = flat.float(), codebook.float()
+        # ||z||^2 - 2 z.e + ||e||^2, one matrix product for the whole batch
+        dist = torch.addmm(codebook.pow(2).sum(1)[None], flat, codebook.t(), alpha=-2.0)
+        dist = dist + flat.pow(2).sum(1, keepdim=True)
+        return dist.argmin(dim=1)
 
 
 def perplexity_of(indices: Tensor, num_codes: int) -> Tensor:
@@ -64,7 +70,7 @@ class VectorQuantizer(nn.Module):
         b, c, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, c)  # (B*H*W, C)
         with torch.no_grad():
-            indices = nearest_code(flat.float(), self.embedding.weight.float()).view(b, h, w)
+            indices = nearest_code(flat, self.embedding.weight).view(b, h, w)
         q = self.codes_from_indices(indices)  # (B, C, H, W)
 
         if mask is None:

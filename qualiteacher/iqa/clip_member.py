@@ -47,13 +47,31 @@ def clip_prompts(mode: ClipMode, task: str | None) -> tuple[tuple[str, ...], int
     return (CLEAN_PROMPT, *DEGRADATION_PROMPTS[key]), 1
 
 
-def load_open_clip(model_name: str, pretrained: str | None, member_name: str = "clip") -> tuple[nn.Module, object]:
+def weights_need_quick_gelu(model_name: str, pretrained: str | None) -> bool:
+    """Whether open_clip's pretrained tag ``pretrained`` was trained with QuickGELU (OpenAI's CLIP
+    weights were, e.g. ``ViT-B-32`` / ``openai``), while a plain model config builds GELU. False
+    for random weights, local files (their activation cannot be read from them) and
+    ``-quickgelu`` model names (their config has it already)."""
+    import open_clip
+
+    if not pretrained or os.path.isfile(pretrained) or model_name.endswith("-quickgelu"):
+        return False
+    return bool((open_clip.get_pretrained_cfg(model_name, pretrained) or {}).get("quick_gelu", False))
+
+
+def load_open_clip(model_name: str, pretrained: str | None, member_name: str = "clip",
+                   quick_gelu: bool | None = None) -> tuple[nn.Module, object]:
     """``(model, tokenizer)`` from open_clip; a tag downloads, a file path loads locally.
 
+    ``quick_gelu``: build the model with QuickGELU; ``None`` follows the tag
+    (:func:`weights_need_quick_gelu`), so OpenAI's weights run with the activation they were
+    trained with. Give ``True`` for a local file of OpenAI weights under a plain model name.
     A missing local file or a failed/disabled download raises ``MissingWeightsError``.
     """
     import open_clip
 
+    if quick_gelu is None:
+        quick_gelu = weights_need_quick_gelu(model_name, pretrained)
     if pretrained and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
         if not os.path.isfile(pretrained):
             raise MissingWeightsError(member_name, os.path.basename(pretrained), pretrained,
@@ -61,7 +79,8 @@ def load_open_clip(model_name: str, pretrained: str | None, member_name: str = "
     if pretrained and not os.path.isfile(pretrained) and not downloads_allowed():
         pretrained = _cached_open_clip_file(model_name, pretrained, member_name)
     try:
-        model = open_clip.create_model(model_name, pretrained=pretrained or None, device="cpu")
+        model = open_clip.create_model(model_name, pretrained=pretrained or None, device="cpu",
+                                       force_quick_gelu=bool(quick_gelu))
     except Exception as err:  # hub / network / file errors
         if not pretrained:
             raise
@@ -101,6 +120,8 @@ def _cached_open_clip_file(model_name: str, tag: str, member_name: str) -> str:
 
 class ClipMember(nn.Module):
     """Probability mass of the "good" prompts, (B, 3, H, W) in [0, 1] -> (B,) in [0, 1]."""
+
+    tolerates_bf16 = True  # a network: the ensemble may run it in bf16 + channels_last (low_precision)
 
     def __init__(
         self,
