@@ -19,6 +19,7 @@ import yaml
 
 from qualiteacher.pipeline_config import (STAGES, TASKS, TRAINING_STAGES, ConfigError, list_config_presets,
                                           resolve_config)
+from qualiteacher.training.distributed import launch_rank
 
 
 def _git_commit() -> str:
@@ -177,6 +178,11 @@ def run_pipeline(cfg: dict[str, Any], from_stage: str | None = None, only_stage:
     validate(cfg, stages)
     if "data" not in stages or not cfg.get("demo", {}).get("generate", True):
         check_data_folders(cfg, stages)
+    if launch_rank() > 0:  # a DDP worker: it trains alongside rank 0, which alone records and evaluates
+        from qualiteacher.pipeline_stages import run_worker
+
+        run_worker(cfg, [s for s in stages if only_stage or not state.done(s)], state)
+        return state.data
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     runs = PipelineRuns(cfg, state, workdir=Path.cwd(), commit=_git_commit())
     runs.start_parent()

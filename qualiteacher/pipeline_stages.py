@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 
 from qualiteacher.pipeline import PipelineState, parse_stage, stage_classes, stage_section
+from qualiteacher.pipeline_config import TRAINING_STAGES
 from qualiteacher.tracking.mlflow_logger import FlushBeforeCheckpoint, MlflowStepLogger, _flatten
 from qualiteacher.tracking.runs import PipelineRuns
 
@@ -61,8 +62,8 @@ def prepare_data(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> None:
 
 
 # ---------------------------------------------------------------------------- training
-def stage_trainer(cfg: dict[str, Any], stage: str, trainer_args: dict[str, Any], runs: PipelineRuns,
-                  run_id: str, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
+def stage_trainer(cfg: dict[str, Any], stage: str, trainer_args: dict[str, Any], runs: PipelineRuns | None,
+                  run_id: str | None, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
     """The stage's Trainer: its config plus our MLflow logger, resumable checkpoints, the console's
     step progress bar and key numbers (qualiteacher/console.py)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -82,12 +83,25 @@ def stage_trainer(cfg: dict[str, Any], stage: str, trainer_args: dict[str, Any],
                                                                "enable_progress_bar", "log_every_n_steps")}
     args = {k: v for k, v in args.items() if v is not None}
     args.setdefault("enable_model_summary", console.verbosity() == "verbose")
-    return L.Trainer(**args, logger=MlflowStepLogger(runs.uri, run_id), callbacks=callbacks,
+    logger = MlflowStepLogger(runs.uri, run_id) if runs is not None else False  # None: a DDP worker
+    return L.Trainer(**args, logger=logger, callbacks=callbacks,
                      default_root_dir=str(out), enable_progress_bar=progress, log_every_n_steps=1)
 
 
-def train_stage(stage: str, cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> Path:
-    """Fit one stage (resuming from ``last.ckpt`` when present); returns the final checkpoint."""
+# Stages whose training step leaves trainable weights out of a backward pass by design, so DDP
+# must look for unused parameters: stage 1 trains the generator and the discriminator with
+# separate backward passes (manual optimisation), each reaching only its own weights. The other
+# stages freeze what they do not train (e.g. the quality conditioning until stage 3).
+DDP_FIND_UNUSED_STAGES = frozenset({"stage1"})
+
+
+def train_stage(stage: str, cfg: dict[str, Any], runs: PipelineRuns | None, run_id: str | None) -> Path:
+    """Fit one stage (resuming from ``last.ckpt`` when present); returns the final checkpoint.
+
+    Under DDP every rank calls this (``runs=None`` on ranks > 0, see :func:`run_worker`): all of
+    them fit and save the final checkpoint together (its hooks gather from every rank); rank 0
+    alone writes it and tracks the stage in MLflow.
+    """
     parser, ns = parse_stage(cfg, stage)
     cls = stage_classes(cfg["student"])[stage]
     from qualiteacher.data.datamodule import RestorationDataModule
@@ -95,35 +109,66 @@ def train_stage(stage: str, cfg: dict[str, Any], runs: PipelineRuns, run_id: str
     model = cls(**ns.model.as_dict())
     data = RestorationDataModule(**ns.data.as_dict())
     extra: list[L.Callback] = []
-    if stage == "stage3":
+    if stage == "stage3" and runs is not None:
         from qualiteacher.pipeline_eval import Stage3Visuals
 
         extra.append(Stage3Visuals(runs, run_id, every_n_steps=max(1, int(cfg.get("checkpoint_every", 50)))))
-    trainer = stage_trainer(cfg, stage, ns.trainer.as_dict(), runs, run_id, extra)
-    section = stage_section(cfg, stage)
-    runs.log_params(run_id, _flatten(section))
-    runs.log_dict_artifact(run_id, section, f"{stage}_config.yaml")
+    trainer_args = ns.trainer.as_dict()
+    trainer = stage_trainer(cfg, stage, trainer_args, runs, run_id, extra)
+    if stage in DDP_FIND_UNUSED_STAGES and trainer.world_size > 1 and trainer_args.get("strategy") in (None, "auto", "ddp"):
+        trainer = stage_trainer(cfg, stage, {**trainer_args, "strategy": "ddp_find_unused_parameters_true"},
+                                runs, run_id, extra)
     out = Path(cfg["out_dir"]) / stage
-    last = out / "checkpoints" / "last.ckpt"
+    final = out / "final.ckpt"
+    if runs is None and trainer.world_size == 1:
+        return final  # a single-process stage: rank 0 trains it alone
+    if runs is not None:
+        section = stage_section(cfg, stage)
+        runs.log_params(run_id, _flatten(section))
+        runs.log_dict_artifact(run_id, section, f"{stage}_config.yaml")
     from qualiteacher import console
 
+    last = out / "checkpoints" / "last.ckpt"
     if last.is_file():
         console.say(f"  {stage}: resuming from {last}", "quiet")
     with console.fit_warnings(model, data):
         trainer.fit(model, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
     if trainer.interrupted:
         raise KeyboardInterrupt(f"{stage} interrupted; rerun the same command to resume")
-    if trainer.global_rank > 0:
-        # DDP worker processes re-run this command; rank 0 alone saves, evaluates and registers
-        raise SystemExit(0)
-    final = out / "final.ckpt"
-    trainer.save_checkpoint(final, weights_only=False)  # explicit: full state, as Lightning's default
+    trainer.save_checkpoint(final, weights_only=False)  # every rank; rank 0 writes (full state)
+    if runs is None:
+        return final
     runs.client.log_artifact(run_id, str(final), artifact_path="checkpoints")
     from qualiteacher.data.io import get_skip_log
 
     skipped = get_skip_log()
     console.say(f"  [data] {skipped.summary()}", "quiet" if len(skipped) else "verbose")
     return final
+
+
+def run_worker(cfg: dict[str, Any], stages: list[str], state: PipelineState, poll_s: float = 2.0,
+               timeout_s: float = 24 * 3600) -> None:
+    """A DDP worker process (``launch_rank() > 0``): train each of ``stages``' training stages
+    alongside rank 0, and nothing else. Rank 0 alone builds the data, writes the pipeline state,
+    tracks in MLflow, evaluates and registers.
+
+    A worker started by an external launcher (SLURM, torchrun) starts with rank 0: it first waits
+    until rank 0 has finished the data stage (``state.json``; the folder must be shared).
+    """
+    import time
+
+    if "data" in stages:
+        deadline = time.monotonic() + timeout_s
+        while not PipelineState(state.path).done("data"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank 0 did not finish the data stage within {timeout_s:.0f} s ({state.path})")
+            time.sleep(poll_s)
+    from qualiteacher.training.distributed import launch_rank
+
+    for stage in stages:
+        if stage in TRAINING_STAGES:
+            final = train_stage(stage, cfg, None, None)
+            print(f"[rank {launch_rank()}] {stage}: trained alongside rank 0 ({final})", flush=True)
 
 
 # ---------------------------------------------------------------------------- registration

@@ -20,10 +20,12 @@ from qualiteacher.archs.iqpir import freeze_prior_
 from qualiteacher.losses.consistency import crop_consistency_loss, random_window
 from qualiteacher.losses.preference import all_pairs_preference_loss, draw_low_levels, preference_loss
 from qualiteacher.losses.pseudo import pseudo_label_loss
-from qualiteacher.teacher.bank import PseudoLabelBank
+from qualiteacher.teacher.bank import PseudoLabelBank, merge_indexes
+from qualiteacher.teacher.bank_store import DiskStore
 from qualiteacher.teacher.ema import ema_update_, make_teacher
 from qualiteacher.teacher.multiaug import AUGMENTATIONS, multi_augment
 from qualiteacher.teacher.views import VIEWS, apply_view, check_views, invert_view
+from qualiteacher.training.distributed import all_gather_objects, rank_seed, set_conditioning_trainable_
 from qualiteacher.training.students import build_student, load_student_weights
 
 _FROZEN_PREFIXES = ("ensemble.",)
@@ -57,6 +59,10 @@ class QualiTeacherModule(L.LightningModule):
         init_from: checkpoint of the warmed-up student (stage 2); loaded in ``setup``.
         iqa_preset / task / iqa_weights_dir: the IQA ensemble (frozen, never checkpointed).
         ema_decay: teacher EMA decay ``d``. bank_k: candidates kept per unlabeled image.
+        bank_dir: folder of the pseudo-label bank's entries (one file per kept candidate; the
+            checkpoints hold only the index). ``None`` keeps them in RAM and inside checkpoints
+            (tiny runs; not under DDP). bank_cache: entries the disk bank keeps in RAM.
+        seed: run seed; rank r of a DDP run draws from ``rank_seed(seed, r)``.
         views: teacher views; n_aug_variants / aug_kinds / aug_max_strength: multi-augmentation.
         cond_lr_mult: learning-rate multiplier of the (zero-initialised) quality conditioning.
         w_*: loss weights; pref_start_step / crop_start_step: the step ``N`` they start at.
@@ -95,6 +101,8 @@ class QualiTeacherModule(L.LightningModule):
         weight_decay: float = 0.0,
         ema_decay: float = 0.999,
         bank_k: int = 3,
+        bank_dir: str | None = None,
+        bank_cache: int = 64,
         views: tuple[str, ...] = VIEWS,
         n_aug_variants: int = 2,
         aug_kinds: tuple[str, ...] = AUGMENTATIONS,
@@ -142,10 +150,11 @@ class QualiTeacherModule(L.LightningModule):
         self.student = build_student(student, preset, cond_mode)
         self.teacher = make_teacher(self.student)
         self.ensemble = ensemble  # built in setup() when not given
-        self.bank = PseudoLabelBank(bank_k)
+        self.bank = PseudoLabelBank(bank_k, DiskStore(bank_dir, bank_cache) if bank_dir else None)
         self.photometric = strong_photometric(strong_aug_p)
         self.strict_loading = False  # the frozen ensemble is left out of checkpoints
-        self._gen = torch.Generator().manual_seed(seed)
+        self._gen = torch.Generator().manual_seed(seed)  # reseeded per rank in setup()
+        self._resumed = False
         # running pool of candidate scores for the quantile level rule (saved with checkpoints)
         self.register_buffer("level_pool", torch.full((level_pool_size,), float("nan")))
         self.register_buffer("pool_ptr", torch.zeros((), dtype=torch.long))
@@ -169,6 +178,16 @@ class QualiTeacherModule(L.LightningModule):
         if self.hparams.student == "iqpir":
             # the codebook prior (decoder + codebooks) stays as stage 1 learned it
             freeze_prior_(self.student)
+        if self.hparams.mode != "qualiteacher":
+            # unconditioned modes never use the conditioning (and DDP needs every trainable weight used)
+            set_conditioning_trainable_(self.student, False)
+        if stage == "fit":
+            # each rank its own draws (views, levels, crop windows, variants); restored on resume
+            self._gen.manual_seed(rank_seed(self.hparams.seed, self.global_rank))
+            ddp = self._trainer is not None and self.trainer.world_size > 1
+            if ddp and not self.bank.store.durable and self.hparams.mode != "supervised":
+                raise ValueError("stage 3 under DDP needs the disk bank: set model.bank_dir (the pipeline "
+                                 "sets {out_dir}/stage3/bank); ranks share its entries through that folder")
 
     def train(self, mode: bool = True) -> "QualiTeacherModule":
         super().train(mode)
@@ -379,20 +398,32 @@ class QualiTeacherModule(L.LightningModule):
         return crop_consistency_loss(self._reward(win_out(top)), self._reward(of_crop))
 
     # ------------------------------------------------------------------ checkpoints
+    def on_train_start(self) -> None:
+        if self._resumed and self.bank.store.durable:
+            # entries a killed run wrote after its last checkpoint: no index refers to them
+            if self.global_rank == 0:
+                self.bank.store.delete(sorted(self.bank.store.keys_on_disk() - self.bank.live_keys()))
+            self.trainer.strategy.barrier("pseudo-label bank sweep")  # before any rank writes again
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # the checkpoint marked in on_save_checkpoint is on disk now: drop what it no longer needs
+        self.bank.collect_garbage()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         sd = checkpoint["state_dict"]
         for k in [k for k in sd if k.startswith(_FROZEN_PREFIXES)]:
             del sd[k]
-        bank = self.bank
-        if self.trainer is not None and self.trainer.world_size > 1:
-            # each rank holds the ids it saw: the saved bank is the union
-            states = _all_gather_objects(self.bank.state_dict())
-            bank = PseudoLabelBank(self.bank.k)
-            for st in states:
-                other = PseudoLabelBank(st["k"])
-                other.load_state_dict(st)
-                bank.merge_(other)
-        checkpoint["pseudo_label_bank"] = bank.state_dict()
+        # Lightning builds the checkpoint on every rank (rank 0 writes it): gather the ranks'
+        # indexes (no pixels: the entries are files in the shared bank folder) and random states
+        mine = {"index": self.bank.index_state(), "generator": self._gen.get_state(),
+                "torch": torch.get_rng_state()}
+        ranks = all_gather_objects(mine)
+        if len(ranks) > 1:  # every rank continues from the merged index
+            self.bank.load_index_(merge_indexes([r["index"] for r in ranks], self.bank.k))
+        checkpoint["pseudo_label_bank"] = self.bank.state_dict()
+        checkpoint["qualiteacher_rng"] = {"generator": [r["generator"] for r in ranks],
+                                          "torch": [r["torch"] for r in ranks]}
+        self.bank.mark_checkpoint()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         own = {k for k in self.state_dict() if not k.startswith(_FROZEN_PREFIXES)}
@@ -401,6 +432,18 @@ class QualiTeacherModule(L.LightningModule):
             raise RuntimeError(f"checkpoint lacks {len(missing)} weights of this model, e.g. {missing[:5]}")
         if "pseudo_label_bank" in checkpoint:
             self.bank.load_state_dict(checkpoint["pseudo_label_bank"])
+            lost = self.bank.missing_entries()
+            if lost:
+                raise RuntimeError(f"{len(lost)} pseudo-label bank entries of this checkpoint are missing from "
+                                   f"bank_dir={self.hparams.bank_dir!r} (e.g. {lost[0]}): was the folder moved "
+                                   f"or deleted? Point model.bank_dir at it.")
+            self._resumed = True
+        rng = checkpoint.get("qualiteacher_rng")
+        if rng is not None and self.global_rank < len(rng["generator"]):
+            self._gen.set_state(rng["generator"][self.global_rank])
+            torch.set_rng_state(rng["torch"][self.global_rank])
+        elif rng is not None:  # more ranks than the run that saved it: fresh streams for the new ones
+            self._gen.manual_seed(rank_seed(self.hparams.seed + checkpoint.get("global_step", 0), self.global_rank))
         pool = checkpoint["state_dict"].get("level_pool")
         if self.hparams.level_rule == "quantile" and self.ensemble is not None and pool is not None:
             finite = pool[torch.isfinite(pool)]
@@ -421,10 +464,3 @@ def load_trained(path: str | Path) -> QualiTeacherModule:
     module.bank.load_state_dict(state.get("pseudo_label_bank", {"k": module.bank.k, "entries": {}}))
     return module.eval()
 
-
-def _all_gather_objects(obj: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
