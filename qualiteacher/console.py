@@ -302,6 +302,17 @@ def mlflow_ui_command(uri: str) -> str:
     return f"{exe} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
+def _run_tag(uri: str, run_id: str | None, tag: str) -> str | None:
+    if not run_id:
+        return None
+    try:
+        from mlflow import MlflowClient
+
+        return MlflowClient(uri).get_run(run_id).data.tags.get(tag)
+    except Exception:  # noqa: BLE001  the summary must not fail on a tracking problem
+        return None
+
+
 def registered_version(uri: str, name: str, run_id: str | None) -> str | None:
     """Version of model ``name`` registered by run ``run_id`` (the newest if the run is unknown)."""
     try:
@@ -323,6 +334,9 @@ def final_summary(cfg: dict[str, Any], state: dict[str, Any], uri: str, seconds:
 
     task, out = cfg["task"], Path(cfg["out_dir"])
     lines = [f"━━ {task} · {cfg.get('preset', '')} · done" + (f" in {format_seconds(seconds)}" if seconds else "") + " ━━"]
+    flag = _run_tag(uri, state.get("parent_run_id"), "iqa_scores")
+    if flag:  # e.g. stand-in IQA weights: every score below is not a measurement
+        lines.append(f"!!! IQA SCORES ARE {flag} !!!")
     results = out / "eval" / "results.csv"
     if results.is_file():
         table = pd.read_csv(results, index_col=0)

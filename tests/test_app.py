@@ -55,13 +55,14 @@ def test_restore_and_scores_follow_the_hand_set_level(ensemble):
     assert torch.equal(a, b)
 
 
-def test_level_sweep_is_one_strip_with_a_score_per_level(ensemble):
+def test_level_sweep_gives_every_level_with_its_score(ensemble):
     model = _model(_ramped_unet())
     x = _image(1, (48, 48))
     sweep = level_sweep(model, ensemble, x)
     assert sweep.table.names == [f"level {q}" for q in range(8)]
     assert len(set(round(f, 5) for f in sweep.table.fused)) > 1
-    assert sweep.strip.dtype == np.uint8 and sweep.strip.shape[1] > 8 * 48
+    assert len(sweep.images) == 8 and sweep.images[0].dtype == np.uint8 and sweep.images[0].shape == (48, 48, 3)
+    assert sweep.captions[3] == f"level 3 · {sweep.table.fused[3]:.3f}"
     # the batched sweep gives each image its own level: level 5 scores as restoring at 5 alone
     alone = score_images(ensemble, restore_image(model, x, level=5).image, ["5"])
     assert sweep.table.fused[5] == pytest.approx(alone.fused[0], abs=1e-4)

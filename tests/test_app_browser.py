@@ -104,11 +104,11 @@ def test_app_in_headless_chromium(app_server, demo_root, tmp_path):
             expect(scores).not_to_have_text(top_scores, timeout=30_000)
             low_pixels = _output_pixels(page, page.request)
             assert np.abs(low_pixels - top_pixels).mean() > 1.0, "the output image did not change with the level"
-            # the level sweep: one strip and a score per level
+            # the level sweep: the image at every level, a score per level
             page.locator("#qt-sweep-button").click()
             sweep = page.locator("#qt-sweep-scores")
             expect(sweep).to_contain_text("level 7", timeout=90_000)
-            expect(page.locator("#qt-sweep img")).to_be_visible(timeout=30_000)
+            expect(page.locator("#qt-sweep img")).to_have_count(8, timeout=30_000)
             shot = tmp_path / "app_browser.png"
             page.screenshot(path=str(shot), full_page=True)
             # a corrupt upload: a message in the page, and the app keeps serving

@@ -23,7 +23,6 @@ MAX_PIXELS = 40_000_000       # uploads above this (read from the header, before
 AUTO_TILE_SIDE = 512          # images with a longer side are restored in tiles of this size
 SCORE_SIDE = 512              # outputs are scored on a copy whose longer side is at most this
 SWEEP_SIDE = 384              # the level sweep runs on a copy whose longer side is at most this
-STRIP_MIN_CELL = 160          # narrowest cell of the sweep strip, in pixels
 
 
 class UploadError(ValueError):
@@ -48,8 +47,9 @@ class ScoreTable(NamedTuple):
 
 
 class Sweep(NamedTuple):
-    strip: np.ndarray    # (H, W, 3) uint8: the image at every level, titled with its fused score
-    table: ScoreTable    # one column per level
+    images: list[np.ndarray]   # (H, W, 3) uint8: the image at every level
+    captions: list[str]        # "level 3 · 0.612": each level with its fused score
+    table: ScoreTable          # one column per level
     seconds: float
 
 
@@ -150,8 +150,7 @@ def score_images(ensemble: nn.Module, images: Tensor, names: list[str], side: in
 def level_sweep(model: AppModel, ensemble: nn.Module, x: Tensor, w: float | None = None,
                 levels: tuple[int, ...] = LEVELS, side: int = SWEEP_SIDE, tile: int | None = None) -> Sweep:
     """The student at every level on a copy of ``x`` no larger than ``side``: one batched restore,
-    one batched scoring call, and a titled strip."""
-    from qualiteacher.eval.figures import image_grid
+    one batched scoring call; each level's image with its fused score as caption."""
     from qualiteacher.training.restore import restore
 
     start = time.perf_counter()
@@ -162,11 +161,8 @@ def level_sweep(model: AppModel, ensemble: nn.Module, x: Tensor, w: float | None
     batch = small.to(device).expand(len(levels), -1, -1, -1)           # (L, 3, H, W)
     out = restore(_Conditioned(model.student, lv, w), batch, level=None, tile=pick_tile(small, tile)).float().cpu()
     table = score_images(ensemble, out, [f"level {q}" for q in levels])
-    titles = [f"level {q} · {f:.3f}" for q, f in zip(levels, table.fused)]
-    h, w_px = out.shape[-2:]
-    grow = max(1.0, STRIP_MIN_CELL / w_px)  # small images are shown larger, so the titles fit
-    strip = image_grid([list(out)], titles, cell_size=(round(h * grow), round(w_px * grow)), title_height=28)
-    return Sweep(strip, table, time.perf_counter() - start)
+    captions = [f"level {q} · {f:.3f}" for q, f in zip(levels, table.fused)]
+    return Sweep([to_uint8(o) for o in out], captions, table, time.perf_counter() - start)
 
 
 def score_markdown(table: ScoreTable) -> str:

@@ -64,8 +64,8 @@ class Handlers:
                   f"scored in {scoring:.2f} s")
         return (to_uint8(x), to_uint8(out.image)), score_markdown(table), status
 
-    def sweep(self, payload: Any, w: float | None) -> tuple[np.ndarray | None, str]:
-        """-> (strip of the image at every level, per-level score table with a timing line)."""
+    def sweep(self, payload: Any, w: float | None) -> tuple[list[tuple[np.ndarray, str]] | None, str]:
+        """-> (the image at every level with its fused score, per-level score table with a timing line)."""
         try:
             x = read_upload(upload_path(payload), self.settings.max_pixels)
             sw = level_sweep(self.model, self.ensemble, x, None if w is None else float(w), LEVELS,
@@ -74,7 +74,7 @@ class Handlers:
             return None, f"⚠️ {err}"
         except Exception as err:  # noqa: BLE001
             return None, f"⚠️ level sweep failed: {type(err).__name__}: {err}"
-        return sw.strip, f"Level sweep in {sw.seconds:.2f} s\n\n" + score_markdown(sw.table)
+        return list(zip(sw.images, sw.captions)), f"Level sweep in {sw.seconds:.2f} s\n\n" + score_markdown(sw.table)
 
 
 def example_images(folder: str | Path | None, limit: int = 8) -> list[str]:
@@ -118,7 +118,8 @@ def build_app(model: AppModel, ensemble: nn.Module, examples: list[str] = (), se
                 pair = gr.ImageSlider(label="input | output (drag the divider)", type="numpy", elem_id="qt-output")
                 status = gr.Markdown(elem_id="qt-status")
                 scores = gr.Markdown(elem_id="qt-scores")
-        strip = gr.Image(label="level sweep", type="numpy", interactive=False, elem_id="qt-sweep")
+        strip = gr.Gallery(label="level sweep: the student at every level (fused score)", columns=len(LEVELS),
+                           object_fit="contain", height=240, interactive=False, elem_id="qt-sweep")
         sweep_scores = gr.Markdown(elem_id="qt-sweep-scores")
 
         ins, outs = [image, level, w, teacher], [pair, scores, status]
