@@ -31,6 +31,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", action="append", default=[], metavar="NAME=FOLDER",
                    help="restored images of another method, matched by file name; repeatable")
     p.add_argument("--level", type=int, default=7, help="requested quality level of the students")
+    p.add_argument("--w", type=float, default=None,
+                   help="fidelity weight in [0, 1] of IQPIR students (default: each checkpoint's own)")
     p.add_argument("--teacher", action="store_true", help="also evaluate each checkpoint's EMA teacher")
     p.add_argument("--metrics", nargs="+", default=["auto"],
                    help="NR-IQA metrics (e.g. musiq clipiqa niqe); auto = whichever have weights")
@@ -48,22 +50,33 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-images", action="store_true", help="write every restored image to OUT/images/")
     p.add_argument("--out", default=None, help="output folder (default: outputs/eval/TASK-BENCHMARK)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="skip images with more pixels than this, read from the header before decoding "
+                        "(default: $QUALITEACHER_MAX_PIXELS or 64 million; 0: no cap)")
     p.add_argument("--mlflow", action="store_true",
                    help="log to MLflow (a new run in experiment 'qualiteacher-eval' unless MLFLOW_RUN_ID is set)")
     p.add_argument("--no-progress", action="store_true")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    import torch
-
     from qualiteacher.iqa.members import MissingWeightsError
+    from qualiteacher.training.restore import resolve_device
 
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
+        args.device = str(resolve_device(args.device))  # checked before any work starts
+        if args.mlflow or os.environ.get("MLFLOW_RUN_ID"):
+            from qualiteacher.tracking.mlflow_logger import check_tracking_uri, tracking_uri
+
+            check_tracking_uri(tracking_uri())
+        if getattr(args, "max_pixels", None) is not None:
+            from qualiteacher.data.io import MAX_PIXELS_ENV
+
+            os.environ[MAX_PIXELS_ENV] = str(args.max_pixels)
         return _evaluate(args)
     except (FileNotFoundError, ValueError, MissingWeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 
@@ -96,11 +109,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     from qualiteacher.training.stage3 import load_trained
 
     modules = {name: load_trained(path) for name, path in checkpoints.items()}
+    from qualiteacher.training.restore import check_tile
+
+    for name, module in modules.items():
+        top = int(module.hparams.get("top_level", 7))
+        if not 0 <= args.level <= top:
+            raise ValueError(f"--level {args.level} is out of range: checkpoint {checkpoints[name]} has levels 0..{top}")
+        check_tile(args.tile, getattr(module.student, "size_multiple", 8))
     metrics = build_metric_set(args.metrics)
     for name, reason in metrics.skipped.items():
         print(f"[eval] metric {name} skipped: {reason}")
     restorers = {"input": lambda x, _id: x}
-    restorers.update(checkpoint_restorers(modules, args.level, args.teacher, args.tile, args.device))
+    if args.w is not None and not 0.0 <= args.w <= 1.0:
+        raise ValueError(f"--w {args.w} is out of range: the fidelity weight lies in [0, 1]")
+    restorers.update(checkpoint_restorers(modules, args.level, args.teacher, args.tile, args.device, w=args.w))
     restorers.update({name: folder_restorer(folder) for name, folder in baselines.items()})
     presets = [m.hparams.get("iqa_preset") for m in modules.values()]
     preset = args.iqa_preset or next((p for p in presets if p), "offline")
@@ -129,7 +151,7 @@ def _log_mlflow(result: object, args: argparse.Namespace) -> None:
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment("qualiteacher-eval")
     with mlflow.start_run(run_name=f"eval-{args.task}") as run:
-        mlflow.log_params({"task": args.task, "data": args.data, "level": args.level,
+        mlflow.log_params({"task": args.task, "data": args.data, "level": args.level, "w": args.w,
                            "benchmark": args.benchmark, "checkpoints": ",".join(args.checkpoint)})
         log_to_mlflow(result)
         print(f"[mlflow] logged to run {run.info.run_id} ({mlflow.get_tracking_uri()})")

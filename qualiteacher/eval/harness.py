@@ -27,11 +27,10 @@ from qualiteacher.eval.fullref import psnr, ssim
 from qualiteacher.eval.metrics import MetricSet, resolve_metrics, score_images
 from qualiteacher.eval.nriqa import scores_frame
 from qualiteacher.eval.report import markdown_table, summary_table
-from qualiteacher.training.restore import restore
+from qualiteacher.training.restore import AUTO_TILE_SIDE, auto_tile, restore  # noqa: F401  (AUTO_TILE_SIDE re-exported)
 
 # restorer: (image (1, 3, H, W) in [0, 1], image id) -> restored image of the same shape
 Restorer = Callable[[Tensor, str], Tensor]
-AUTO_TILE_SIDE = 512  # images with a longer side are restored in tiles of this size
 
 
 @dataclass
@@ -47,25 +46,19 @@ class EvalResult:
     files: list[Path] = field(default_factory=list)
 
 
-def auto_tile(image: Tensor, tile: int | None) -> int | None:
-    """``tile`` if given (0 = never tile), else ``AUTO_TILE_SIDE`` for images larger than that."""
-    if tile is not None:
-        return tile or None
-    return AUTO_TILE_SIDE if max(image.shape[-2:]) > AUTO_TILE_SIDE else None
-
-
 def checkpoint_restorers(modules: Mapping[str, Any], level: int = 7, teacher: bool = False,
-                         tile: int | None = None, device: str | torch.device = "cpu") -> dict[str, Restorer]:
+                         tile: int | None = None, device: str | torch.device = "cpu",
+                         w: float | None = None) -> dict[str, Restorer]:
     """Restorers of trained stage-3 modules (`load_trained`): ``NAME`` (student at ``level``) and,
     with ``teacher``, ``NAME/teacher``. A single module named ``""`` gives ``student@LEVEL`` and
-    ``teacher``."""
+    ``teacher``. ``w``: fidelity weight (``None``: each model's default)."""
     out: dict[str, Restorer] = {}
     for name, module in modules.items():
         student, ema = module.student.to(device).eval(), module.teacher.to(device).eval()
-        out[name or f"student@{level}"] = lambda x, _id, m=student: restore(m, x, level=level, tile=auto_tile(x, tile))
+        out[name or f"student@{level}"] = lambda x, _id, m=student: restore(m, x, level=level, tile=auto_tile(x, tile), w=w)
         if teacher:
             out[f"{name}/teacher" if name else "teacher"] = (
-                lambda x, _id, m=ema: restore(m, x, level=None, tile=auto_tile(x, tile)))
+                lambda x, _id, m=ema: restore(m, x, level=None, tile=auto_tile(x, tile), w=w))
     return out
 
 
@@ -140,15 +133,18 @@ def evaluate(restorers: Mapping[str, Restorer], records: Sequence[ImageRecord], 
                 lq = lq.to(device)
                 with torch.no_grad():
                     outputs = {name: fn(lq, rec.id).float().clamp(0, 1) for name, fn in restorers.items()}
+                batch = torch.cat(list(outputs.values()))  # (R, 3, H, W): one call per metric
+                frame = score_images(metrics, batch)
+                if ensemble is not None:
+                    with torch.no_grad():
+                        frame = pd.concat([scores_frame(ensemble(batch)), frame], axis=1)
             except ImageReadError as err:
                 log.record(err.path, err.reason)
                 continue
+            except (RuntimeError, ValueError, MemoryError) as err:  # one image never ends the run
+                log.record(rec.lq, f"failed to restore or score: {type(err).__name__}: {str(err)[:200]}")
+                continue
             done.append(rec)
-            batch = torch.cat(list(outputs.values()))  # (R, 3, H, W): one call per metric
-            frame = score_images(metrics, batch)
-            if ensemble is not None:
-                with torch.no_grad():
-                    frame = pd.concat([scores_frame(ensemble(batch)), frame], axis=1)
             frame.insert(0, "restorer", list(outputs))
             frame.insert(0, "id", rec.id)
             if gt is not None:

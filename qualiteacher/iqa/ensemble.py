@@ -67,6 +67,7 @@ class Ensemble(nn.Module):
             raise ValueError(f"member names {names} must be unique and match the modules {sorted(members)}")
         self.specs = tuple(specs)
         self.task = task
+        self.low_precision = False  # True: members with ``tolerates_bf16`` run in bf16 (stage 3's iqa_bf16)
         self.members = nn.ModuleDict({s.name: members[s.name] for s in specs})
         self.register_buffer("level_thresholds", torch.empty(0), persistent=False)
         self._register_state_dict_hook(_drop_own_state)
@@ -87,6 +88,11 @@ class Ensemble(nn.Module):
     def _raw_score(self, spec: MemberSpec, images: Tensor) -> Tensor:
         module = self.members[spec.name]
         min_size = int(spec.options.get("min_size", getattr(module, "min_size", 0)))
+        if self.low_precision and getattr(module, "tolerates_bf16", False):
+            # a network that keeps its judgement in bf16: autocast and channels_last
+            x = upsample_to_min_side(images.float().clamp(0, 1), min_size).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+                return module(x).float().reshape(-1)
         with torch.autocast(device_type=images.device.type, enabled=False):
             x = upsample_to_min_side(images.float().clamp(0, 1), min_size)
             return module(x).float().reshape(-1)

@@ -24,7 +24,7 @@ pyiqa) and the fitted shape passes its implicit gradient (pyiqa's table search p
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ _SKIMAGE_GREY = (0.2125, 0.7154, 0.0721)  # skimage.color.rgb2gray (the brisque 
 _EPS64 = torch.finfo(torch.float64).eps  # pyiqa's safe_sqrt epsilon (its float64 path)
 ALPHA_RANGE = (0.2, 10.0)                # pyiqa's table of shape parameters
 NIQE_BLOCK = 96
+NATIVE_MIN_BLOCK = 16  # native-size NIQE: smallest block (images below 32 px are upsampled to it)
 _SHIFTS_NIQE = ((0, 1), (1, 0), (1, 1), (1, -1))
 _SHIFTS_BRISQUE = ((0, 1), (1, 0), (1, 1), (-1, 1))
 Border = Literal["replicate", "zeros"]
@@ -240,8 +241,8 @@ def niqe_features(images: Tensor, block: int = NIQE_BLOCK) -> Tensor:
 def niqe_distance(feats: Tensor, mu_pristine: Tensor, cov_pristine: Tensor) -> Tensor:
     """NIQE (B,) from block features (B, N, 36): ``sqrt(d^T pinv((C_p + C_d) / 2) d)``, float64.
 
-    Blocks with a non-finite feature are left out (pyiqa's nanmean / nancov); an image with fewer
-    than two usable blocks scores NaN (pyiqa raises there).
+    Blocks with a non-finite feature are left out (pyiqa's nanmean / nancov); with a single usable
+    block the pristine covariance stands alone, with none the score is NaN (pyiqa raises on both).
     """
     f = feats.double()
     ok = torch.isfinite(f).all(-1)                                               # (B, N)
@@ -251,7 +252,9 @@ def niqe_distance(feats: Tensor, mu_pristine: Tensor, cov_pristine: Tensor) -> T
     mean = (f * w).sum(1) / n.clamp_min(1)                                        # (B, 36)
     dev = (f - mean[:, None]) * w
     cov = dev.transpose(1, 2) @ dev / (n[..., None] - 1).clamp_min(1)             # (B, 36, 36)
-    usable = n[:, 0] >= 2
+    # one usable block: no spread of its own, the pristine covariance alone (pyiqa raises there)
+    cov = torch.where((n[:, 0] >= 2)[:, None, None], cov, torch.zeros_like(cov))
+    usable = n[:, 0] >= 1
     cov_p = cov_pristine.to(f)
     eye = torch.eye(cov.shape[-1], dtype=f.dtype, device=f.device)
     both = torch.where(usable[:, None, None], (cov_p + cov) / 2, eye)
@@ -333,17 +336,40 @@ def svr_score(feats: Tensor, sv: Tensor, sv_coef: Tensor, gamma: float, rho: flo
 
 
 # ----------------------------------------------------------------------------------- member modules
-class FastNiqe(nn.Module):
-    """NIQE (B,) with a pristine model ``mu`` (36,) / ``cov`` (36, 36); lower = better."""
+def native_block(h: int, w: int, max_block: int = NIQE_BLOCK) -> int:
+    """NIQE block for an image graded at its own size: at most ``max_block``, at least 2 x 2 blocks
+    (even, >= ``NATIVE_MIN_BLOCK``; smaller images must be upsampled to ``2 * NATIVE_MIN_BLOCK``)."""
+    k = min(max_block, min(h, w) // 2) // 2 * 2
+    return max(k, NATIVE_MIN_BLOCK)
 
-    def __init__(self, mu: Tensor, cov: Tensor, block: int = NIQE_BLOCK) -> None:
+
+class FastNiqe(nn.Module):
+    """NIQE (B,) with a pristine model ``mu`` (36,) / ``cov`` (36, 36) of ``block``-px blocks; lower = better.
+
+    ``pristine_for`` (block -> (mu, cov)) switches on native-size grading: an image smaller than
+    two blocks a side is cut into ``native_block`` blocks and compared with the pristine model of
+    that block size (fitted once, kept) instead of being upsampled to ``2 * block`` px.
+    """
+
+    def __init__(self, mu: Tensor, cov: Tensor, block: int = NIQE_BLOCK,
+                 pristine_for: Callable[[int], tuple[Tensor, Tensor]] | None = None) -> None:
         super().__init__()
         self.register_buffer("mu", mu.detach().double().reshape(-1), persistent=False)
         self.register_buffer("cov", cov.detach().double(), persistent=False)
         self.block = int(block)
+        self.pristine_for = pristine_for
+        self.min_size = 2 * (NATIVE_MIN_BLOCK if pristine_for is not None else self.block)
+        self._models: dict[int, tuple[Tensor, Tensor]] = {}
 
     def forward(self, images: Tensor) -> Tensor:
-        return niqe_score(images, self.mu, self.cov, self.block).float()
+        k = self.block if self.pristine_for is None else native_block(*images.shape[-2:], self.block)
+        if k == self.block:
+            mu, cov = self.mu, self.cov
+        else:
+            if k not in self._models:
+                self._models[k] = tuple(t.detach().double().cpu() for t in self.pristine_for(k))
+            mu, cov = (t.to(images.device) for t in self._models[k])
+        return niqe_score(images, mu, cov, k).float()
 
 
 class FastBrisque(nn.Module):

@@ -318,3 +318,55 @@ def default_niqe_params() -> Path:
         fit_niqe(load_skimage_photos(NIQE_FIT_PHOTOS), tmp)
         tmp.replace(out)
     return out
+
+
+NATIVE_FIT_SIDES: tuple[int, ...] = (96, 128, 192)
+
+
+def niqe_pristine(block: int) -> tuple[Tensor, Tensor]:
+    """Pristine NIQE model ``(mu (36,), cov (36, 36))`` for ``block``-px blocks (native-size grading).
+
+    96 px: the offline preset's model (``default_niqe_params``). Smaller blocks: fitted once with
+    the float32 features of ``fast_features`` on ``NIQE_FIT_PHOTOS`` rescaled to short sides of
+    ``NATIVE_FIT_SIDES`` px (the scale of small crops), cached in ``$QUALITEACHER_HOME/iqa``.
+    """
+    import scipy.io
+
+    path = default_niqe_params() if block == 96 else qualiteacher_home() / "iqa" / f"niqe_pristine_native_b{block}.mat"
+    if not path.exists():
+        from qualiteacher.iqa.fast_features import niqe_features
+
+        feats = []
+        for img in load_skimage_photos(NIQE_FIT_PHOTOS):
+            x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
+            for side in NATIVE_FIT_SIDES:
+                y = F.interpolate(x, scale_factor=side / min(x.shape[-2:]), mode="bilinear",
+                                  antialias=True, align_corners=False).clamp(0, 1)
+                f = niqe_features(y, block).reshape(-1, 36)
+                feats.append(f[torch.isfinite(f).all(1)])
+        all_feats = torch.cat(feats).double()
+        if all_feats.shape[0] < 40:
+            raise ValueError(f"niqe_pristine: only {all_feats.shape[0]} clean {block}-px blocks")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + f".{os.getpid()}.mat")
+        scipy.io.savemat(tmp, {"mu_prisparam": all_feats.mean(0, keepdim=True).numpy(),
+                               "cov_prisparam": np.cov(all_feats.numpy(), rowvar=False),
+                               "n_blocks": all_feats.shape[0]})
+        tmp.replace(path)
+    mat = scipy.io.loadmat(str(path))
+    return torch.from_numpy(np.ravel(mat["mu_prisparam"])), torch.from_numpy(mat["cov_prisparam"])
+
+
+def native_niqe_member(weights_path: str | None = None) -> nn.Module:
+    """The offline NIQE member grading every image at its own size (``options: {native: true}``):
+    no upsampling of small crops, blocks and pristine model follow the image (``niqe_pristine``)."""
+    import scipy.io
+
+    from qualiteacher.iqa.fast_features import FastNiqe
+
+    if weights_path is not None:
+        mat = scipy.io.loadmat(str(weights_path))
+        mu, cov = torch.from_numpy(np.ravel(mat["mu_prisparam"])), torch.from_numpy(mat["cov_prisparam"])
+    else:
+        mu, cov = niqe_pristine(96)
+    return FastNiqe(mu, cov, 96, pristine_for=niqe_pristine)

@@ -316,6 +316,8 @@ class PyiqaMember(nn.Module):
         # NIQE / BRISQUE: our float32 batched implementation with this net's parameters
         self.fast_net = fast_equivalent(net, metric)
         self.fast = self.fast_net is not None
+        # learned networks may run in bf16 + channels_last (Ensemble.low_precision); statistics may not
+        self.tolerates_bf16 = metric not in ("niqe", "brisque", "piqe", "entropy", "ilniqe")
 
     def forward(self, images: Tensor) -> Tensor:
         if self.fast and self.fast_net is not None:

@@ -9,6 +9,55 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+AUTO_TILE_SIDE = 512  # images with more pixels than a square of this side are restored in such tiles
+MIN_TILE = 16         # smaller tiles leave the model no context (a grid pattern in the output)
+
+
+def auto_tile(image: Tensor, tile: int | None, side: int = AUTO_TILE_SIDE) -> int | None:
+    """The tile size to restore ``image`` (..., H, W) with: ``tile`` if given (0 = never tile),
+    else ``side`` when the image has more than ``side**2`` pixels (memory stays bounded whatever
+    the size; a 20000 x 8 strip has few pixels and runs whole), else None."""
+    if tile is not None:
+        return tile or None
+    h, w = image.shape[-2:]
+    return side if h * w > side * side else None
+
+
+def check_tile(tile: int | None, multiple: int = 8, overlap: int | None = None) -> None:
+    """``ValueError`` unless ``tile`` (None / 0: no tiling) is at least the model's size
+    ``multiple`` plus the ``overlap`` (default a quarter of the tile): smaller tiles leave the
+    model no context and write a grid pattern."""
+    if tile is None or tile == 0:
+        return
+    overlap = tile // 4 if overlap is None else overlap
+    least = max(MIN_TILE, multiple + overlap, 2 * overlap + 1)
+    if tile < least:
+        raise ValueError(f"--tile {tile} is too small: tiles must be at least {least} px (the model's size "
+                         f"multiple {multiple} plus the {overlap}-px overlap, and {MIN_TILE} px at least); use "
+                         f"the training crop size or larger, or 0 for no tiling")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``, ``mps``: a ``ValueError``
+    naming the problem when the device does not exist here (checked before any work starts)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, mps, auto): {err}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: unsupported device type {device.type!r} (cpu, cuda, mps)")
+    return device
+
+
 def _ramp(n: int, overlap: int, device: torch.device) -> Tensor:
     # 1-D blending weight: linear ramps over the overlap at both ends, 1 inside, never 0
     w = torch.ones(n, device=device)
@@ -64,8 +113,10 @@ def tiled_apply(fn: Callable[[Tensor], Tensor], image: Tensor, tile: int, overla
 
 @torch.no_grad()
 def restore(model: nn.Module, images: Tensor, level: int | None = 7, tile: int | None = None,
-            overlap: int | None = None, tiles_per_batch: int = 8, multiple: int = 8) -> Tensor:
-    """Restore ``images`` (B, 3, H, W) in [0, 1] with a student at quality ``level``.
+            overlap: int | None = None, tiles_per_batch: int = 8, multiple: int = 8,
+            w: float | None = None) -> Tensor:
+    """Restore ``images`` (B, 3, H, W) in [0, 1] with a student at quality ``level`` (and, for a
+    student with a fidelity path, fidelity ``w``; ``None``: the student's default).
 
     ``level=None`` runs unconditioned (as the teacher does). With ``tile`` set, the image is
     processed in overlapping tiles of that size (use the training crop size: codebook models with
@@ -77,13 +128,13 @@ def restore(model: nn.Module, images: Tensor, level: int | None = 7, tile: int |
     try:
         def fn(x: Tensor) -> Tensor:
             lv = None if level is None else torch.full((x.shape[0],), level, device=x.device, dtype=torch.long)
-            return model(x, lv).image.clamp(0, 1)
+            return model(x, lv, w=w).image.clamp(0, 1)
 
         if tile is None:
-            b, c, h, w = images.shape
-            ph, pw = (-h) % multiple, (-w) % multiple
+            h, wd = images.shape[-2:]  # not `w`: that is the fidelity weight fn passes on
+            ph, pw = (-h) % multiple, (-wd) % multiple
             x = F.pad(images, (0, pw, 0, ph), mode="replicate") if ph or pw else images
-            return fn(x)[..., :h, :w]
+            return fn(x)[..., :h, :wd]
         overlap = tile // 4 if overlap is None else overlap
         return tiled_apply(fn, images, tile, overlap, tiles_per_batch, multiple)
     finally:

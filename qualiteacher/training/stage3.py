@@ -18,7 +18,13 @@ from torch import Tensor, nn
 from qualiteacher.archs.conditioning import AdaLNModulation, LevelEmbedding
 from qualiteacher.archs.iqpir import freeze_prior_
 from qualiteacher.losses.consistency import crop_consistency_loss, random_window
-from qualiteacher.losses.preference import all_pairs_preference_loss, draw_low_levels, preference_loss
+from qualiteacher.losses.preference import (
+    all_pairs_preference_loss,
+    draw_level_subsets,
+    draw_low_levels,
+    preference_loss,
+    sampled_all_pairs_preference_loss,
+)
 from qualiteacher.losses.pseudo import pseudo_label_loss
 from qualiteacher.teacher.bank import PseudoLabelBank, merge_indexes
 from qualiteacher.teacher.bank_store import DiskStore
@@ -67,6 +73,9 @@ class QualiTeacherModule(L.LightningModule):
         cond_lr_mult: learning-rate multiplier of the (zero-initialised) quality conditioning.
         w_*: loss weights; pref_start_step / crop_start_step: the step ``N`` they start at.
         pref_mode: ``pair`` (METHOD.md L_a + λ₂ L_b) or ``all_pairs`` (every ordered level pair).
+        pref_levels_per_step: ``all_pairs`` only: rank a random subset of this many levels per image
+            and step (the top level always in), with an unbiased estimate of the all-pairs loss;
+            None ranks every level.
         crop_windows: ``aligned`` (same window for both sides) or ``independent`` (as released).
         mask_block: block size of the per-pixel reliability mask.
         refresh_every: grade new candidates every n steps (and whenever an image is new to the bank).
@@ -84,6 +93,9 @@ class QualiTeacherModule(L.LightningModule):
             student call at ``top_level``, the "-conditioning" ablation).
         iqa_exclude: ensemble members left out of training altogether (grading, levels, masks,
             reward): a held-out member to score the results with afterwards.
+        compile_student: ``torch.compile`` the student (first steps compile; worth it on long GPU runs).
+        iqa_bf16: IQA members that are networks (MUSIQ, CLIP, ...) run in bf16 autocast and
+            channels_last; NIQE / BRISQUE / PIQE / physical members always run in float32.
     """
 
     def __init__(
@@ -120,6 +132,7 @@ class QualiTeacherModule(L.LightningModule):
         pref_start_step: int = 2000,
         crop_start_step: int = 2000,
         pref_mode: Literal["pair", "all_pairs"] = "pair",
+        pref_levels_per_step: int | None = None,
         pref_beta: float = 1.0,
         pref_delta: float = 0.1,
         pref_lambda: float = 1.0,
@@ -134,12 +147,16 @@ class QualiTeacherModule(L.LightningModule):
         use_mask: bool = True,
         condition_on_level: bool = True,
         iqa_exclude: tuple[str, ...] = (),
+        compile_student: bool = False,
+        iqa_bf16: bool = False,
         ensemble: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["ensemble"])
         if not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}")
+        if pref_levels_per_step is not None and pref_levels_per_step < 3:
+            raise ValueError(f"pref_levels_per_step must be >= 3 or None, got {pref_levels_per_step}")
         if not all(0 <= q < top_level for q in low_levels):
             raise ValueError(f"low_levels {low_levels} must lie in [0, top_level={top_level})")
         if refresh_every < 1:
@@ -172,6 +189,8 @@ class QualiTeacherModule(L.LightningModule):
             self.ensemble = without_members(self.ensemble, tuple(self.hparams.iqa_exclude))
         if self.ensemble is not None:
             self.ensemble.requires_grad_(False)
+            if hasattr(self.ensemble, "low_precision"):
+                self.ensemble.low_precision = self.hparams.iqa_bf16
         if stage == "fit" and self.hparams.init_from and self.global_step == 0:
             load_student_weights(self.student, self.hparams.init_from)
             self.teacher.load_state_dict(self.student.state_dict())
@@ -188,6 +207,8 @@ class QualiTeacherModule(L.LightningModule):
             if ddp and not self.bank.store.durable and self.hparams.mode != "supervised":
                 raise ValueError("stage 3 under DDP needs the disk bank: set model.bank_dir (the pipeline "
                                  "sets {out_dir}/stage3/bank); ranks share its entries through that folder")
+        if self.hparams.compile_student and stage == "fit":
+            self.student.compile(dynamic=True)  # in place: weights and their names are unchanged
 
     def train(self, mode: bool = True) -> "QualiTeacherModule":
         super().train(mode)
@@ -322,6 +343,10 @@ class QualiTeacherModule(L.LightningModule):
             else:
                 grid = torch.tensor(sorted(set(hp.low_levels) | {hp.top_level}), device=x_s.device)
                 pref_levels = grid[:, None].expand(-1, b)                         # (L, B)
+                if hp.pref_levels_per_step is not None and hp.pref_levels_per_step < grid.numel():
+                    # a random subset per image, top level always in (sorted last: reused below)
+                    pref_levels = draw_level_subsets(b, grid, hp.pref_levels_per_step, hp.top_level,
+                                                     self._gen).T                  # (m, B)
             inputs += [x_s] * pref_levels.shape[0]
             conds += list(pref_levels)
         cond = torch.cat(conds)
@@ -348,8 +373,13 @@ class QualiTeacherModule(L.LightningModule):
             else:
                 # margin grows with the level gap; the widest gap (top vs lowest) gets δ
                 per_level = hp.pref_delta / max(1, hp.top_level - min(hp.low_levels))
-                l_pref = hp.pref_lambda * all_pairs_preference_loss(rewards.T, pref_levels[:, 0],
-                                                                    hp.pref_beta, per_level)
+                n_grid = len(set(hp.low_levels) | {hp.top_level})
+                if pref_levels.shape[0] < n_grid:
+                    l_pref = hp.pref_lambda * sampled_all_pairs_preference_loss(
+                        rewards.T, pref_levels.T, n_grid, hp.top_level, hp.pref_beta, per_level)
+                else:
+                    l_pref = hp.pref_lambda * all_pairs_preference_loss(rewards.T, pref_levels[:, 0],
+                                                                        hp.pref_beta, per_level)
             top = outs[-1] if hp.pref_mode == "all_pairs" else outs[0]
 
         l_crop = x_s.new_zeros(())
