@@ -11,6 +11,7 @@ pipeline's stage runs) and a run per mode and seed.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -267,7 +268,7 @@ def _study_runs(cfg: dict[str, Any], store: StudyStore, commit: str) -> Any:
 def _numeric(row: dict[str, Any]) -> dict[str, float]:
     out = {}
     for k, v in row.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and k != "seed":
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k != "seed":
             out[k] = float(v)
     return out
 
@@ -302,7 +303,7 @@ def _finish(store: StudyStore, keys: list[RunKey], modes: list[str], held: str |
     plot_study(df, files["figure"], order, held, title=title)
     now = int(time.time() * 1000)
     metrics = [Metric(f"study/{mode}/{col}", float(v), now, 0) for mode, row in summary.iterrows()
-               for col, v in row.items() if isinstance(v, (int, float)) and v == v]
+               for col, v in row.items() if isinstance(v, (int, float)) and math.isfinite(v)]
     for i in range(0, len(metrics), 900):
         runs.client.log_batch(runs.parent_id, metrics=metrics[i:i + 900])
     for path in files.values():
