@@ -92,13 +92,15 @@ def test_spec_round_trip_through_dicts() -> None:
 
 
 def test_preset_catalogue() -> None:
-    assert list_iqa_presets() == ["paper", "offline"]
+    assert list_iqa_presets() == ["paper", "offline", "offline_v1"]
     paper = {s.name: s for s in preset_specs("paper")}
     assert {n: s.weight for n, s in paper.items()} == {"musiq": 0.4, "clip": 0.2, "brisque": 0.4}
     assert paper["musiq"].normalization == Normalization("range", 0.0, 100.0)
     for task in TASKS:
-        names = [s.name for s in preset_specs("offline", task)]
+        names = [s.name for s in preset_specs("offline_v1", task)]
         assert names[:3] == ["piqe", "brisque", "niqe"] and len(names) == 6
+        names = [s.name for s in preset_specs("offline", task)]
+        assert names[:7] == ["piqe", "brisque", "niqe", "blockiness", "clipping", "colourfulness", "colour_cast"]
     with pytest.raises(KeyError, match="unknown IQA preset"):
         preset_specs("nope")
     with pytest.raises(ValueError, match="unknown task"):

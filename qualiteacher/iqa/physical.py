@@ -12,6 +12,8 @@ thresholds are sigmoids, the histogram is a soft histogram). Raw scales and dire
 - ``snow_flakes``: fraction of pixels that are small bright blobs (white top-hat above a soft
   threshold), lower = better.
 - ``blockiness``: JPEG 8-px grid strength (best grid phase against the others), lower = better.
+- ``colourfulness``, ``colour_cast``, ``clipping``: global colour and exposure statistics that catch
+  destroyed outputs (grey-out, wrong white balance, clipped or posterized values); see image_stats.py.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from qualiteacher.iqa.image_stats import clipping, colour_cast, colourfulness
 
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -161,6 +165,9 @@ PHYSICAL_METRICS: dict[str, Callable[..., Tensor]] = {
     "rain_streaks": rain_streak_density,
     "snow_flakes": snow_flake_density,
     "blockiness": blockiness,
+    "colourfulness": colourfulness,
+    "colour_cast": colour_cast,
+    "clipping": clipping,
 }
 
 

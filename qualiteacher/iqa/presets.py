@@ -8,8 +8,12 @@
   caches (see pyiqa_adapter.py); a missing file raises ``MissingWeightsError``.
 - ``offline``: no download. PIQE (pyiqa, no weights), BRISQUE with the ``brisque`` package's LIVE
   SVR, NIQE fitted on scikit-image photos, JPEG blockiness, plus the task's physical member and
-  RMS contrast. Weights were chosen on the degradation-ladder sanity check (docs/iqa.md): every
-  task's fused score falls with the task's degradation and with blur, noise and JPEG.
+  RMS contrast, plus clipping, colourfulness and colour cast. Weights and ranges were chosen with
+  ``qualiteacher iqa audit`` (docs/iqa.md): every task's fused score falls with the task's
+  degradation and with blur, noise and JPEG, and ranks destroyed outputs (grey-out, posterize,
+  colour cast, mosaic, noise texture, over-sharpening, blur, a constant image, an untrained
+  student) below their clean source in >= 95 % of the pairs. ``offline_v1``: the preset before
+  that audit, kept for comparison.
 """
 
 from __future__ import annotations
@@ -46,7 +50,42 @@ PRESETS: dict[str, dict[str, Any]] = {
         "task_members": {},
     },
     "offline": {
-        "description": "No download: PIQE + BRISQUE (brisque-package LIVE SVR) + NIQE (fitted on skimage photos) + blockiness + physical",
+        "description": "No download, audited against destroyed outputs (qualiteacher iqa audit): PIQE + BRISQUE + NIQE + blockiness + clipping + colourfulness + colour cast + physical",
+        "members": [
+            _m("piqe", "pyiqa:piqe", 0.2, 0.0, 100.0, False, differentiable=False, reward_mode="detach"),
+            _m("brisque", "offline:brisque", 0.3, 0.0, 100.0, False),
+            _m("niqe", "offline:niqe", 0.3, 0.0, 25.0, False),
+            _m("blockiness", "physical:blockiness", 0.2, 0.3, 2.0, False),
+            # clipped channels: posterize, over-sharpening, noise texture, an untrained decoder
+            _m("clipping", "physical:clipping", 0.4, 0.0, 0.1, False),
+            # capped low (0.15): colour present pays, over-saturation does not
+            _m("colourfulness", "physical:colourfulness", 0.2, 0.0, 0.15, True),
+            _m("colour_cast", "physical:colour_cast", 0.1, 0.0, 3.0, False),
+        ],
+        # dark channel below 0.15 (a clean photo's) earns nothing more: no reward for dark texture
+        "task_members": {
+            "dehaze": [
+                _m("haze", "physical:haze_density", 0.2, 0.15, 0.6, False),
+                _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
+            ],
+            "derain": [
+                _m("rain", "physical:rain_streaks", 0.2, 0.0, 1.0, False),
+                _m("veil", "physical:haze_density", 0.2, 0.15, 0.6, False),
+                _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
+            ],
+            "desnow": [
+                _m("snow", "physical:snow_flakes", 0.2, 0.0, 0.2, False),
+                _m("veil", "physical:haze_density", 0.2, 0.15, 0.6, False),
+                _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
+            ],
+            "lowlight": [
+                _m("exposure", "physical:exposure", 0.2, 0.0, 1.0, True),
+                _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
+            ],
+        },
+    },
+    "offline_v1": {
+        "description": "Before the destruction audit (issue 12; kept for comparison). No download: PIQE + BRISQUE (brisque-package LIVE SVR) + NIQE (fitted on skimage photos) + blockiness + physical",
         "members": [
             _m("piqe", "pyiqa:piqe", 0.2, 0.0, 100.0, False, differentiable=False, reward_mode="detach"),
             _m("brisque", "offline:brisque", 0.3, 0.0, 100.0, False),
@@ -110,8 +149,6 @@ def build_member(spec: MemberSpec, task: str | None = None, weights_dir: str | N
 
         if spec.metric == "brisque":
             return offline.load_brisque_svr(spec.weights_path)
-        if spec.metric == "niqe" and spec.options.get("native"):
-            return offline.native_niqe_member(spec.weights_path)  # blocks follow the image size
         if spec.metric == "niqe":
             from qualiteacher.iqa.pyiqa_adapter import build_pyiqa_member
 
