@@ -358,7 +358,7 @@ def build_parts(args: argparse.Namespace) -> tuple[Any, Any, list[dict[str, Any]
         specs = [MemberSpec.from_dict({**s.to_dict(), "options": {**s.options, "native": True}})
                  if s.backend == "offline:niqe" else s for s in specs]
     try:
-        ensemble = ensemble_from_specs(specs, model.get("task"), model.get("iqa_weights_dir"), random_weights=False)
+        ensemble = ensemble_from_specs(specs, model.get("task"), model.get("iqa_weights_dir"))
     except FileNotFoundError as err:  # MissingWeightsError: no weight files here
         first = str(err).splitlines()[0]
         notes.append(f"IQA preset {model['iqa_preset']!r}: weights missing ({first}); members built with "

@@ -195,7 +195,11 @@ def run_pipeline(cfg: dict[str, Any], from_stage: str | None = None, only_stage:
             console.stage_skipped(cfg["task"], stage)
             continue
         console.stage_start(cfg["task"], stage, cfg["student"])
-        run_stage(stage, cfg, state, runs)
+        try:
+            run_stage(stage, cfg, state, runs)
+        except BaseException as err:
+            runs.fail_stage(stage, err)  # the stage's run and the parent: FAILED (KILLED on Ctrl+C)
+            raise
         if stage == "data":
             check_data_folders(cfg, stages)
         state.stage(stage)["done"] = True

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from qualiteacher.tracking.mlflow_logger import _flatten, ensure_experiment, tracking_uri
+from qualiteacher.tracking.mlflow_logger import _flatten, check_tracking_uri, ensure_experiment, tracking_uri
 
 
 class PipelineRuns:
@@ -18,6 +18,7 @@ class PipelineRuns:
 
         self.cfg, self.state, self.commit = cfg, state, commit
         self.uri = tracking_uri(workdir)
+        check_tracking_uri(self.uri)  # seconds and one clear line, not minutes of retries
         self.client = MlflowClient(self.uri)
         self.experiment_id = ensure_experiment(self.client, cfg.get("experiment", "qualiteacher"), workdir)
         self.tags = {"task": cfg["task"], "preset": cfg["preset"], "student": cfg["student"],
@@ -82,6 +83,21 @@ class PipelineRuns:
 
     def finish(self, run_id: str) -> None:
         self.client.set_terminated(run_id, "FINISHED")
+
+    def fail_stage(self, stage: str, err: BaseException) -> None:
+        """Mark the run of a stage that raised ``err``, and the parent run, FAILED (KILLED for an
+        interrupt), so the MLflow UI never shows a crashed pipeline as RUNNING. Best effort: a
+        tracking error here never hides ``err``."""
+        if isinstance(err, SystemExit) and err.code in (0, None):
+            return  # a DDP worker rank leaving normally
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        ids = [self.state.stage(stage).get("run_id"), self.state.data.get("parent_run_id")]
+        for run_id in [i for i in ids if i]:
+            try:
+                self.client.set_tag(run_id, "error", f"{stage}: {type(err).__name__}: {err}"[:5000])
+                self.client.set_terminated(run_id, status)
+            except Exception:  # noqa: BLE001  the store itself may be the problem
+                pass
 
     def end_parent(self) -> None:
         self.finish(self.parent_id)
