@@ -182,13 +182,17 @@ def test_checkpoint_model_carries_task_and_ensemble_settings(app_checkpoint):
     assert not torch.equal(restore_image(model, x, 0).image, restore_image(model, x, 7).image)
 
 
-def test_app_command_errors_are_one_line(tmp_path, capsys):
+def test_app_command_errors_are_one_line(tmp_path, capsys, monkeypatch):
     from qualiteacher.cli import main
 
     assert main(["app", "--checkpoint", str(tmp_path / "missing.ckpt")]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["app", "--model", "runs:/abc/student", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
     assert "models:/" in capsys.readouterr().err
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["app"]) == 2                                   # default: models:/qualiteacher-dehaze/latest
+    assert "no MLflow store at sqlite:///" in capsys.readouterr().err and not (tmp_path / "mlflow.db").exists()
 
 
 def test_registry_loading_from_a_temporary_store(app_checkpoint, tmp_path, monkeypatch):

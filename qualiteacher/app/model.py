@@ -114,7 +114,12 @@ def load_registry_model(model_uri: str, tracking_uri: str | None = None) -> AppM
 
     from qualiteacher.tracking.mlflow_logger import tracking_uri as default_uri
 
+    _split_model_uri(model_uri)  # a wrong kind of URI first
     uri = tracking_uri or default_uri(Path.cwd())
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        # asking would create an empty store here: say what to pass instead
+        raise ModelLoadError(f"no MLflow store at {uri}: run the pipeline here first, pass --tracking-uri, "
+                             f"or open a checkpoint with --checkpoint OUT/stage3/final.ckpt")
     mlflow.set_tracking_uri(uri)
     try:
         meta = registry_metadata(model_uri, uri)
