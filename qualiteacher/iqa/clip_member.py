@@ -123,8 +123,6 @@ class ClipMember(nn.Module):
 
     tolerates_bf16 = True  # a network: the ensemble may run it in bf16 + channels_last (low_precision)
 
-    tolerates_bf16 = True  # a network: the ensemble may run it in bf16 + channels_last (low_precision)
-
     def __init__(
         self,
         model: nn.Module,

@@ -149,6 +149,8 @@ def build_member(spec: MemberSpec, task: str | None = None, weights_dir: str | N
 
         if spec.metric == "brisque":
             return offline.load_brisque_svr(spec.weights_path)
+        if spec.metric == "niqe" and spec.options.get("native"):
+            return offline.native_niqe_member(spec.weights_path)  # blocks follow the image size
         if spec.metric == "niqe":
             from qualiteacher.iqa.pyiqa_adapter import build_pyiqa_member
 
