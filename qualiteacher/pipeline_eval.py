@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import lightning as L
 import pandas as pd
@@ -80,40 +80,62 @@ def _test_set(cfg: dict[str, Any]) -> list[tuple[str, Tensor, Tensor | None]]:
     return out
 
 
+def training_device(trainer: Mapping[str, Any]) -> torch.device:
+    """The device a stage's Lightning ``trainer`` section trains on (``accelerator`` / ``devices``;
+    ``auto`` or unset: CUDA, else MPS, else the CPU): the pipeline evaluates there too."""
+    accelerator = str(trainer.get("accelerator") or "auto").lower()
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if accelerator == "gpu":
+        accelerator = "mps" if torch.backends.mps.is_available() and not torch.cuda.is_available() else "cuda"
+    if accelerator != "cuda":
+        return torch.device("mps" if accelerator == "mps" else "cpu")
+    devices = trainer.get("devices")
+    # a list ([2, 3]) or "2,3" names device ids; a count (2, "2", "auto", -1) starts at 0
+    ids = devices if isinstance(devices, (list, tuple)) else (
+        [d for d in devices.split(",") if d.strip()] if isinstance(devices, str) and "," in devices else [0])
+    return torch.device("cuda", int(ids[0]) if ids else 0)
+
+
 def evaluate_pipeline(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> pd.DataFrame:
     """Input vs teacher vs student at the top level on the held-out test set (fused IQA score,
     PSNR/SSIM where references exist), the score-versus-level study, grids; all logged."""
     from qualiteacher.eval.figures import image_grid, plot_score_vs_level
     from qualiteacher.eval.nriqa import level_spearman, score_levels
     from qualiteacher.eval.report import build_restorers, evaluate_restorers, format_table, summary_table
-    from qualiteacher.iqa.presets import build_ensemble
+    from qualiteacher.iqa.presets import MEANINGLESS, build_ensemble, label_meaningless
     from qualiteacher.pipeline_stages import load_stage3
 
     ev = cfg.get("eval", {})
-    module = load_stage3(cfg)
+    device = training_device(cfg["stage3"].get("trainer") or {})
+    module = load_stage3(cfg).to(device)
     hp = module.hparams
-    ensemble = build_ensemble(hp.iqa_preset, task=hp.task, weights_dir=hp.iqa_weights_dir)
+    ensemble = build_ensemble(hp.iqa_preset, task=hp.task, weights_dir=hp.iqa_weights_dir).to(device)
     tile = ev.get("tile") or int(cfg["stage3"].get("data", {}).get("crop_size", 64))
     top = int(hp.top_level)
     test = _test_set(cfg)
     out = Path(cfg["out_dir"]) / "eval"
     out.mkdir(parents=True, exist_ok=True)
 
+    from qualiteacher import console
+
+    console.say(f"  [eval] restoring and scoring on {device}", "verbose")
+
     restorers = build_restorers(module.student, module.teacher, levels=(top,), tile=tile)
-    df = evaluate_restorers(restorers, test, ensemble)
-    table = summary_table(df)
+    df = label_meaningless(evaluate_restorers(restorers, test, ensemble, device=device), ensemble)
+    table = label_meaningless(summary_table(df), ensemble)
     df.to_csv(out / "per_image.csv", index=False)
     table.to_csv(out / "results.csv")
-    levels_df = score_levels(module.student, [lq for _, lq, _ in test], ensemble,
+    levels_df = score_levels(module.student, [lq.to(device) for _, lq, _ in test], ensemble,
                              levels=ev.get("levels", range(8)), tile=tile, ids=[i for i, _, _ in test])
-    levels_df.to_csv(out / "score_vs_level.csv", index=False)
+    label_meaningless(levels_df, ensemble).to_csv(out / "score_vs_level.csv", index=False)
     rho = level_spearman(levels_df)
     plot_score_vs_level(levels_df, out / "score_vs_level.png",
                         title=f"{cfg['task']}: ensemble score vs requested level (Spearman {rho:.2f})")
     rows: list = []
     titles: list[str] = []
     for image_id, lq, gt in test[:3]:
-        r, titles = _grid_rows(module, lq[None], list(ev.get("grid_levels", [0, 3, 5, 7])), tile,
+        r, titles = _grid_rows(module, lq[None].to(device), list(ev.get("grid_levels", [0, 3, 5, 7])), tile,
                                gt=None if gt is None else gt[None])
         rows += r
     from qualiteacher.eval.figures import save_png
@@ -133,11 +155,17 @@ def evaluate_pipeline(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> p
     client.log_batch(runs.parent_id, metrics=batch)
     brief = [c for c in ("images", "fused", "iqa_level", "psnr", "ssim") if c in table.columns]
     text = format_table(table[brief])
-    from qualiteacher import console
+    warn = f"\n!!! IQA SCORES ARE {MEANINGLESS} !!!" if ensemble.meaningless else ""
+    if ensemble.meaningless:
+        client.set_tag(run_id, "iqa_scores", MEANINGLESS)
+        client.set_tag(runs.parent_id, "iqa_scores", MEANINGLESS)
 
     console.stage_numbers("eval", console.eval_numbers(table, rho))  # the full table: in the final summary
-    console.say(f"\nResults on {len(test)} held-out {cfg['task']} test images "
-                f"(student at level {top}; ensemble '{hp.iqa_preset}'):\n{text}", "verbose")
-    console.say(f"Ensemble score vs requested level: Spearman ρ = {rho:.3f}", "verbose")
+    if warn:
+        console.say(warn, "quiet")
+    console.say(f"{warn}\nResults on {len(test)} held-out {cfg['task']} test images "
+                f"(student at level {top}; ensemble '{hp.iqa_preset}'):\n{text}{warn}", "verbose")
+    console.say(f"Ensemble score vs requested level: Spearman ρ = {rho:.3f}" + (" (meaningless)" if warn else ""),
+                "verbose")
     console.say(f"MLflow: {runs.uri} (parent run {runs.parent_id}); files in {out}", "verbose")
     return table

@@ -144,35 +144,41 @@ def score_command(
     cache: str | Path | None = None,
     batch_size: int = 16,
     resize_side: int | None = None,
+    weights_dir: str | None = None,
 ) -> tuple[pd.DataFrame, str]:
     """``qualiteacher score DIR``: score a folder with a preset; write ``out`` (.csv or .parquet).
 
-    ``cache`` defaults to ``$QUALITEACHER_HOME/scores.parquet``.
+    ``cache`` defaults to ``$QUALITEACHER_HOME/scores.parquet``; ``weights_dir`` holds local IQA
+    weight files (as ``build_ensemble``).
     """
     from qualiteacher.iqa.offline import qualiteacher_home
-    from qualiteacher.iqa.presets import build_ensemble
+    from qualiteacher.iqa.presets import MEANINGLESS, build_ensemble, label_meaningless
 
-    ensemble = build_ensemble(preset, task=task)
+    ensemble = build_ensemble(preset, task=task, weights_dir=weights_dir)
     cache_path = Path(cache) if cache else qualiteacher_home() / "scores.parquet"
-    table = score_folder(folder, ensemble, cache_path, batch_size=batch_size, resize_side=resize_side)
+    table = label_meaningless(score_folder(folder, ensemble, cache_path, batch_size=batch_size,
+                                           resize_side=resize_side), ensemble)
     skipped = len(table.attrs.get("skipped", {}))
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(out, index=False) if out.suffix.lower() == ".csv" else table.to_parquet(out, index=False)
     header = f"preset {preset!r} task {task!r} version {ensemble.version}\n"
+    if ensemble.meaningless:
+        header = f"{MEANINGLESS}\n{header}"
     return table, header + summary_table(table, skipped)
 
 
 def grade_clean_images(folder: str | Path, task: str, preset: str, cache: str | Path,
-                       exclude: tuple[str, ...] = ()) -> pd.DataFrame:
+                       exclude: tuple[str, ...] = (), weights_dir: str | None = None) -> pd.DataFrame:
     """Fused score of every clean image of ``folder`` under the ``preset`` ensemble of ``task``
     without the members ``exclude`` (``id`` = file stem), through the score cache: the stage-1
-    quality table."""
+    quality table. ``weights_dir``: local IQA weight files (as ``build_ensemble``). Scores of an
+    ensemble on stand-in weights carry an ``iqa_scores`` column saying they are meaningless."""
     from qualiteacher.iqa.ensemble import without_members
-    from qualiteacher.iqa.presets import build_ensemble
+    from qualiteacher.iqa.presets import build_ensemble, label_meaningless
 
-    ensemble = build_ensemble(preset, task=task)
+    ensemble = build_ensemble(preset, task=task, weights_dir=weights_dir)
     df = score_folder(folder, without_members(ensemble, exclude) if exclude else ensemble, cache)
     df = df.assign(id=[Path(p).stem for p in df["path"]])
-    return df[["id", "path", "fused"]]
+    return label_meaningless(df[["id", "path", "fused"]], ensemble)

@@ -56,17 +56,23 @@ class Ensemble(nn.Module):
     smaller than a member's ``min_size`` (spec option, else the module's ``min_size``) are upsampled
     bilinearly to it. The ensemble's tensors are left out of ``state_dict`` (they come from the
     presets, not from training) and loading a parent's state dict keeps them as they are.
+    ``random_members`` names members built with stand-in (random) weights: then every score is
+    meaningless (``meaningless``) and ``version`` ends in ``-random`` so no cache mixes them up.
     """
 
-    def __init__(self, specs: Sequence[MemberSpec], members: Mapping[str, nn.Module], task: str | None = None) -> None:
+    def __init__(self, specs: Sequence[MemberSpec], members: Mapping[str, nn.Module], task: str | None = None,
+                 random_members: Sequence[str] = ()) -> None:
         super().__init__()
         specs = list(specs)
         total_weight_is_positive(specs)
         names = [s.name for s in specs]
         if len(set(names)) != len(names) or set(names) != set(members):
             raise ValueError(f"member names {names} must be unique and match the modules {sorted(members)}")
+        if not set(random_members) <= set(names):
+            raise ValueError(f"random_members {list(random_members)} are not all members of {names}")
         self.specs = tuple(specs)
         self.task = task
+        self.random_members = tuple(random_members)
         self.low_precision = False  # True: members with ``tolerates_bf16`` run in bf16 (stage 3's iqa_bf16)
         self.members = nn.ModuleDict({s.name: members[s.name] for s in specs})
         self.register_buffer("level_thresholds", torch.empty(0), persistent=False)
@@ -75,7 +81,17 @@ class Ensemble(nn.Module):
 
     @property
     def version(self) -> str:
-        return specs_version(self.specs)
+        return specs_version(self.specs) + ("-random" if self.meaningless else "")
+
+    @property
+    def meaningless(self) -> bool:
+        """True when a member runs on stand-in (random) weights: its scores are plumbing only."""
+        return bool(self.random_members)
+
+    @property
+    def reward_is_fused(self) -> bool:
+        """True when ``reward`` equals the fused score (no ``exclude`` member): same scale."""
+        return all(s.reward_mode != "exclude" for s in self.specs)
 
     @property
     def weights(self) -> dict[str, float]:
@@ -181,7 +197,8 @@ def without_members(ensemble: Ensemble, names: Sequence[str]) -> Ensemble:
     specs = [s for s in ensemble.specs if s.name not in set(names)]
     if not specs:
         raise ValueError(f"cannot leave out every member {have}")
-    return Ensemble(specs, {s.name: ensemble.members[s.name] for s in specs}, task=ensemble.task).eval()
+    return Ensemble(specs, {s.name: ensemble.members[s.name] for s in specs}, task=ensemble.task,
+                    random_members=[n for n in ensemble.random_members if n not in set(names)]).eval()
 
 
 def load_specs_yaml(path: str | Path, task: str | None = None) -> list[MemberSpec]:

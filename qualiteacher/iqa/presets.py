@@ -14,21 +14,37 @@
   colour cast, mosaic, noise texture, over-sharpening, blur, a constant image, an untrained
   student) below their clean source in >= 95 % of the pairs. ``offline_v1``: the preset before
   that audit, kept for comparison.
+
+Stand-in weights (plumbing tests only): with ``QUALITEACHER_RANDOM_IQA=1`` every member that needs
+downloaded weights is built without them — pyiqa networks and CLIP with a seeded random
+initialisation, pyiqa's BRISQUE / NIQE from the parameters shipped with the ``offline`` preset —
+so the ``paper`` path runs with no file at all. Its scores are meaningless: the ensemble says so
+(``Ensemble.meaningless``, a ``-random`` version, a banner on stderr) and the pipeline labels every
+table and run it produces. The switch is off unless that variable is set.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 import yaml
 from torch import nn
 
 from qualiteacher.iqa.ensemble import Ensemble, load_specs_yaml
 from qualiteacher.iqa.members import MemberSpec
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 TASKS: tuple[str, ...] = ("dehaze", "derain", "desnow", "lowlight")
+RANDOM_IQA_ENV = "QUALITEACHER_RANDOM_IQA"
+RANDOM_IQA_SEED = 0
+MEANINGLESS = "MEANINGLESS (random IQA weights, QUALITEACHER_RANDOM_IQA=1)"
 
 
 def _m(name: str, backend: str, weight: float, lo: float, hi: float, higher_better: bool,
@@ -131,6 +147,40 @@ def preset_specs(preset: str, task: str | None = None) -> list[MemberSpec]:
     return [MemberSpec.from_dict(copy.deepcopy(e)) for e in entries]
 
 
+def random_iqa_enabled() -> bool:
+    """True only when ``QUALITEACHER_RANDOM_IQA`` is 1 / true / yes (never by default)."""
+    return os.environ.get(RANDOM_IQA_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def needs_stand_in(spec: MemberSpec) -> bool:
+    """Whether the random-IQA switch replaces this member: CLIP, and pyiqa metrics with weight files."""
+    if spec.kind == "clip":
+        return True
+    if spec.kind != "pyiqa":
+        return False
+    from qualiteacher.iqa.pyiqa_adapter import METRIC_WEIGHT_FILES
+
+    return bool(METRIC_WEIGHT_FILES.get(spec.metric, True))
+
+
+def _stand_in_member(spec: MemberSpec, task: str | None) -> nn.Module:
+    # no file is read or downloaded: random networks, or the offline preset's shipped parameters
+    options = {k: v for k, v in spec.options.items() if k != "min_size"}
+    if spec.kind == "clip":
+        from qualiteacher.iqa.clip_member import ClipMember, clip_prompts, load_open_clip
+
+        model, tokenizer = load_open_clip(options.get("model", "ViT-B-32"), None, spec.name)
+        prompts, num_good = clip_prompts(spec.metric, options.get("task", task))
+        return ClipMember(model, tokenizer, prompts, num_good, float(options.get("logit_scale", 100.0)))
+    if spec.metric in ("brisque", "niqe"):
+        return build_member(MemberSpec.from_dict({**spec.to_dict(), "backend": f"offline:{spec.metric}",
+                                                  "weights_path": None}), task)
+    from qualiteacher.iqa.pyiqa_adapter import build_pyiqa_member
+
+    return build_pyiqa_member(spec.metric, spec.name, None, spec.options.get("min_size"), allow_download=False,
+                              pretrained=False)
+
+
 def build_member(spec: MemberSpec, task: str | None = None, weights_dir: str | None = None) -> nn.Module:
     """The scoring module of one spec (loads/converts/fits its weights as needed)."""
     options = {k: v for k, v in spec.options.items() if k != "min_size"}
@@ -169,10 +219,27 @@ def build_member(spec: MemberSpec, task: str | None = None, weights_dir: str | N
     return ClipMember(model, tokenizer, prompts, num_good, float(options.get("logit_scale", 100.0)))
 
 
-def ensemble_from_specs(specs: list[MemberSpec], task: str | None = None, weights_dir: str | None = None) -> Ensemble:
-    """Build every member, assemble the ensemble, freeze it (no grad, eval mode)."""
-    members = {s.name: build_member(s, task, weights_dir) for s in specs}
-    ensemble = Ensemble(specs, members, task=task)
+def ensemble_from_specs(specs: list[MemberSpec], task: str | None = None, weights_dir: str | None = None,
+                        random_weights: bool | None = None) -> Ensemble:
+    """Build every member, assemble the ensemble, freeze it (no grad, eval mode).
+
+    ``random_weights`` (default: ``random_iqa_enabled()``) builds stand-ins for the members that
+    need downloaded weights (see the module doc): the ensemble is then marked meaningless.
+    """
+    random_weights = random_iqa_enabled() if random_weights is None else random_weights
+    stand_ins = [s.name for s in specs if random_weights and needs_stand_in(s)]
+    members = {}
+    for i, s in enumerate(specs):
+        if s.name in stand_ins:
+            with torch.random.fork_rng(devices=[]):  # the same stand-in every time, global RNG untouched
+                torch.manual_seed(RANDOM_IQA_SEED + i)
+                members[s.name] = _stand_in_member(s, task)
+        else:
+            members[s.name] = build_member(s, task, weights_dir)
+    if stand_ins:
+        print(f"[iqa] WARNING: {', '.join(stand_ins)} built with stand-in weights: every score is "
+              f"{MEANINGLESS}", file=sys.stderr)
+    ensemble = Ensemble(specs, members, task=task, random_members=stand_ins)
     ensemble.requires_grad_(False)
     return ensemble.eval()
 
@@ -184,6 +251,12 @@ def build_ensemble(preset: str, task: str | None = None, weights_dir: str | None
 
 def build_ensemble_from_yaml(path: str | Path, task: str | None = None, weights_dir: str | None = None) -> Ensemble:
     return ensemble_from_specs(load_specs_yaml(path, task), task, weights_dir)
+
+
+def label_meaningless(table: "pd.DataFrame", ensemble: Ensemble) -> "pd.DataFrame":
+    """``table`` with an ``iqa_scores`` column saying ``MEANINGLESS`` when ``ensemble`` runs on
+    stand-in weights (unchanged otherwise): no score table of a random ensemble goes unlabelled."""
+    return table.assign(iqa_scores=MEANINGLESS) if ensemble.meaningless else table
 
 
 def write_preset_yaml(preset: str, path: str | Path) -> Path:

@@ -11,6 +11,7 @@ import torchvision
 from torch import Tensor, nn
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's IMAGENET1K_V1 file name
+DOWNLOAD_TIMEOUT_S = 30.0
 # indices of relu1_2, relu2_2, relu3_3, relu4_3 in torchvision's vgg16().features
 VGG16_LAYERS = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22}
 
@@ -20,19 +21,30 @@ def default_vgg16_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
 
 
-def load_vgg16_features(path: str | Path | None, allow_download: bool, last_index: int) -> nn.Sequential:
+def load_vgg16_features(path: str | Path | None, allow_download: bool | None, last_index: int) -> nn.Sequential:
     """VGG16 feature layers ``0..last_index`` with ImageNet weights from ``path`` (full VGG16 or
-    features-only state dict), else torchvision's cache, else a download if allowed."""
+    features-only state dict), else torchvision's cache, else a download if allowed (``None``:
+    unless ``QUALITEACHER_OFFLINE`` / ``HF_HUB_OFFLINE`` is set)."""
+    from qualiteacher.iqa.members import downloads_allowed
+
     file = Path(path) if path is not None else default_vgg16_path()
+    allow_download = downloads_allowed() if allow_download is None else allow_download
     if file.is_file():
         state = torch.load(file, map_location="cpu", weights_only=True)
     elif path is None and allow_download:
+        import socket
+
+        old_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
         try:
             state = torchvision.models.VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
         except Exception as err:  # offline: say exactly which file is missing
-            raise FileNotFoundError(_missing(file, f"download failed: {err}")) from err
+            raise FileNotFoundError(_missing(file, f"download failed: {type(err).__name__}: {err}")) from None
+        finally:
+            socket.setdefaulttimeout(old_timeout)
     else:
-        raise FileNotFoundError(_missing(file, "file not found"))
+        why = "file not found" if path is not None or allow_download else "file not found; downloads are disabled"
+        raise FileNotFoundError(_missing(file, why))
     with torch.device("meta"):  # skip allocating the 120 M-parameter classifier
         features = torchvision.models.vgg16(weights=None).features[: last_index + 1]
     features = features.to_empty(device="cpu")
@@ -49,7 +61,8 @@ def _missing(file: Path, why: str) -> str:
     return (
         f"VGG16 weights for the perceptual loss are not available ({why}): expected {file}. "
         f"Download torchvision's {VGG16_FILE} (VGG16_Weights.IMAGENET1K_V1) on a machine with "
-        f"internet and put it there (or pass its path), or set the perceptual weight to 0."
+        f"internet and put it there, or give its path (pipeline: --stage1.model.perceptual_weights=PATH), "
+        f"or turn the loss off (--stage1.model.w_perceptual=0)."
     )
 
 
@@ -57,14 +70,15 @@ class VGGPerceptualLoss(nn.Module):
     """Mean L1 distance between VGG16 features of two images in [0, 1]; frozen, eval mode.
 
     Weights come from ``weights`` (a local file) or torchvision's cache (downloaded when
-    ``allow_download`` and online); a clear FileNotFoundError names the file otherwise.
+    ``allow_download`` — by default unless downloads are disabled — and online); a clear
+    FileNotFoundError names the file otherwise.
     """
 
     def __init__(
         self,
         weights: str | Path | None = None,
         layers: Sequence[str] = ("relu1_2", "relu2_2", "relu3_3", "relu4_3"),
-        allow_download: bool = True,
+        allow_download: bool | None = None,
     ) -> None:
         super().__init__()
         unknown = [name for name in layers if name not in VGG16_LAYERS]

@@ -259,13 +259,14 @@ class QualiTeacherModule(L.LightningModule):
         b = x.shape[0]
         views = tuple(hp.views)
         stacked = torch.cat([apply_view(x, v) for v in views])                  # (V*B, 3, H, W)
-        restored = self.teacher(stacked, None).image.clamp(0, 1)
+        restored = self.teacher(stacked, None).image.float().clamp(0, 1)  # fp32 candidates under bf16 autocast
         cands = torch.cat([invert_view(restored[i * b:(i + 1) * b], v) for i, v in enumerate(views)])
         owner = torch.arange(b, device=x.device).repeat(len(views))
         n_variants = hp.n_aug_variants if hp.mode == "qualiteacher" else 0  # plain MT: views only
         if n_variants > 0:
-            var = multi_augment(cands[:b], x, n_variants, tuple(hp.aug_kinds),
-                                hp.aug_max_strength, generator=self._gen)
+            with torch.autocast(x.device.type, enabled=False):  # image processing in fp32 under bf16
+                var = multi_augment(cands[:b], x.float(), n_variants, tuple(hp.aug_kinds),
+                                    hp.aug_max_strength, generator=self._gen)
             cands = torch.cat([cands, var.images])
             owner = torch.cat([owner, var.source])
         fused = self.ensemble(cands).fused                                        # one batched call
@@ -324,7 +325,7 @@ class QualiTeacherModule(L.LightningModule):
         if owner.numel() == 0:
             raise RuntimeError("the pseudo-label bank holds nothing for this batch: the ensemble "
                                "returned no finite score for any candidate")
-        best_scores, best_owner = pl_scores, owner
+        best_pls, best_scores, best_owner = pls, pl_scores, owner
         if fresh is not None and fresh.owner.numel():
             pls, masks = torch.cat([pls, fresh.variants]), torch.cat([masks, fresh.masks])
             pl_scores, owner = torch.cat([pl_scores, fresh.scores]), torch.cat([owner, fresh.owner])
@@ -363,10 +364,8 @@ class QualiTeacherModule(L.LightningModule):
             outs = out.image[n_pl:].view(-1, b, *x_s.shape[1:])                  # (L, B, 3, H, W)
             rewards = self._reward(outs.flatten(0, 1)).view(-1, b)              # (L, B)
             if hp.pref_mode == "pair":
-                # max_k r(PL_k): the fused scores the bank recorded for its entries (teacher side,
-                # no gradients; geometric views leave the score unchanged up to border effects)
-                r_pl_best = torch.full((b,), -1e4, device=x_s.device).scatter_reduce(
-                    0, best_owner, best_scores.float(), reduce="amax")
+                # max_k r(PL_k) on the reward's scale (teacher side, no gradients)
+                r_pl_best = self._best_pl_reward(best_pls, best_scores, best_owner, b)
                 pl = preference_loss(rewards[0], rewards[1], r_pl_best, hp.pref_beta, hp.pref_delta,
                                      hp.pref_lambda, hp.pref_lambda2)
                 l_pref, l_pref_a, l_pref_b = pl
@@ -414,10 +413,19 @@ class QualiTeacherModule(L.LightningModule):
         levels = self.ensemble.level_of(self.bank.scores().to(self.level_pool.device))
         return torch.bincount(levels, minlength=self.hparams.top_level + 1).tolist()
 
+    @torch.no_grad()
+    def _best_pl_reward(self, pls: Tensor, scores: Tensor, owner: Tensor, b: int) -> Tensor:
+        """``max_k r(PL_k)`` per image (B,) on the scale of ``ensemble.reward``: the fused scores the
+        bank recorded when the reward is the fused score (no member ``exclude``d), else the reward of
+        the bank's pseudo-labels themselves (geometric views leave it unchanged up to borders)."""
+        if not self.ensemble.reward_is_fused:
+            scores = self._reward(pls)
+        return torch.full((b,), -1e4, device=pls.device).scatter_reduce(0, owner, scores.float(), reduce="amax")
+
     def _crop_consistency(self, x_s: Tensor, top: Tensor | None) -> Tensor:
         hp = self.hparams
         h, w = x_s.shape[-2:]
-        mult = getattr(self.student, "size_multiple", 8)
+        mult = self.student.size_multiple  # windows the student runs on without padding
         win_out = random_window(h, w, hp.crop_fraction, mult, self._gen)
         win_in = win_out if hp.crop_windows == "aligned" else random_window(h, w, hp.crop_fraction, mult, self._gen)
         b = x_s.shape[0]
