@@ -74,7 +74,12 @@ def save_student(student: nn.Module, spec: dict[str, Any], folder: str | Path) -
 
 def load_student_folder(folder: str | Path) -> nn.Module:
     """The student saved by :func:`save_student`, on the CPU, in eval mode (strict, weights only)."""
-    from qualiteacher.checkpoints import CheckpointError, check_keys, checkpoint_state, read_checkpoint
+    from qualiteacher.checkpoints import (
+        CheckpointError,
+        check_keys,
+        checkpoint_state,
+        read_checkpoint,
+    )
     from qualiteacher.training.students import build_student
 
     folder = Path(folder)

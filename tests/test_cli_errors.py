@@ -1,7 +1,6 @@
 """The CLI error contract: an expected error is one line on stderr and exit code 2, checked before
 any work starts; --debug shows the traceback instead."""
 import socket
-import sys
 
 import pytest
 import torch

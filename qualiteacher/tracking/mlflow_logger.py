@@ -22,8 +22,8 @@ class TrackingUnavailableError(ConnectionError):
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Pre-flight check of a tracking URI, done before any work: an HTTP server must answer
-    within ``timeout`` seconds (any HTTP status counts as an answer), a SQLite store's folder must
-    exist and be writable. Raises :class:`TrackingUnavailableError` with one clear message
+    within ``timeout`` seconds as an MLflow server does (``/health`` or the REST API; 401/403
+    count: authentication), a SQLite store's folder must exist and be writable. Raises :class:`TrackingUnavailableError` with one clear message
     instead of MLflow's minutes of retries. Other schemes (databricks, ...) are not checked.
 
     For an HTTP server it also caps MLflow's own retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` 2,
@@ -39,15 +39,20 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     if parsed.scheme in ("http", "https"):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
-                return
-        except urllib.error.HTTPError:
-            return  # the server answered (auth, proxy, no /health route): it is there
-        except (urllib.error.URLError, OSError, ValueError) as err:
-            reason = getattr(err, "reason", err)
-            raise TrackingUnavailableError(f"MLflow tracking server {uri} is not reachable ({reason}; "
-                                           f"checked with a {timeout:g}-s timeout): {fix}") from None
+        status = None
+        for route in ("/health", "/api/2.0/mlflow/experiments/search?max_results=1"):
+            try:
+                with urllib.request.urlopen(uri.rstrip("/") + route, timeout=timeout):
+                    return
+            except urllib.error.HTTPError as err:
+                if err.code in (401, 403):
+                    return  # an MLflow server behind authentication: it is there
+                status = err.code  # e.g. 404 from something that is not an MLflow server
+            except (urllib.error.URLError, OSError, ValueError) as err:
+                reason = getattr(err, "reason", err)
+                raise TrackingUnavailableError(f"MLflow tracking server {uri} is not reachable ({reason}; "
+                                               f"checked with a {timeout:g}-s timeout): {fix}") from None
+        raise TrackingUnavailableError(f"{uri} answers (HTTP {status}) but is not an MLflow tracking server: {fix}")
     if parsed.scheme == "sqlite":
         path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
         folder = Path(path).parent if path and path != ":memory:" else None
