@@ -14,11 +14,6 @@ from qualiteacher.tracking.runs import PipelineRuns
 
 def run_stage(stage: str, cfg: dict[str, Any], state: PipelineState, runs: PipelineRuns) -> None:
     run_id = runs.child(stage)
-    from qualiteacher.iqa.presets import MEANINGLESS, random_iqa_enabled
-
-    if random_iqa_enabled():  # stand-in IQA weights: every run of this pipeline says so
-        for rid in (runs.parent_id, run_id):
-            runs.client.set_tag(rid, "iqa_scores", MEANINGLESS)
     if stage == "data":
         prepare_data(cfg, runs, run_id)
     elif stage in ("stage1", "stage2", "stage3"):
@@ -58,8 +53,7 @@ def prepare_data(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> None:
 
         scores = grade_clean_images(root / task / "labeled" / "gt", task,
                                     cfg["stage3"]["model"].get("iqa_preset", "offline"),
-                                    Path(cfg["out_dir"]) / "iqa_cache.parquet",
-                                    weights_dir=cfg["stage3"]["model"].get("iqa_weights_dir"))
+                                    Path(cfg["out_dir"]) / "iqa_cache.parquet")
         table.parent.mkdir(parents=True, exist_ok=True)
         scores.to_csv(table, index=False)
         runs.client.log_artifact(run_id, str(table))
@@ -119,6 +113,9 @@ def train_stage(stage: str, cfg: dict[str, Any], runs: PipelineRuns | None, run_
         from qualiteacher.pipeline_eval import Stage3Visuals
 
         extra.append(Stage3Visuals(runs, run_id, every_n_steps=max(1, int(cfg.get("checkpoint_every", 50)))))
+        from qualiteacher.training.reward_guard import RewardGuard  # fused vs witnesses on a fixed probe
+
+        extra.append(RewardGuard(every_n_steps=max(1, int(cfg.get("checkpoint_every", 50)))))
     trainer_args = ns.trainer.as_dict()
     trainer = stage_trainer(cfg, stage, trainer_args, runs, run_id, extra)
     if stage in DDP_FIND_UNUSED_STAGES and trainer.world_size > 1 and trainer_args.get("strategy") in (None, "auto", "ddp"):

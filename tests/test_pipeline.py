@@ -55,6 +55,7 @@ def test_task_pipeline_tracks_everything_in_mlflow(task, demo_root, tmp_path, mo
         assert len(history) == 10, term                     # one value per step
     assert client.get_metric_history(children["stage1"].info.run_id, "stage1/l1")
     assert any(p.startswith("grids/") for p in _artifacts(client, s3))
+    assert len(client.get_metric_history(s3, "reward_guard/fused")) == 2  # probes at steps 5 and 10
     assert "checkpoints/final.ckpt" in _artifacts(client, s3)
     assert "model.preset" in children["stage3"].data.params
     ev = _artifacts(client, children["eval"].info.run_id)

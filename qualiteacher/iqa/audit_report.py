@@ -1,0 +1,167 @@
+"""Writing an ensemble audit (``audit.run_audit``): CSV tables, a Markdown report, one figure,
+and the same to MLflow when a run is active."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from qualiteacher.iqa.audit import FUSED, AuditResult, verdict
+
+RANDOM_WEIGHTS_BANNER = (
+    "**RANDOM WEIGHTS: THESE SCORES ARE MEANINGLESS.** The members were built with random "
+    "(untrained) weights to exercise the code path only; nothing below says anything about the "
+    "real ensemble. Run the audit again with the downloaded weights."
+)
+
+
+def _table(df: pd.DataFrame, index_name: str) -> str:
+    from qualiteacher.eval.report import markdown_table
+
+    df = df.copy()
+    df.index.name = index_name
+    return markdown_table(df.astype(float), digits=2, bold_best=False)
+
+
+def audit_markdown(result: AuditResult) -> str:
+    """The report: verdict, pass fractions, ladder rhos, failing pairs, member errors, timing."""
+    meta = result.meta
+    ok, line = verdict(result)
+    out = [f"# IQA ensemble audit: preset `{meta['preset']}`, task `{meta['task']}`", ""]
+    if meta["random_weights"]:
+        out += [f"> {RANDOM_WEIGHTS_BANNER}", ""]
+    out += [f"**{'PASS' if ok else 'FAIL'}**: {line}.", "",
+            f"{meta['images']} clean images at {meta['size']} px, {meta['pairs']} destruction pairs, "
+            f"seed {meta['seed']}; the audit took {meta['seconds']} s.", "",
+            "## Destruction pairs", "",
+            "Fraction of pairs where the destroyed image scores **below** its clean source "
+            "(1 = always; members normalised to [0, 1], higher = better):", "",
+            _table(result.pass_table, "destruction"), "",
+            "## Degradation ladders", "",
+            "Mean Spearman rho between strength and score over the images (1 = the score falls "
+            "as the degradation grows):", ""]
+    out += [_table(result.ladder_summary, "ladder") if len(result.ladder_summary) else "(not run)", ""]
+    fails = result.failures
+    out += [f"## Failing pairs of the fused score ({len(fails)})", ""]
+    if len(fails):
+        shown = fails.sort_values("margin", ascending=False).head(40)
+        out += ["| destruction | image | source | destroyed | margin |", "|---|---|---|---|---|"]
+        out += [f"| {r.destruction} | {r.image} | {r.source:.3f} | {r.destroyed:.3f} | {r.margin:+.3f} |"
+                for r in shown.itertuples()]
+        if len(fails) > len(shown):
+            out.append(f"\n(and {len(fails) - len(shown)} more in the CSV)")
+    else:
+        out.append("none")
+    errors = meta["member_errors"]
+    if errors:
+        out += ["", "## Images a member could not score (left out of that member's score)", ""]
+        out += [f"- `{k}`: {v}" for k, v in sorted(errors.items())]
+    return "\n".join(out) + "\n"
+
+
+def audit_figure(result: AuditResult, path: Path) -> Path:
+    """Two heat maps: pass fraction (destruction x scorer) and ladder rho (ladder x scorer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(result.pass_table, "destroyed < source (fraction of pairs)", 0.0, 1.0)]
+    if len(result.ladder_summary):
+        panels.append((result.ladder_summary, "ladder Spearman rho", -1.0, 1.0))
+    widths = [max(4.0, 0.6 * t.shape[1] + 2) for t, *_ in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths), 0.42 * len(result.pass_table) + 2.2),
+                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    for ax, (table, title, vmin, vmax) in zip(axes[0], panels):
+        values = table.to_numpy(dtype=float)
+        im = ax.imshow(values, cmap="RdYlGn", vmin=vmin, vmax=vmax, aspect="auto")
+        ax.set_xticks(range(table.shape[1]), table.columns, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(table.shape[0]), table.index, fontsize=8)
+        for (i, j), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        fontweight="bold" if table.columns[j] == FUSED else "normal")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.04)
+    meta = result.meta
+    title = f"IQA audit: {meta['preset']} / {meta['task']} ({meta['images']} images, {meta['size']} px)"
+    if meta["random_weights"]:
+        title += "\nRANDOM WEIGHTS - MEANINGLESS SCORES"
+    fig.suptitle(title, fontsize=10, color="red" if meta["random_weights"] else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_audit(result: AuditResult, out_dir: str | Path) -> list[Path]:
+    """``audit_<preset>_<task>`` + ``.md``, ``.png``, ``_pass.csv``, ``_ladders.csv``, ``_pairs.csv``,
+    ``_failures.csv`` in ``out_dir``; logged to the active MLflow run, if any."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = result.meta
+    stem = f"audit_{Path(str(meta['preset'])).stem}_{meta['task']}"
+    paths = [out / f"{stem}.md", out / f"{stem}.png"]
+    paths[0].write_text(audit_markdown(result))
+    audit_figure(result, paths[1])
+    for suffix, df, index in (("pass", result.pass_table, True), ("ladders", result.ladders, False),
+                              ("pairs", result.pairs, False), ("failures", result.failures, False)):
+        path = out / f"{stem}_{suffix}.csv"
+        df.to_csv(path, index=index)
+        paths.append(path)
+    _log_mlflow(result, paths)
+    return paths
+
+
+def _log_mlflow(result: AuditResult, paths: list[Path]) -> None:
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    task = result.meta["task"]
+    metrics = {f"iqa_audit/{task}/pass_{k}": float(v) for k, v in result.pass_table[FUSED].items()}
+    if len(result.ladder_summary):
+        metrics.update({f"iqa_audit/{task}/rho_{k}": float(v) for k, v in result.ladder_summary[FUSED].items()})
+    mlflow.log_metrics(metrics)
+    mlflow.log_param(f"iqa_audit/{task}/random_weights", result.meta["random_weights"])
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path="iqa_audit")
+
+
+def audit_command(preset: str, task: str, images: str | None = None, out: str = "iqa_audit", size: int = 96,
+                  seed: int = 0, random_weights: bool = False, weights_dir: str | None = None,
+                  strict: bool = False) -> int:
+    """``qualiteacher iqa audit``: build the ensemble (a preset name or a YAML file of members),
+    audit it, write the report, print the verdict. Returns 1 when ``strict`` and the verdict fails."""
+    from qualiteacher.iqa.audit import default_images, folder_images, run_audit
+    from qualiteacher.iqa.presets import ensemble_from_specs, list_iqa_presets, preset_specs
+
+    if size < 32:
+        raise ValueError(f"--size must be >= 32 px, got {size}")
+    if Path(preset).suffix in (".yaml", ".yml") or Path(preset).is_file():
+        from qualiteacher.iqa.ensemble import load_specs_yaml
+
+        specs = load_specs_yaml(preset, task)
+    elif preset in list_iqa_presets():
+        specs = preset_specs(preset, task)
+    else:
+        raise ValueError(f"unknown IQA preset {preset!r}: give one of {list_iqa_presets()} or a YAML file")
+    if random_weights:  # stand-ins for the members that need downloaded weights (presets.py)
+        ensemble = ensemble_from_specs(specs, task, weights_dir, random_weights=True)
+    else:
+        ensemble = ensemble_from_specs(specs, task, weights_dir)
+    audit_images = folder_images(images, size) if images else default_images(size)
+    result = run_audit(ensemble, task, audit_images, preset=preset, seed=seed, random_weights=random_weights)
+    paths = write_audit(result, out)
+    ok, line = verdict(result)
+    if result.meta["random_weights"]:
+        print(f"WARNING: {RANDOM_WEIGHTS_BANNER}".replace("**", ""))
+    print(result.pass_table.round(2).to_string())
+    if len(result.ladder_summary):
+        print(result.ladder_summary.round(2).to_string())
+    print(f"{'PASS' if ok else 'FAIL'}: {line}; {len(result.failures)} failing pair(s); "
+          f"{result.meta['seconds']} s")
+    print(f"report: {paths[0]} (and {len(paths) - 1} more files in {paths[0].parent})")
+    return 1 if strict and not ok else 0
