@@ -6,11 +6,14 @@ lazily so ``qualiteacher --help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 TASKS = ("dehaze", "derain", "desnow", "lowlight")
+_MAX_PIXELS_HELP = ("skip images with more pixels than this, read from the file header before decoding "
+                    "(default: $QUALITEACHER_MAX_PIXELS or 64 million; 0: no cap)")
 
 
 def _data_demo(args: argparse.Namespace) -> int:
@@ -23,10 +26,22 @@ def _data_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_max_pixels(args: argparse.Namespace) -> None:
+    # the pixel cap of every image read (checked from the header, before decoding); the
+    # environment carries it to DataLoader workers and subprocesses
+    if getattr(args, "max_pixels", None) is not None:
+        from qualiteacher.data.io import MAX_PIXELS_ENV
+
+        if args.max_pixels < 0:
+            raise ValueError(f"--max-pixels must be >= 0 (0: no cap), got {args.max_pixels}")
+        os.environ[MAX_PIXELS_ENV] = str(args.max_pixels)
+
+
 def _data_check(args: argparse.Namespace) -> int:
     from qualiteacher.data.io import ImageReadError, get_skip_log, read_image
     from qualiteacher.data.layouts import read_layout
 
+    _set_max_pixels(args)
     records = read_layout(args.layout, Path(args.root))
     log = get_skip_log()
     n_ok = 0
@@ -74,39 +89,56 @@ def _iqa_list(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from qualiteacher.iqa.cache import score_command
 
+    _set_max_pixels(args)
     _, summary = score_command(Path(args.folder), preset=args.preset, task=args.task,
                                out=Path(args.out) if args.out else None,
                                cache=Path(args.cache) if args.cache else None)
     print(summary)
+    from qualiteacher.data.io import get_skip_log
+
+    print(get_skip_log().summary())
     return 0
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from qualiteacher.data.datamodule import ImageFolderDataset
-    from qualiteacher.data.io import get_skip_log, write_image
-    from qualiteacher.training.restore import restore
+    from qualiteacher.data.io import ImageReadError, get_skip_log, read_image, to_tensor, write_image
+    from qualiteacher.data.layouts import read_unpaired
+    from qualiteacher.training.restore import auto_tile, check_tile, resolve_device, restore
     from qualiteacher.training.stage3 import load_trained
 
-    try:
-        module = load_trained(args.checkpoint)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    net = (module.teacher if args.teacher else module.student).to(args.device).eval()
+    # every value is checked before any image is read or written
+    _set_max_pixels(args)
+    device = resolve_device(args.device)
+    if not Path(args.input).is_dir():
+        raise FileNotFoundError(f"input folder not found: {args.input}")
+    module = load_trained(args.checkpoint)
+    top = int(module.hparams.get("top_level", 7))
+    if not args.teacher and not 0 <= args.level <= top:
+        raise ValueError(f"--level {args.level} is out of range: this model has quality levels 0..{top}")
+    if args.w is not None and not 0.0 <= args.w <= 1.0:
+        raise ValueError(f"--w {args.w} is out of range: the fidelity weight lies in [0, 1]")
+    net = (module.teacher if args.teacher else module.student).to(device).eval()
+    check_tile(args.tile, getattr(net, "size_multiple", 8))
+    records = read_unpaired(args.input)
     out = Path(args.out)
-    seen: set[str] = set()
-    dataset = ImageFolderDataset(args.input)
-    for index in range(len(dataset)):
-        item = dataset[index]
-        if item["path"] in seen:  # a bad file is replaced by the next readable one: do each once
+    log = get_skip_log()
+    done = 0
+    level = None if args.teacher else args.level
+    for rec in records:
+        try:
+            x = to_tensor(read_image(rec.lq))[None].to(device)
+            # large images go in tiles (bounded memory), as `evaluate` does
+            y = restore(net, x, level=level, tile=auto_tile(x, args.tile), w=args.w)
+        except ImageReadError as err:
+            log.record(err.path, err.reason)
             continue
-        seen.add(item["path"])
-        x = item["image"][None].to(args.device)
-        level = None if args.teacher else args.level
-        y = restore(net, x, level=level, tile=args.tile)
-        write_image(out / (Path(item["path"]).stem + ".png"), y[0].cpu())
-    print(f"{len(seen)} image(s) restored into {out} ({'teacher' if args.teacher else f'student at level {args.level}'})")
-    print(get_skip_log().summary())
+        except (RuntimeError, ValueError, MemoryError) as err:  # one image never ends the run
+            log.record(rec.lq, f"failed to restore: {type(err).__name__}: {str(err)[:200]}")
+            continue
+        write_image(out / f"{rec.id}.png", y[0].cpu())
+        done += 1
+    print(f"{done} image(s) restored into {out} ({'teacher' if args.teacher else f'student at level {args.level}'})")
+    print(log.summary())
     return 0
 
 
@@ -136,16 +168,16 @@ def _compare(args: argparse.Namespace) -> int:
     return run_compare(args)
 
 
-def _app(args: argparse.Namespace) -> int:
-    from qualiteacher.app.command import run_app
-
-    return run_app(args)
-
-
 def _study(args: argparse.Namespace) -> int:
     from qualiteacher.study.command import run_study_cli
 
     return run_study_cli(args)
+
+
+def _app(args: argparse.Namespace) -> int:
+    from qualiteacher.app.command import run_app
+
+    return run_app(args)
 
 
 def _pipeline(args: argparse.Namespace, extra: list[str]) -> int:
@@ -159,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qualiteacher",
         description="Quality-conditioned Mean-Teacher training for real-world image restoration.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (allowed anywhere on the command line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     data = sub.add_parser("data", help="data sets: build the embedded demo data, check a folder")
@@ -174,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("root")
     check.add_argument("--layout", default="unpaired",
                        help="paired, unpaired, real3000, rtts, exdark, realsnow")
+    check.add_argument("--max-pixels", type=int, default=None, help=_MAX_PIXELS_HELP)
     check.set_defaults(handler=_data_check)
 
     iqa = sub.add_parser("iqa", help="IQA ensemble utilities")
@@ -204,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--task", default=None, choices=TASKS)
     score.add_argument("--out", default=None, help="CSV or parquet file for the scores")
     score.add_argument("--cache", default=None, help="parquet score cache (default: in the project cache)")
+    score.add_argument("--max-pixels", type=int, default=None, help=_MAX_PIXELS_HELP)
     score.set_defaults(handler=_score)
 
     rest = sub.add_parser("restore", help="restore a folder of images with a trained student")
@@ -212,8 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     rest.add_argument("--out", required=True, help="output folder (PNG)")
     rest.add_argument("--level", type=int, default=7, help="requested quality level (0..7)")
     rest.add_argument("--teacher", action="store_true", help="use the EMA teacher instead (unconditioned)")
-    rest.add_argument("--tile", type=int, default=None, help="tile size for large images (e.g. the training crop)")
-    rest.add_argument("--device", default="cpu")
+    rest.add_argument("--w", type=float, default=None,
+                      help="fidelity weight in [0, 1] of an IQPIR student with a fidelity path (0: pure codebook "
+                           "prior, 1: most faithful; default: the checkpoint's stage3.model.fidelity_w)")
+    rest.add_argument("--tile", type=int, default=None,
+                      help="tile size (e.g. the training crop; 0: never; default: 512-px tiles above 512 px)")
+    rest.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps or auto")
+    rest.add_argument("--max-pixels", type=int, default=None, help=_MAX_PIXELS_HELP)
     rest.set_defaults(handler=_restore)
 
     det = sub.add_parser("detmap", help="VOC detection mAP of your detector's detections (RTTS, ExDark)")
@@ -236,15 +277,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_arguments(cmp)
     cmp.set_defaults(handler=_compare)
 
-    from qualiteacher.app.command import add_app_arguments
-
-    app = sub.add_parser("app", help="a local web page: restore an image at any quality level, see its scores",
-                         description="Serve a Gradio page (on 127.0.0.1 by default) for a trained model: "
-                                     "upload an image, move the quality-level (and fidelity) sliders, compare "
-                                     "input and output and every IQA member's score, sweep all levels.")
-    add_app_arguments(app)
-    app.set_defaults(handler=_app)
-
     from qualiteacher.study.command import add_study_arguments
 
     st = sub.add_parser("study", help="QualiTeacher vs supervised / Mean Teacher / ablations over seeds (table + figure)",
@@ -254,6 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
                                     "seeds), a figure and a per-run CSV. Rerun the same command to resume.")
     add_study_arguments(st)
     st.set_defaults(handler=_study)
+
+    from qualiteacher.app.command import add_app_arguments
+
+    app = sub.add_parser("app", help="a local web page: restore an image at any quality level, see its scores",
+                         description="Serve a Gradio page (on 127.0.0.1 by default) for a trained model: "
+                                     "upload an image, move the quality-level (and fidelity) sliders, compare "
+                                     "input and output and every IQA member's score, sweep all levels.")
+    add_app_arguments(app)
+    app.set_defaults(handler=_app)
 
     pipe = sub.add_parser(
         "pipeline", add_help=False,
@@ -266,15 +307,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command. Expected errors (missing files, bad values, refused checkpoints, an
+    unreachable tracking server ...) print one line on stderr and return 2; ``--debug`` (anywhere
+    on the line) shows their traceback instead."""
+    from qualiteacher.errors import run_with_contract
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     if argv[:1] == ["pipeline"]:
         # the pipeline parses its own options (LightningCLI-style overrides)
         args, extra = parser.parse_known_args(argv)
-        return _pipeline(args, extra)
+        extra += ["--debug"] if debug else []
+        return run_with_contract(lambda: _pipeline(args, extra), debug)
     args = parser.parse_args(argv)
+    args.debug = debug
     handler: Callable[[argparse.Namespace], int] = args.handler
-    return handler(args)
+    return run_with_contract(lambda: handler(args), debug)
 
 
 if __name__ == "__main__":

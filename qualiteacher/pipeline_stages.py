@@ -14,6 +14,11 @@ from qualiteacher.tracking.runs import PipelineRuns
 
 def run_stage(stage: str, cfg: dict[str, Any], state: PipelineState, runs: PipelineRuns) -> None:
     run_id = runs.child(stage)
+    from qualiteacher.iqa.presets import MEANINGLESS, random_iqa_enabled
+
+    if random_iqa_enabled():  # stand-in IQA weights: every run of this pipeline says so
+        for rid in (runs.parent_id, run_id):
+            runs.client.set_tag(rid, "iqa_scores", MEANINGLESS)
     if stage == "data":
         prepare_data(cfg, runs, run_id)
     elif stage in ("stage1", "stage2", "stage3"):
@@ -53,7 +58,8 @@ def prepare_data(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> None:
 
         scores = grade_clean_images(root / task / "labeled" / "gt", task,
                                     cfg["stage3"]["model"].get("iqa_preset", "offline"),
-                                    Path(cfg["out_dir"]) / "iqa_cache.parquet")
+                                    Path(cfg["out_dir"]) / "iqa_cache.parquet",
+                                    weights_dir=cfg["stage3"]["model"].get("iqa_weights_dir"))
         table.parent.mkdir(parents=True, exist_ok=True)
         scores.to_csv(table, index=False)
         runs.client.log_artifact(run_id, str(table))
