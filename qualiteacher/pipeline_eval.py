@@ -55,7 +55,13 @@ class Stage3Visuals(L.Callback):
     def _log_grid(self, rows: list, titles: list[str], name: str) -> None:
         from qualiteacher.eval.figures import image_grid
 
-        self.runs.client.log_image(self.run_id, image_grid(rows, titles), artifact_file=name)
+        try:
+            self.runs.client.log_image(self.run_id, image_grid(rows, titles), artifact_file=name)
+        except Exception as err:  # noqa: BLE001  an unwritable artifact store never ends training
+            import logging
+
+            logging.getLogger(__name__).warning("MLflow: image grid %s not logged (%s: %s)", name,
+                                                type(err).__name__, str(err)[:200])
 
 
 def _test_set(cfg: dict[str, Any]) -> list[tuple[str, Tensor, Tensor | None]]:
@@ -97,6 +103,37 @@ def training_device(trainer: Mapping[str, Any]) -> torch.device:
     return torch.device("cuda", int(ids[0]) if ids else 0)
 
 
+def load_warmup(cfg: dict[str, Any], module: Any) -> torch.nn.Module | None:
+    """The student as stage 3 received it (``stage3.model.init_from``: the fidelity stage for
+    IQPIR, the warm-up for the U-Net), to show in the results what stage 3 added; ``None`` when
+    that checkpoint is gone."""
+    import copy
+
+    from qualiteacher.pipeline import stage_section
+    from qualiteacher.training.students import load_student_weights
+
+    path = stage_section(cfg, "stage3")["model"].get("init_from")
+    if not path or not Path(path).is_file():
+        return None
+    warmup = copy.deepcopy(module.student).cpu()
+    load_student_weights(warmup, path)
+    return warmup.eval()
+
+
+def level_w_grid(student: torch.nn.Module, x: Tensor, levels: list[int], ws: list[float],
+                 tile: int | None) -> tuple[list[list[Tensor | None]], list[str]]:
+    """Rows: each image at each fidelity ``w`` in ``ws`` order (``eval.grid_w``; the input in the
+    first column); columns: the quality levels."""
+    from qualiteacher.training.restore import restore
+
+    rows: list[list[Tensor | None]] = []
+    for i in range(x.shape[0]):
+        for w in ws:
+            outs = [restore(student, x[i:i + 1], level=lv, tile=tile, w=w)[0] for lv in levels]
+            rows.append([x[i], *outs])
+    return rows, ["input", *[f"level {lv}" for lv in levels]]
+
+
 def evaluate_pipeline(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> pd.DataFrame:
     """Input vs teacher vs student at the top level on the held-out test set (fused IQA score,
     PSNR/SSIM where references exist), the score-versus-level study, grids; all logged."""
@@ -116,18 +153,20 @@ def evaluate_pipeline(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> p
     test = _test_set(cfg)
     out = Path(cfg["out_dir"]) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-
     from qualiteacher import console
 
     console.say(f"  [eval] restoring and scoring on {device}", "verbose")
 
-    restorers = build_restorers(module.student, module.teacher, levels=(top,), tile=tile)
+    w = ev.get("w")  # fidelity weight of every model (None: the student's own default)
+    warmup = load_warmup(cfg, module)
+    restorers = build_restorers(module.student, module.teacher, levels=(top,), tile=tile, w=w,
+                                warmup=None if warmup is None else warmup.to(device))
     df = label_meaningless(evaluate_restorers(restorers, test, ensemble, device=device), ensemble)
     table = label_meaningless(summary_table(df), ensemble)
     df.to_csv(out / "per_image.csv", index=False)
     table.to_csv(out / "results.csv")
     levels_df = score_levels(module.student, [lq.to(device) for _, lq, _ in test], ensemble,
-                             levels=ev.get("levels", range(8)), tile=tile, ids=[i for i, _, _ in test])
+                             levels=ev.get("levels", range(8)), tile=tile, ids=[i for i, _, _ in test], w=w)
     label_meaningless(levels_df, ensemble).to_csv(out / "score_vs_level.csv", index=False)
     rho = level_spearman(levels_df)
     plot_score_vs_level(levels_df, out / "score_vs_level.png",
@@ -141,9 +180,16 @@ def evaluate_pipeline(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> p
     from qualiteacher.eval.figures import save_png
 
     save_png(image_grid(rows, titles), out / "test_grid.png")
+    names = ["per_image.csv", "results.csv", "score_vs_level.csv", "score_vs_level.png", "test_grid.png"]
+    if getattr(module.student, "has_fidelity", False):
+        lq0 = torch.stack([lq for _, lq, _ in test[:2]]) if len({lq.shape for _, lq, _ in test[:2]}) == 1 else test[0][1][None]
+        rows, titles = level_w_grid(module.student, lq0.to(device), list(ev.get("grid_levels", [0, 3, 5, 7])),
+                                    list(ev.get("grid_w", [0.0, 0.5, 1.0])), tile)
+        save_png(image_grid(rows, titles), out / "level_w_grid.png")
+        names.append("level_w_grid.png")
 
     client = runs.client
-    for name in ("per_image.csv", "results.csv", "score_vs_level.csv", "score_vs_level.png", "test_grid.png"):
+    for name in names:
         client.log_artifact(run_id, str(out / name), artifact_path="eval")
     metrics = {f"eval/{str(r).replace('@', '_level')}/{c}": float(v) for r, row in table.iterrows()
                for c, v in row.items() if isinstance(v, (int, float)) and v == v and c not in ("images", "references")}
@@ -159,6 +205,7 @@ def evaluate_pipeline(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> p
     if ensemble.meaningless:
         client.set_tag(run_id, "iqa_scores", MEANINGLESS)
         client.set_tag(runs.parent_id, "iqa_scores", MEANINGLESS)
+    from qualiteacher import console
 
     console.stage_numbers("eval", console.eval_numbers(table, rho))  # the full table: in the final summary
     if warn:

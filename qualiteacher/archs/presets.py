@@ -53,11 +53,12 @@ PRESETS: dict[str, ArchPreset] = {
         latent_channels=8, codes_common=32, codes_hq=32, tf_layers=1, tf_dim=16, tf_heads=2, tf_mlp=32,
         unet_channels=8, unet_mults=(1, 2), unet_blocks=1, fidelity_scales=(1, 2),
     ),
-    # CPU demo: 64-px crops -> 16x16 tokens, 256 + 256 codes of width 32, fusion at full and half size
+    # CPU demo: 48/64-px crops -> 12x12/16x16 tokens, 256 + 256 codes of width 32, fusion at every
+    # decoder scale (full, 1/2, 1/4: the coarsest carries the global colour and haze correction)
     "demo": ArchPreset(
         resolution=64, base_channels=16, channel_mults=(1, 2, 4), num_res_blocks=1, attn_resolutions=(),
         latent_channels=32, codes_common=256, codes_hq=256, tf_layers=2, tf_dim=64, tf_heads=4, tf_mlp=128,
-        unet_channels=16, unet_mults=(1, 2, 4), unet_blocks=1, fidelity_scales=(1, 2),
+        unet_channels=16, unet_mults=(1, 2, 4), unet_blocks=1, fidelity_scales=(1, 2, 4),
     ),
     # CPU demo: 96 px -> 24x24 latent
     "base": ArchPreset(

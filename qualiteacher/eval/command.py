@@ -126,7 +126,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     restorers.update({name: folder_restorer(folder) for name, folder in baselines.items()})
     presets = [m.hparams.get("iqa_preset") for m in modules.values()]
     preset = args.iqa_preset or next((p for p in presets if p), "offline")
-    ensemble = build_ensemble(preset, task=args.task)
+    # the local IQA weight files the checkpoints were trained with
+    weights_dir = next((d for d in (m.hparams.get("iqa_weights_dir") for m in modules.values()) if d), None)
+    ensemble = build_ensemble(preset, task=args.task, weights_dir=weights_dir)
     out = Path(args.out or f"outputs/eval/{args.task}-{bench.name}")
     print(f"[eval] {bench.name}: {len(records)} image(s) from {args.data}; restorers: {', '.join(restorers)}; "
           f"metrics: {', '.join(metrics.modules)} + fused ({preset})")

@@ -36,13 +36,13 @@ def scores_frame(scores: Any) -> pd.DataFrame:
 
 def score_levels(model: nn.Module, images: Tensor | Sequence[Tensor], ensemble: Callable[[Tensor], Any],
                  levels: Iterable[int] = range(8), tile: int | None = None,
-                 ids: Sequence[str] | None = None) -> pd.DataFrame:
+                 ids: Sequence[str] | None = None, w: float | None = None) -> pd.DataFrame:
     """Score ``model``'s restorations of ``images`` at every level in ``levels``.
 
     ``images`` is a batch ``(B, 3, H, W)`` in [0, 1] (restored and scored as one batch per level)
     or a sequence of ``(3, H, W)`` / ``(1, 3, H, W)`` tensors of different sizes (one at a time).
     ``ensemble(images)`` must return an ``EnsembleScores`` and live on the images' device; ``tile``
-    is passed to `restore`. Returns one row per image and level with columns ``id``, ``level``
+    and ``w`` (fidelity; ``None``: the model's default) are passed to `restore`. Returns one row per image and level with columns ``id``, ``level``
     (requested), ``fused``, ``iqa_level`` (the ensemble's level of the output), ``norm_<member>``
     and ``raw_<member>``.
     """
@@ -62,7 +62,7 @@ def score_levels(model: nn.Module, images: Tensor | Sequence[Tensor], ensemble: 
         start = 0
         for batch in batches:
             with torch.no_grad():
-                scores = ensemble(restore(model, batch, level=level, tile=tile))
+                scores = ensemble(restore(model, batch, level=level, tile=tile, w=w))
             frame = scores_frame(scores)
             frame.insert(0, "level", level)
             frame.insert(0, "id", ids[start:start + batch.shape[0]])

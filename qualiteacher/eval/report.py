@@ -31,14 +31,19 @@ def identity(images: Tensor) -> Tensor:
 
 def build_restorers(student: nn.Module | None = None, teacher: nn.Module | None = None,
                     levels: Sequence[int] = (7,), tile: int | None = None,
-                    include_input: bool = True) -> dict[str, Restorer]:
-    """``{"input", "teacher", "student@<level>", ...}`` restorers built with `restore` (tiling optional)."""
+                    include_input: bool = True, w: float | None = None,
+                    warmup: nn.Module | None = None) -> dict[str, Restorer]:
+    """``{"input", "warmup", "teacher", "student@<level>", ...}`` restorers built with `restore`
+    (tiling optional; ``w`` the fidelity weight of every model, ``None``: each model's default).
+    ``warmup`` is the student before stage 3 (unconditioned), to show what stage 3 added."""
     restorers: dict[str, Restorer] = {"input": identity} if include_input else {}
+    if warmup is not None:
+        restorers["warmup"] = lambda x: restore(warmup, x, level=None, tile=tile, w=w)
     if teacher is not None:
-        restorers["teacher"] = lambda x: restore(teacher, x, level=None, tile=tile)
+        restorers["teacher"] = lambda x: restore(teacher, x, level=None, tile=tile, w=w)
     if student is not None:
         for level in levels:
-            restorers[f"student@{level}"] = lambda x, lv=int(level): restore(student, x, level=lv, tile=tile)
+            restorers[f"student@{level}"] = lambda x, lv=int(level): restore(student, x, level=lv, tile=tile, w=w)
     return restorers
 
 

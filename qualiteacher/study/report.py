@@ -17,9 +17,11 @@ PLOTTED = ("psnr", "ssim", "heldout", "fused")
 
 
 def row_order(runs: pd.DataFrame, modes: Sequence[str]) -> list[str]:
-    """``input`` and ``warmup`` first (the shared start), then the modes in the study's order."""
+    """``input`` and ``warmup`` first (the shared start), then the modes in the study's order,
+    each followed by its EMA teacher (``MODE/teacher``)."""
     present = list(dict.fromkeys(runs["restorer"]))
-    return [r for r in ("input", "warmup", *modes) if r in present]
+    wanted = ["input", "warmup", *[r for m in modes for r in (m, f"{m}/teacher")]]
+    return [r for r in wanted if r in present]
 
 
 def table_columns(runs: pd.DataFrame, held_out: str | None = None) -> list[str]:

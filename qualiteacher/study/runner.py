@@ -244,7 +244,9 @@ def _run_one(key: RunKey, cfg: dict[str, Any], store: StudyStore, runs: Any, mea
     level = int(hp.top_level) if hp.get("mode", "qualiteacher") == "qualiteacher" else None
     dial = {key.mode: module.student} if is_conditioned(hp) else {}
     start = time.perf_counter()
-    rows = measurer.rows({key.mode: measurer.restorer(module.student, level)}, dial)
+    # the mode's EMA teacher too: the student at the top level must beat it (issue 11)
+    rows = measurer.rows({key.mode: measurer.restorer(module.student, level),
+                          f"{key.mode}/teacher": measurer.restorer(module.teacher, None)}, dial)
     return [{**r, "level": level if level is not None else float("nan"), "train_s": train_s,
              "eval_s": time.perf_counter() - start} for r in rows]
 

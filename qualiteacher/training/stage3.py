@@ -62,7 +62,10 @@ class QualiTeacherModule(L.LightningModule):
         student: ``iqpir`` (codebook student) or ``unet`` (plug-in conditioned U-Net).
         preset: architecture preset (``tiny``, ``base``, ``paper``).
         cond_mode: quality conditioning of the IQPIR transformer, ``add`` or ``adaln``.
-        init_from: checkpoint of the warmed-up student (stage 2); loaded in ``setup``.
+        init_from: checkpoint of the warmed-up student (the fidelity stage for IQPIR, the warm-up
+            for the U-Net); loaded in ``setup``.
+        fidelity_w: IQPIR's fidelity weight ``w`` the student trains and runs at (its default at
+            inference); adain: AdaIN colour re-normalisation of the quantised latent.
         iqa_preset / task / iqa_weights_dir: the IQA ensemble (frozen, never checkpointed).
         ema_decay: teacher EMA decay ``d``. bank_k: candidates kept per unlabeled image.
         bank_dir: folder of the pseudo-label bank's entries (one file per kept candidate; the
@@ -104,6 +107,8 @@ class QualiTeacherModule(L.LightningModule):
         preset: str = "tiny",
         cond_mode: Literal["add", "adaln"] = "add",
         init_from: str | None = None,
+        fidelity_w: float = 1.0,
+        adain: bool = False,
         iqa_preset: str = "offline",
         task: str | None = None,
         iqa_weights_dir: str | None = None,
@@ -164,7 +169,7 @@ class QualiTeacherModule(L.LightningModule):
         check_views(views)
         if mode not in ("qualiteacher", "supervised", "mean_teacher"):
             raise ValueError(f"mode must be qualiteacher, supervised or mean_teacher, got {mode!r}")
-        self.student = build_student(student, preset, cond_mode)
+        self.student = build_student(student, preset, cond_mode, adain=adain, fidelity_w=fidelity_w)
         self.teacher = make_teacher(self.student)
         self.ensemble = ensemble  # built in setup() when not given
         self.bank = PseudoLabelBank(bank_k, DiskStore(bank_dir, bank_cache) if bank_dir else None)
@@ -195,7 +200,9 @@ class QualiTeacherModule(L.LightningModule):
             load_student_weights(self.student, self.hparams.init_from)
             self.teacher.load_state_dict(self.student.state_dict())
         if self.hparams.student == "iqpir":
-            # the codebook prior (decoder + codebooks) stays as stage 1 learned it
+            # encoder, transformer, conditioning and fusion blocks train; the codebook prior
+            # (decoder + codebooks) stays as stage 1 learned it
+            self.student.requires_grad_(True)
             freeze_prior_(self.student)
         if self.hparams.mode != "qualiteacher":
             # unconditioned modes never use the conditioning (and DDP needs every trainable weight used)
@@ -270,11 +277,12 @@ class QualiTeacherModule(L.LightningModule):
             cands = torch.cat([cands, var.images])
             owner = torch.cat([owner, var.source])
         fused = self.ensemble(cands).fused                                        # one batched call
+        scorable = torch.isfinite(fused)  # a candidate the ensemble cannot judge (NaN) is left out, counted
         self._update_level_rule(fused)
         cand_ids = [ids[i] for i in owner.tolist()]
         keep = self.bank.accepts(cand_ids, fused).to(x.device)
         is_var = torch.arange(cands.shape[0], device=x.device) >= len(views) * b
-        need = keep | (is_var & hp.train_on_variants)
+        need = (keep | (is_var & hp.train_on_variants)) & scorable
         masks = torch.zeros_like(cands[:, :1]) if hp.use_mask else torch.ones_like(cands[:, :1])
         if hp.use_mask and need.any():
             masks[need] = self._masks(cands[need], fused[need])
@@ -284,8 +292,9 @@ class QualiTeacherModule(L.LightningModule):
             sel = keep.nonzero(as_tuple=True)[0]
             kept = self.bank.offer_batch([cand_ids[i] for i in sel.tolist()], cands[sel], masks[sel],
                                          fused[sel], levels[sel])
-        logs = {"cand_score": float(fused.mean()), "cand_kept": float(kept)}
-        v = is_var if hp.train_on_variants else torch.zeros_like(is_var)
+        logs = {"cand_score": float(fused[scorable].mean()) if scorable.any() else float("nan"),
+                "cand_kept": float(kept), "cand_unscorable": float((~scorable).sum())}
+        v = (is_var & scorable) if hp.train_on_variants else torch.zeros_like(is_var)
         return Refresh(cands[v], masks[v], fused[v], owner[v], logs)
 
     # ------------------------------------------------------------------ losses
@@ -491,14 +500,42 @@ class QualiTeacherModule(L.LightningModule):
 
 def load_trained(path: str | Path) -> QualiTeacherModule:
     """A trained stage-3 module (student, teacher, bank) from its checkpoint, on the CPU, in eval
-    mode; the IQA ensemble is not rebuilt (build one with ``build_ensemble`` to score outputs)."""
+    mode; the IQA ensemble is not rebuilt (build one with ``build_ensemble`` to score outputs).
+
+    The file is read with ``weights_only=True`` (never unpickled as code) and checked strictly:
+    every student / teacher weight must be there (``torch.compile`` keys are accepted), nothing
+    else may be; problems raise ``CheckpointError`` naming the file and the problem."""
+    import inspect
+
+    from qualiteacher.checkpoints import CheckpointError, check_keys, checkpoint_state, describe, read_checkpoint
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"stage 3 checkpoint not found: {path} (run stage3 first)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    hparams = {k: v for k, v in state.get("hyper_parameters", {}).items() if k != "init_from"}
-    module = QualiTeacherModule(**hparams, ensemble=nn.Identity())
-    module.load_state_dict(state["state_dict"], strict=False)
-    module.bank.load_state_dict(state.get("pseudo_label_bank", {"k": module.bank.k, "entries": {}}))
+    ckpt = read_checkpoint(path)
+    state = checkpoint_state(ckpt, path)
+    hparams = ckpt.get("hyper_parameters")
+    if not isinstance(hparams, dict) or not any(k.startswith("teacher.") for k in state):
+        raise CheckpointError(path, f"not a stage-3 checkpoint: it looks like {describe(state)}; "
+                                    f"pass OUT/stage3/final.ckpt")
+    known = set(inspect.signature(QualiTeacherModule.__init__).parameters) - {"self", "ensemble"}
+    unknown = sorted(set(hparams) - known)
+    if unknown:
+        raise CheckpointError(path, f"hyper-parameters unknown to this version of QualiTeacherModule: {unknown}")
+    try:
+        module = QualiTeacherModule(**{k: v for k, v in hparams.items() if k != "init_from"}, ensemble=nn.Identity())
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(path, f"its hyper-parameters do not build a model: {err}") from None
+    check_keys(path, state, module.state_dict(), "stage-3 model", ignore=_FROZEN_PREFIXES)
+    try:
+        module.load_state_dict({k: v for k, v in state.items() if not k.startswith(_FROZEN_PREFIXES)}, strict=True)
+    except RuntimeError as err:  # shapes differ: another preset or architecture
+        first = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), str(err)[:200])
+        raise CheckpointError(path, f"weights do not fit the model its hyper-parameters build: {first}") from None
+    bank = ckpt.get("pseudo_label_bank", {"k": module.bank.k, "entries": {}})
+    try:
+        module.bank.load_state_dict(bank)
+    except (TypeError, KeyError, ValueError, AttributeError) as err:
+        raise CheckpointError(path, f"pseudo-label bank is malformed ({type(err).__name__}: {err})") from None
     return module.eval()
 
