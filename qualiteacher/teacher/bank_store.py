@@ -57,7 +57,8 @@ class MemoryStore:
 
     def put(self, image_id: str, pixels: np.ndarray) -> str:
         key = entry_key(image_id, pixels)
-        self.blobs.setdefault(key, torch.from_numpy(np.ascontiguousarray(pixels)))
+        if key not in self.blobs:
+            self.blobs[key] = torch.from_numpy(pixels.copy())  # a copy: never pin the caller's batch
         return key
 
     def get_batch(self, keys: list[str]) -> Tensor:
@@ -120,7 +121,7 @@ class DiskStore:
             except OSError:  # a file system without hard links: same content, so replacing is safe
                 os.replace(tmp, final)
             tmp.unlink(missing_ok=True)
-        self._remember(key, torch.from_numpy(np.ascontiguousarray(pixels)))
+        self._remember(key, torch.from_numpy(pixels.copy()))  # a copy: never pin the caller's batch
         return key
 
     def get_batch(self, keys: list[str]) -> Tensor:
