@@ -92,7 +92,7 @@ def _score(args: argparse.Namespace) -> int:
     _set_max_pixels(args)
     _, summary = score_command(Path(args.folder), preset=args.preset, task=args.task,
                                out=Path(args.out) if args.out else None,
-                               cache=Path(args.cache) if args.cache else None)
+                               cache=Path(args.cache) if args.cache else None, weights_dir=args.weights_dir)
     print(summary)
     from qualiteacher.data.io import get_skip_log
 
@@ -239,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--task", default=None, choices=TASKS)
     score.add_argument("--out", default=None, help="CSV or parquet file for the scores")
     score.add_argument("--cache", default=None, help="parquet score cache (default: in the project cache)")
+    score.add_argument("--weights-dir", default=None, help="folder with local IQA weight files (pyiqa's file names)")
     score.add_argument("--max-pixels", type=int, default=None, help=_MAX_PIXELS_HELP)
     score.set_defaults(handler=_score)
 

@@ -188,6 +188,15 @@ def test_weights_dir_reaches_every_ensemble_builder(demo_root, tmp_path, recorde
     assert (tmp_path / "o" / "labeled_quality.csv").is_file()
     QualiTeacherModule(preset="tiny", iqa_weights_dir=weights).setup("fit")
     assert recorded_builds == [weights] * 4
+    # the command line: `score --weights-dir`, and `evaluate` with the checkpoint's own folder
+    from qualiteacher.cli import main
+
+    assert main(["score", str(gt), "--preset", "offline", "--task", "dehaze", "--cache", str(tmp_path / "c3.parquet"),
+                 "--weights-dir", weights]) == 0
+    ckpt = _stage3_checkpoint(tmp_path / "run", iqa_weights_dir=weights)
+    assert main(["evaluate", "--task", "dehaze", "--data", str(demo_root), "--checkpoint", str(ckpt), "--limit", "1",
+                 "--metrics", "piqe", "--out", str(tmp_path / "ev"), "--no-progress", "--device", "cpu"]) == 0
+    assert recorded_builds == [weights] * 6
 
 
 # ---------------------------------------------------------------------------- crop multiple
