@@ -4,7 +4,8 @@ Expected errors are the ones a person can act on: a missing or unreadable file o
 value or configuration, a refused checkpoint, an unreachable tracking server, a missing weight
 file. They are printed as ``error: <message>`` on one line (multi-line messages are joined) and
 the command exits with 2; ``--debug`` re-raises them with the traceback. An interrupt exits 130.
-Anything else is a bug and keeps its traceback.
+A ``KeyError`` whose message starts with "unknown " (a name the user gave that is not in a
+catalogue) counts as expected too. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -61,6 +62,11 @@ def run_with_contract(fn: Callable[[], int], debug: bool = False, stream: TextIO
         return INTERRUPTED
     except expected_errors() as err:
         if debug:
+            raise
+        print(f"error: {error_line(err)}", file=stream)
+        return USER_ERROR
+    except KeyError as err:  # a failed lookup of a name the user gave ("unknown IQA preset 'x'; ...")
+        if debug or not str(err.args[0] if err.args else "").startswith("unknown "):
             raise
         print(f"error: {error_line(err)}", file=stream)
         return USER_ERROR

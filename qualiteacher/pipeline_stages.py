@@ -21,7 +21,7 @@ def run_stage(stage: str, cfg: dict[str, Any], state: PipelineState, runs: Pipel
             runs.client.set_tag(rid, "iqa_scores", MEANINGLESS)
     if stage == "data":
         prepare_data(cfg, runs, run_id)
-    elif stage in ("stage1", "stage2", "stage3"):
+    elif stage in TRAINING_STAGES:
         train_stage(stage, cfg, runs, run_id)
     elif stage == "eval":
         from qualiteacher.pipeline_eval import evaluate_pipeline
@@ -72,15 +72,14 @@ def stage_trainer(cfg: dict[str, Any], stage: str, trainer_args: dict[str, Any],
                   run_id: str | None, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
     """The stage's Trainer: its config plus our MLflow logger, resumable checkpoints, the console's
     step progress bar and key numbers (qualiteacher/console.py)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     from qualiteacher import console
+    from qualiteacher.checkpoints import rotating_checkpoint
 
     out = Path(cfg["out_dir"]) / stage
     progress = console.show_progress(cfg)
     callbacks: list[L.Callback] = [
-        ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
-                        every_n_train_steps=int(cfg.get("checkpoint_every", 50))),
+        # last.ckpt every n steps; the one before is kept as prev.ckpt (resume falls back to it)
+        rotating_checkpoint(out / "checkpoints", int(cfg.get("checkpoint_every", 50))),
         FlushBeforeCheckpoint(), *extra_callbacks, console.StageNumbers(stage),
     ]
     if progress:
@@ -136,12 +135,13 @@ def train_stage(stage: str, cfg: dict[str, Any], runs: PipelineRuns | None, run_
         runs.log_params(run_id, _flatten(section))
         runs.log_dict_artifact(run_id, section, f"{stage}_config.yaml")
     from qualiteacher import console
+    from qualiteacher.checkpoints import resume_checkpoint
 
-    last = out / "checkpoints" / "last.ckpt"
-    if last.is_file():
+    last = resume_checkpoint(out / "checkpoints")  # last.ckpt, or prev.ckpt (warned) if last is cut short
+    if last is not None:
         console.say(f"  {stage}: resuming from {last}", "quiet")
     with console.fit_warnings(model, data):
-        trainer.fit(model, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
+        trainer.fit(model, datamodule=data, ckpt_path=str(last) if last is not None else None)
     if trainer.interrupted:
         raise KeyboardInterrupt(f"{stage} interrupted; rerun the same command to resume")
     trainer.save_checkpoint(final, weights_only=False)  # every rank; rank 0 writes (full state)
@@ -195,10 +195,11 @@ def register_student(cfg: dict[str, Any], runs: PipelineRuns, run_id: str) -> No
     module = load_stage3(cfg)
     name = f"qualiteacher-{cfg['task']}"
     mlflow.set_tracking_uri(runs.uri)
+    from qualiteacher.registry import log_student
+
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(module.student, name="student", registered_model_name=name,
-                                        serialization_format="pickle",
-                                        pip_requirements=["torch", "qualiteacher"])
+        # weights as tensors + the pinned installed code, no pickle (qualiteacher.registry)
+        info = log_student(module.student, dict(module.hparams), name="student", registered_model_name=name)
     from qualiteacher import console
 
     console.stage_numbers("register", f"model {name} from {info.model_uri}")

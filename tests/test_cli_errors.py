@@ -26,6 +26,7 @@ def ckpt(tmp_path_factory):
     (["data", "check", "{tmp}/nowhere"], "does not exist"),
     (["data", "check", "{tmp}", "--layout", "nonsense"], "unknown data layout 'nonsense'"),
     (["score", "{tmp}/nowhere", "--cache", "{tmp}/c.parquet"], "image folder does not exist"),
+    (["score", "{tmp}", "--preset", "nope", "--cache", "{tmp}/c.parquet"], "unknown IQA preset 'nope'"),
     (["restore", "{tmp}/nowhere", "--checkpoint", "{ckpt}", "--out", "{tmp}/out"], "input folder not found"),
     (["restore", "{tmp}", "--checkpoint", "{tmp}/missing.ckpt", "--out", "{tmp}/out"], "not found"),
     (["restore", "{tmp}", "--checkpoint", "{ckpt}", "--out", "{tmp}/out", "--level", "99"], "--level 99 is out of range"),

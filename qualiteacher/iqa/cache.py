@@ -104,7 +104,9 @@ def score_folder(
     for (h, w), items in todo.items():
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            for (path, sha1, _), scores in zip(chunk, _score_batch(ensemble, [c[2] for c in chunk], device)):
+            for (path, sha1, _), scores in zip(chunk, _score_isolated(ensemble, chunk, device, skip_log, skipped)):
+                if scores is None:  # the ensemble failed on this image alone: reported, skipped
+                    continue
                 row = {"sha1": sha1, "version": version, "height": h, "width": w, **scores}
                 rows[path] = row
                 new_rows.append(row)
@@ -117,16 +119,59 @@ def score_folder(
     table = pd.DataFrame([{"path": str(p.relative_to(folder)), **rows[p]} for p in files if p in rows])
     table = table.dropna(axis=1, how="all")
     table.attrs["skipped"] = skipped  # unreadable file -> reason
+    # written with a NaN fused score and level -1: no member group holding enough weight could judge them
+    table.attrs["unscorable"] = _unscorable(table)
     return table
+
+
+def _score_isolated(ensemble: Ensemble, chunk: list[tuple[Path, str, np.ndarray]], device: torch.device,
+                    skip_log: object, skipped: dict[str, str]) -> list[dict[str, float] | None]:
+    # one batched call; if it raises, one call per image so a single image never sinks the others
+    from qualiteacher.iqa.guards import MEMBER_ERRORS
+
+    try:
+        return _score_batch(ensemble, [c[2] for c in chunk], device)
+    except MEMBER_ERRORS:
+        if len(chunk) == 1:
+            return [_score_one(ensemble, chunk[0], device, skip_log, skipped)]
+    return [_score_one(ensemble, c, device, skip_log, skipped) for c in chunk]
+
+
+def _score_one(ensemble: Ensemble, item: tuple[Path, str, np.ndarray], device: torch.device,
+               skip_log: object, skipped: dict[str, str]) -> dict[str, float] | None:
+    from qualiteacher.iqa.guards import MEMBER_ERRORS
+
+    try:
+        return _score_batch(ensemble, [item[2]], device)[0]
+    except MEMBER_ERRORS as err:
+        reason = f"failed to score: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+        skip_log.record(item[0], reason)  # type: ignore[attr-defined]
+        skipped[str(item[0])] = reason
+        return None
+
+
+def _unscorable(table: pd.DataFrame) -> dict[str, str]:
+    if table.empty or "fused" not in table.columns:
+        return {}
+    raw = [c for c in table.columns if c.startswith("raw_")]
+    out = {}
+    for _, row in table[table["fused"].isna()].iterrows():
+        missing = [c[4:] for c in raw if pd.isna(row[c])] or [c[4:] for c in raw]
+        out[str(row["path"])] = f"{row.get('width', '?')}x{row.get('height', '?')}: no score from {', '.join(missing)}"
+    return out
 
 
 def summary_table(table: pd.DataFrame, skipped: int = 0) -> str:
     """Plain-text summary: counts, fused score statistics, level histogram, member means."""
     if table.empty:
         return f"no images scored ({skipped} skipped)"
+    unscorable = table.attrs.get("unscorable") or {}
     lines = [f"images scored: {len(table)}   skipped (unreadable): {skipped}",
              f"fused: mean {table.fused.mean():.3f}  std {table.fused.std(ddof=0):.3f}  "
              f"min {table.fused.min():.3f}  max {table.fused.max():.3f}"]
+    if unscorable:
+        lines.append(f"unscorable (fused NaN, level -1): {len(unscorable)}")
+        lines += [f"  {p}: {r}" for p, r in list(unscorable.items())[:10]]
     hist = table.level.astype(int).value_counts().reindex(range(8), fill_value=0)
     lines.append("levels: " + "  ".join(f"{q}:{n}" for q, n in hist.items()))
     lines.append(f"{'member':<14}{'raw mean':>12}{'norm mean':>12}")

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
+from qualiteacher.iqa.guards import fuse_available, guarded_scores, member_domain, worst_raw_score
 from qualiteacher.iqa.members import (
     MemberSpec,
     default_level,
     fit_quantile_levels,
-    fuse_scores,
     normalize_score,
     quantile_level,
     total_weight_is_positive,
@@ -104,14 +104,21 @@ class Ensemble(nn.Module):
     def _raw_score(self, spec: MemberSpec, images: Tensor) -> Tensor:
         module = self.members[spec.name]
         min_size = int(spec.options.get("min_size", getattr(module, "min_size", 0)))
-        if self.low_precision and getattr(module, "tolerates_bf16", False):
-            # a network that keeps its judgement in bf16: autocast and channels_last
-            x = upsample_to_min_side(images.float().clamp(0, 1), min_size).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
-                return module(x).float().reshape(-1)
-        with torch.autocast(device_type=images.device.type, enabled=False):
-            x = upsample_to_min_side(images.float().clamp(0, 1), min_size)
-            return module(x).float().reshape(-1)
+
+        low = self.low_precision and getattr(module, "tolerates_bf16", False)
+
+        def score(x: Tensor) -> Tensor:
+            if low:  # a network that keeps its judgement in bf16: autocast and channels_last
+                x = upsample_to_min_side(x.float().clamp(0, 1), min_size).contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+                    return module(x).float().reshape(-1)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return module(upsample_to_min_side(x.float().clamp(0, 1), min_size)).float().reshape(-1)
+
+        # each member judges only its own domain: NaN (unscorable) or its worst score elsewhere (guards.py)
+        norm = spec.normalization
+        worst = worst_raw_score(norm.lo, norm.hi, spec.higher_better) if norm.kind == "range" else None
+        return guarded_scores(score, images, member_domain(spec.kind, module), worst, spec.name)
 
     def _normalize(self, spec: MemberSpec, raw: Tensor) -> Tensor:
         return normalize_score(raw, spec.normalization, spec.higher_better)
@@ -122,7 +129,7 @@ class Ensemble(nn.Module):
         with torch.no_grad():
             raw = {s.name: self._raw_score(s, images) for s in self.specs}
             normalized = {s.name: self._normalize(s, raw[s.name]) for s in self.specs}
-            fused = fuse_scores(normalized, self.weights)
+            fused = fuse_available(normalized, self.weights)
         return EnsembleScores(raw, normalized, fused, self.level_of(fused))
 
     scores = forward
@@ -143,14 +150,17 @@ class Ensemble(nn.Module):
                 normalized[spec.name] = self._normalize(spec, self._raw_score(spec, images))
         if not normalized:
             raise ValueError("reward: every member has reward_mode 'exclude'")
-        return fuse_scores(normalized, self.weights)
+        # an output no member can judge gets the worst reward (0), a defined value without gradient
+        return torch.nan_to_num(fuse_available(normalized, self.weights), nan=0.0)
 
     # ----------------------------------------------------------------------------- levels
     def level_of(self, fused: Tensor) -> Tensor:
         """Quality level (B,) long: the default rule, or the fitted quantile thresholds if set."""
         if self.level_thresholds.numel():
-            return quantile_level(fused, self.level_thresholds)
-        return default_level(fused)
+            levels = quantile_level(fused, self.level_thresholds)
+        else:
+            levels = default_level(fused)
+        return torch.where(torch.isfinite(fused), levels, torch.full_like(levels, -1))  # -1: unscorable
 
     def fit_levels_(self, pool_scores: Tensor) -> Tensor:
         """Switch to the quantile rule with thresholds fitted on a pool of fused scores."""
@@ -177,7 +187,7 @@ class Ensemble(nn.Module):
         cols = torch.linspace(0, w - k, nw, device=images.device).round().long()
         patches = images.unfold(2, k, 1)[:, :, rows].unfold(3, k, 1)[:, :, :, cols]  # (B, C, nh, nw, k, k)
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(b * nh * nw, c, k, k)
-        grid = self.forward(patches).fused.reshape(b, 1, nh, nw)
+        grid = self.forward(patches).fused.reshape(b, 1, nh, nw).nan_to_num(nan=0.0)  # unscorable block: unreliable
         return F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
 
     # ----------------------------------------------------------------------------- specs I/O
