@@ -237,6 +237,7 @@ def run_audit(ensemble: Ensemble, task: str, images: AuditImages, preset: str = 
         ladder, summary = pd.DataFrame(columns=["kind", "image", "scorer", "rho"]), pd.DataFrame()
     meta = {"preset": preset, "task": task, "size": int(x.shape[-1]), "images": len(images.names),
             "pairs": int((pairs["scorer"] == FUSED).sum()), "seed": seed, "random_weights": random_weights,
+            "random_members": list(getattr(ensemble, "random_members", ())),
             "member_errors": errors, "seconds": round(time.perf_counter() - start, 1)}
     return AuditResult(ladder, summary, pairs, pass_fractions(pairs), failing_pairs(pairs), meta)
 

@@ -32,6 +32,8 @@ def audit_markdown(result: AuditResult) -> str:
     out = [f"# IQA ensemble audit: preset `{meta['preset']}`, task `{meta['task']}`", ""]
     if meta["random_weights"]:
         out += [f"> {RANDOM_WEIGHTS_BANNER}", ""]
+        if meta.get("random_members"):
+            out += [f"> Members on stand-in weights: {', '.join(meta['random_members'])}.", ""]
     out += [f"**{'PASS' if ok else 'FAIL'}**: {line}.", "",
             f"{meta['images']} clean images at {meta['size']} px, {meta['pairs']} destruction pairs, "
             f"seed {meta['seed']}; the audit took {meta['seconds']} s.", "",

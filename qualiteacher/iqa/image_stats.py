@@ -22,6 +22,7 @@ the ideas (our own code, written from the papers' formulas):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -35,11 +36,17 @@ def colourfulness(images: Tensor) -> Tensor:
     return spread + 0.3 * centre
 
 
-def colour_cast(images: Tensor, floor: float = 2.0) -> Tensor:
-    """Gasparini-Schettini cast factor ``|mean(a*, b*)| / (sqrt(var a* + var b*) + floor)``."""
+def colour_cast(images: Tensor, floor: float = 2.0, side: int = 48) -> Tensor:
+    """Gasparini-Schettini cast factor ``|mean(a*, b*)| / (sqrt(var a* + var b*) + floor)``.
+
+    A global statistic: computed on the image area-averaged by ``min(H, W) // side`` (the CIELab
+    conversion's powers dominate the cost; 4x fewer pixels at 96 px, 25x at 256 px).
+    """
     from kornia.color import rgb_to_lab
 
-    lab = rgb_to_lab(images.clamp(0, 1))
+    k = max(1, min(images.shape[-2:]) // side)
+    x = F.avg_pool2d(images, k) if k > 1 else images
+    lab = rgb_to_lab(x.clamp(0, 1))
     ab = lab[:, 1:].flatten(2)  # (B, 2, N)
     dist = (ab.mean(2).pow(2).sum(1) + 1e-6).sqrt()
     spread = (ab.var(2).sum(1) + 1e-6).sqrt()
