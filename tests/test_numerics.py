@@ -8,15 +8,17 @@ from qualiteacher.archs.quantize import VectorQuantizer, nearest_code
 
 
 def _codebook_and_features():
+    # the paper's latent: 256 channels, 1,024 codes spread like a trained codebook's
     torch.manual_seed(0)
-    vq = VectorQuantizer(1024, 64)         # codes initialised within ±1/1024: many near-ties
-    z = torch.randn(2, 64, 16, 16)
-    return vq, z
+    vq = VectorQuantizer(1024, 256)
+    with torch.no_grad():
+        vq.embedding.weight.normal_()
+    return vq, torch.randn(2, 256, 16, 16)
 
 
 def test_nearest_code_is_float32_under_bf16_autocast():
     vq, z = _codebook_and_features()
-    flat, codes = z.permute(0, 2, 3, 1).reshape(-1, 64), vq.embedding.weight.detach()
+    flat, codes = z.permute(0, 2, 3, 1).reshape(-1, 256), vq.embedding.weight.detach()
     reference = nearest_code(flat, codes)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         # what the search gave before: autocast runs the matrix product in bf16 despite .float()
