@@ -128,7 +128,8 @@ def restore(model: nn.Module, images: Tensor, level: int | None = 7, tile: int |
     try:
         def fn(x: Tensor) -> Tensor:
             lv = None if level is None else torch.full((x.shape[0],), level, device=x.device, dtype=torch.long)
-            return model(x, lv, w=w).image.clamp(0, 1)
+            out = model(x, lv) if w is None else model(x, lv, w=w)  # any (x, level) model works
+            return out.image.clamp(0, 1)
 
         if tile is None:
             h, wd = images.shape[-2:]  # not `w`: that is the fidelity weight fn passes on
