@@ -12,7 +12,11 @@ re-enactment, ...), with the same student architecture, IQA members, sizes and b
 - **released**: the structure of the released QualiTeacher code, written out below: the teacher
   called once per view, every IQA call one image (and one mask block) at a time with the reference
   members (pyiqa's float64 NIQE / BRISQUE on images upsampled to the member's minimum size), one
-  student forward per condition (each bank slot, each ranked level, the crop), float32.
+  student forward per condition (each bank slot, each ranked level, the crop), float32. It ranks
+  as many levels as ours (with ``pref_levels_per_step`` one subset for the batch, same estimator)
+  and every candidate gets a mask and a bank offer. ``--native-niqe`` changes ours only.
+On the CPU the clock is the process's CPU time by default (``--clock``), so other processes on a
+shared machine inflate it less than wall time; ratios come from the same run.
 
 Phases are exclusive (a phase nested in another is not counted twice); the student's and the
 graders' shares of the backward pass are split with gradient hooks at the reward's input and
@@ -118,11 +122,13 @@ def timed(clock: PhaseClock, name: str, absorb: bool = False, grader: bool = Fal
 
 class BackwardSplit:
     """Hooks that time the backward pass through each reward call (its output's gradient arriving
-    -> its input's gradient computed); the rest of a backward pass is the student's."""
+    -> its input's gradient computed); the union of those intervals is the graders' share of a
+    backward pass (the intervals of several reward calls nest: their gradients arrive together),
+    the rest is the student's."""
 
     def __init__(self, clock: PhaseClock) -> None:
         self.clock = clock
-        self.seconds = 0.0
+        self.intervals: list[tuple[float, float]] = []
 
     def watch(self, images: Tensor, reward: Tensor) -> None:
         if not (images.requires_grad and reward.requires_grad):
@@ -132,18 +138,28 @@ class BackwardSplit:
 
         def done(g: Tensor) -> None:
             if start:
-                self.seconds += self.clock.now() - start.pop()
+                self.intervals.append((start.pop(), self.clock.now()))
         images.register_hook(done)
+
+    @property
+    def seconds(self) -> float:
+        total, end = 0.0, float("-inf")
+        for a, b in sorted(self.intervals):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+        return total
 
     @contextmanager
     def backward(self) -> Iterator[None]:
         """A backward pass: its time is "student bwd" except the graders' share ("reward bwd")."""
-        self.seconds = 0.0
+        self.intervals = []
         with self.clock.phase("student bwd", absorb=True):
             yield
-        self.clock.add("student bwd", -self.seconds)
-        self.clock.add("reward bwd", self.seconds)
-        self.clock.add("graders", self.seconds)
+        graders = self.seconds
+        self.clock.add("student bwd", -graders)
+        self.clock.add("reward bwd", graders)
+        self.clock.add("graders", graders)
 
 
 def instrument(module: Any, clock: PhaseClock, split: BackwardSplit) -> None:
@@ -195,15 +211,16 @@ def reference_members(ensemble: Any) -> Iterator[None]:
 class Released:
     """The released code's step structure on copies of our module's student, teacher and bank."""
 
-    def __init__(self, module: Any, clock: PhaseClock, device: torch.device) -> None:
+    def __init__(self, module: Any, clock: PhaseClock, device: torch.device, ensemble: Any = None) -> None:
         from qualiteacher.teacher.bank import PseudoLabelBank
 
         hp = module.hparams
         self.hp, self.clock, self.device = hp, clock, device
         self.split = BackwardSplit(clock)
         self.student = copy.deepcopy(module.student).to(device)
+        self.student._compiled_call_impl = None  # the re-enactment runs eager, whatever --compile does to ours
         self.teacher = copy.deepcopy(module.teacher).to(device).eval()
-        self.ensemble = module.ensemble
+        self.ensemble = (ensemble if ensemble is not None else module.ensemble).to(device)
         self.photometric = copy.deepcopy(module.photometric).to(device)
         self.bank = PseudoLabelBank(hp.bank_k)
         self.gen = torch.Generator().manual_seed(hp.seed + 1)
@@ -238,7 +255,12 @@ class Released:
 
     def step(self, batch: dict[str, dict[str, Any]]) -> None:
         from qualiteacher.losses.consistency import crop_consistency_loss, random_window
-        from qualiteacher.losses.preference import all_pairs_preference_loss, preference_loss
+        from qualiteacher.losses.preference import (
+            all_pairs_preference_loss,
+            draw_level_subsets,
+            preference_loss,
+            sampled_all_pairs_preference_loss,
+        )
         from qualiteacher.losses.pseudo import pseudo_label_loss
         from qualiteacher.teacher.ema import ema_update_
         from qualiteacher.teacher.multiaug import multi_augment
@@ -285,9 +307,14 @@ class Released:
                         outs.append((sel, self.student(x_s[own[sel]], lv).image))
             l_pl = sum(pseudo_label_loss(o, pls[sel], masks[sel], own[sel], b) for sel, o in outs)
             l_sup = F.l1_loss(sup.image, lab["gt"].to(dev))
-            levels_ranked = (sorted(set(hp.low_levels) | {hp.top_level}) if hp.pref_mode == "all_pairs"
+            grid = sorted(set(hp.low_levels) | {hp.top_level})
+            levels_ranked = (grid if hp.pref_mode == "all_pairs"
                              else [hp.top_level, int(torch.tensor(hp.low_levels)[torch.randint(
                                  len(hp.low_levels), (1,), generator=self.gen)])])
+            m = getattr(hp, "pref_levels_per_step", None)
+            subset = hp.pref_mode == "all_pairs" and m is not None and m < len(grid)
+            if subset:  # as many levels as ours ranks (one subset for the batch: a forward per level)
+                levels_ranked = draw_level_subsets(1, torch.tensor(grid), m, hp.top_level, self.gen)[0].tolist()
             rewards, top = [], None
             for q in levels_ranked:
                 with clock.phase("student fwd", absorb=True):
@@ -299,7 +326,10 @@ class Released:
             r = torch.stack(rewards, 1)  # (B, L)
             if hp.pref_mode == "all_pairs":
                 per_level = hp.pref_delta / max(1, hp.top_level - min(hp.low_levels))
-                l_pref = all_pairs_preference_loss(r, torch.tensor(levels_ranked, device=dev), hp.pref_beta, per_level)
+                lv = torch.tensor(levels_ranked, device=dev)
+                l_pref = (sampled_all_pairs_preference_loss(r, lv.expand(b, -1), len(grid), hp.top_level,
+                                                            hp.pref_beta, per_level) if subset
+                          else all_pairs_preference_loss(r, lv, hp.pref_beta, per_level))
             else:
                 best = torch.full((b,), -1e4, device=dev).scatter_reduce(0, own, scores.float(), reduce="amax")
                 l_pref = preference_loss(r[:, 0], r[:, 1], best, hp.pref_beta, hp.pref_delta,
@@ -323,7 +353,8 @@ class Released:
 
 # ----------------------------------------------------------------------------------- set-up
 def build_parts(args: argparse.Namespace) -> tuple[Any, Any, list[dict[str, Any]], list[str]]:
-    """The configured stage-3 module, its data module, the benchmark's batches and notes."""
+    """The configured stage-3 module, the re-enactment's ensemble when it differs from ours
+    (else None), the benchmark's batches and notes."""
     from qualiteacher.data.datamodule import RestorationDataModule
     from qualiteacher.data.demo import build_demo
     from qualiteacher.iqa.members import MemberSpec
@@ -354,17 +385,22 @@ def build_parts(args: argparse.Namespace) -> tuple[Any, Any, list[dict[str, Any]
     batch = args.batch or int(data_cfg.get("batch_size", 4))
     args.size, args.batch = crop, batch  # reported as resolved
     specs = preset_specs(model["iqa_preset"], model.get("task"))
-    if args.native_niqe:  # the offline NIQE graded at the image's own size (spec option native: true)
+
+    def make(member_specs: list[MemberSpec]) -> Any:
+        try:
+            return ensemble_from_specs(member_specs, model.get("task"), model.get("iqa_weights_dir"))
+        except FileNotFoundError as err:  # MissingWeightsError: no weight files here
+            first = str(err).splitlines()[0]
+            notes.append(f"IQA preset {model['iqa_preset']!r}: weights missing ({first}); members built "
+                         f"with RANDOM weights -- timings only, the scores mean nothing")
+            return ensemble_from_specs(member_specs, model.get("task"), random_weights=True)
+
+    reference = None
+    if args.native_niqe:  # ours: the offline NIQE at the image's own size; the re-enactment upsamples
+        reference = make(specs)
         specs = [MemberSpec.from_dict({**s.to_dict(), "options": {**s.options, "native": True}})
                  if s.backend == "offline:niqe" else s for s in specs]
-    try:
-        ensemble = ensemble_from_specs(specs, model.get("task"), model.get("iqa_weights_dir"))
-    except FileNotFoundError as err:  # MissingWeightsError: no weight files here
-        first = str(err).splitlines()[0]
-        notes.append(f"IQA preset {model['iqa_preset']!r}: weights missing ({first}); members built with "
-                     f"RANDOM weights -- timings only, the scores mean nothing")
-        ensemble = ensemble_from_specs(specs, model.get("task"), random_weights=True)
-    module = QualiTeacherModule(**model, ensemble=ensemble)
+    module = QualiTeacherModule(**model, ensemble=make(specs))
     root = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="qt-bench-"))
     if not args.data:
         n = max(8, 2 * batch)
@@ -385,7 +421,7 @@ def build_parts(args: argparse.Namespace) -> tuple[Any, Any, list[dict[str, Any]
                  f"{args.native_niqe}), pref_mode "
                  f"{model.get('pref_mode', 'pair')}, pref_levels_per_step {model.get('pref_levels_per_step')}, "
                  f"refresh_every {model.get('refresh_every', 1)}, mask_block {model.get('mask_block', 144)}")
-    return module, dm, batches, notes
+    return module, reference, batches, notes
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -394,14 +430,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    module, _, batches, notes = build_parts(args)
+    module, reference, batches, notes = build_parts(args)
     clock = PhaseClock(device, args.clock)
     per_step: dict[str, list[dict[str, float]]] = {"ours": [], "released": []}
     released: list[Released] = []
 
     class Interleave(L.Callback):
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            released.append(Released(pl_module, clock, device))  # copies first: wrappers stay on ours
+            released.append(Released(pl_module, clock, device, reference))  # copies first: wrappers stay on ours
             instrument(pl_module, clock, BackwardSplit(clock))
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:

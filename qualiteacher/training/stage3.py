@@ -215,7 +215,9 @@ class QualiTeacherModule(L.LightningModule):
                 raise ValueError("stage 3 under DDP needs the disk bank: set model.bank_dir (the pipeline "
                                  "sets {out_dir}/stage3/bank); ranks share its entries through that folder")
         if self.hparams.compile_student and stage == "fit":
-            self.student.compile(dynamic=True)  # in place: weights and their names are unchanged
+            # in place (weights and their names unchanged); static shapes: the number of targets per
+            # step takes a few values, each compiled once (dynamic shapes hit an inductor error here)
+            self.student.compile(dynamic=False)
 
     def train(self, mode: bool = True) -> "QualiTeacherModule":
         super().train(mode)
