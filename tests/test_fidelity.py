@@ -4,6 +4,7 @@ import copy
 import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from qualiteacher.archs.fidelity import FidelityPath, adain
 from qualiteacher.archs.iqpir import freeze_all_but_fidelity_, freeze_prior_
@@ -120,7 +121,7 @@ def test_fidelity_stage_trains_only_the_fusion_blocks(tmp_path):
     module = FidelityModule(preset="tiny", stage2_checkpoint=str(tmp_path / "s2.ckpt"), lr=1e-2)
     gt = torch.rand(4, 3, 32, 32)
     lq = (0.6 * gt + 0.4).clamp(0, 1)
-    loader = [{"labeled": {"lq": lq, "gt": gt}}] * 30
+    loader = DataLoader([{"labeled": {"lq": lq, "gt": gt}}] * 30, batch_size=None)  # one fixed batch a step
     before = copy.deepcopy(stage2.state_dict())
     trainer = L.Trainer(max_steps=30, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)

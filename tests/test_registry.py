@@ -15,7 +15,12 @@ from qualiteacher.training.restore import restore
 def store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
     mlflow.set_tracking_uri(uri)
+    # an experiment of this store: the active experiment id MLflow keeps globally may name one of an
+    # earlier test's store (the suite failed here with "No Experiment with id=1 exists")
+    mlflow.set_experiment("registry-test")
     yield uri
     mlflow.set_tracking_uri(None)
 
