@@ -56,22 +56,28 @@ def fast_ensemble_factory():
     return make
 
 
-@pytest.fixture(scope="session")
-def app_checkpoint(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, fast_ensemble_factory) -> Path:
-    """A tiny stage-3 checkpoint (U-Net student, one step, task dehaze) whose level embedding is set
-    by hand so every quality level gives a visibly different output (app tests)."""
+
+def fit_tiny_stage3(demo_root: Path, ensemble: torch.nn.Module):
+    """One stage-3 step of a tiny U-Net student on the demo's dehaze data; returns (module, trainer)."""
     import lightning as L
 
     from qualiteacher.data.datamodule import RestorationDataModule
     from qualiteacher.training.stage3 import QualiTeacherModule
 
-    module = QualiTeacherModule(preset="tiny", student="unet", ensemble=fast_ensemble_factory(), mask_block=16,
+    module = QualiTeacherModule(preset="tiny", student="unet", ensemble=ensemble, mask_block=16,
                                 views=("identity",), n_aug_variants=1, task="dehaze")
     dm = RestorationDataModule(labeled_root=str(demo_root / "dehaze" / "labeled"),
                                unlabeled_root=str(demo_root / "dehaze" / "unlabeled"), crop_size=32, batch_size=2)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, datamodule=dm)
+    return module, trainer
+
+@pytest.fixture(scope="session")
+def app_checkpoint(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, fast_ensemble_factory) -> Path:
+    """A tiny stage-3 checkpoint (U-Net student, one step, task dehaze) whose level embedding is set
+    by hand so every quality level gives a visibly different output (app tests)."""
+    module, trainer = fit_tiny_stage3(demo_root, fast_ensemble_factory())
     _set_level_ramp_(module.student.level_embedding.embedding.weight)
     path = tmp_path_factory.mktemp("app") / "final.ckpt"
     trainer.save_checkpoint(path)

@@ -12,18 +12,9 @@ from qualiteacher.cli import main
 
 @pytest.fixture(scope="module")
 def stage3_ckpt(tmp_path_factory, demo_root, fast_ensemble_factory):
-    import lightning as L
+    from conftest import fit_tiny_stage3
 
-    from qualiteacher.data.datamodule import RestorationDataModule
-    from qualiteacher.training.stage3 import QualiTeacherModule
-
-    module = QualiTeacherModule(preset="tiny", student="unet", ensemble=fast_ensemble_factory(), mask_block=16,
-                                views=("identity",), n_aug_variants=1, task="dehaze")
-    dm = RestorationDataModule(labeled_root=str(demo_root / "dehaze" / "labeled"),
-                               unlabeled_root=str(demo_root / "dehaze" / "unlabeled"), crop_size=32, batch_size=2)
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, datamodule=dm)
+    _, trainer = fit_tiny_stage3(demo_root, fast_ensemble_factory())
     path = tmp_path_factory.mktemp("s3") / "final.ckpt"
     trainer.save_checkpoint(path)
     return path
