@@ -140,6 +140,12 @@ def test_score_levels_images_of_different_sizes_and_flat_model() -> None:
 
     flat = score_levels(Flat(), images, BrightnessEnsemble(), levels=[2, 5])
     assert math.isnan(level_spearman(flat))  # no ordering to measure
+    assert (flat["px_from_first"] == 0).all()  # the dial does not move the picture
+    # gain 0.5 + (lv - 3.5) / 10: level 5 is 0.3 brighter than level 2 (x times 0.3, in 8-bit steps)
+    expect = [float(im.mean() * 0.3 * 255) for im in images]
+    moved = df[df["level"] == 5]["px_from_first"].tolist()
+    assert moved == pytest.approx(expect, rel=1e-4)
+    assert (df[df["level"] == 2]["px_from_first"] == 0).all()
     with pytest.raises(ValueError, match="ids"):
         score_levels(Flat(), images, BrightnessEnsemble(), ids=["only-one"])
 

@@ -44,7 +44,8 @@ def score_levels(model: nn.Module, images: Tensor | Sequence[Tensor], ensemble: 
     ``ensemble(images)`` must return an ``EnsembleScores`` and live on the images' device; ``tile``
     and ``w`` (fidelity; ``None``: the model's default) are passed to `restore`. Returns one row per image and level with columns ``id``, ``level``
     (requested), ``fused``, ``iqa_level`` (the ensemble's level of the output), ``norm_<member>``
-    and ``raw_<member>``.
+    and ``raw_<member>``, and ``px_from_first`` (mean absolute difference, in 8-bit steps, between
+    the output and the same image's output at the first requested level: how visibly the dial moves).
     """
     levels = [int(lv) for lv in levels]
     if not levels:
@@ -58,12 +59,18 @@ def score_levels(model: nn.Module, images: Tensor | Sequence[Tensor], ensemble: 
     if len(ids) != n:
         raise ValueError(f"score_levels: {len(ids)} ids for {n} images")
     frames = []
+    first: list[Tensor] = []  # the first level's outputs, per batch
     for level in levels:
         start = 0
-        for batch in batches:
+        for k, batch in enumerate(batches):
             with torch.no_grad():
-                scores = ensemble(restore(model, batch, level=level, tile=tile, w=w))
+                out = restore(model, batch, level=level, tile=tile, w=w)
+                scores = ensemble(out)
+            if len(first) <= k:
+                first.append(out)
             frame = scores_frame(scores)
+            # how far this level moves the picture from the first level's: mean |difference| in 8-bit steps
+            frame["px_from_first"] = ((out - first[k]).abs().flatten(1).mean(1) * 255).cpu().numpy()
             frame.insert(0, "level", level)
             frame.insert(0, "id", ids[start:start + batch.shape[0]])
             frames.append(frame)

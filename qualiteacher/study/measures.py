@@ -27,6 +27,7 @@ class Dial(NamedTuple):
     rho: float                # Spearman(level, mean fused of the training members)
     rho_heldout: float        # Spearman(level, mean held-out member score); NaN without one
     level_means: list[float]  # mean fused per level
+    span_px: float = float("nan")  # mean |output(last level) - output(first level)| in 8-bit steps
 
 
 def training_weights(ensemble: nn.Module, held_out: str | None) -> dict[str, float]:
@@ -67,11 +68,13 @@ def level_dial(student: nn.Module, test: Sequence[TestImage], ensemble: nn.Modul
     frame = _with_study_columns(frame, ensemble, held_out)
     means = frame.groupby("level")["fused"].mean()
     rho_h = level_spearman(frame, "heldout") if held_out else float("nan")
-    return Dial(level_spearman(frame, "fused"), rho_h, [round(float(v), 5) for v in means.to_numpy()])
+    span = float(frame.loc[frame["level"] == list(levels)[-1], "px_from_first"].mean())
+    return Dial(level_spearman(frame, "fused"), rho_h, [round(float(v), 5) for v in means.to_numpy()], span)
 
 
 def dial_columns(dial: Dial | None) -> dict[str, Any]:
     """The dial as row columns (NaN for an unconditioned student)."""
     if dial is None:
-        return {"rho": float("nan"), "rho_heldout": float("nan"), "level_means": ""}
-    return {"rho": dial.rho, "rho_heldout": dial.rho_heldout, "level_means": json.dumps(dial.level_means)}
+        return {"rho": float("nan"), "rho_heldout": float("nan"), "level_means": "", "dial_px": float("nan")}
+    return {"rho": dial.rho, "rho_heldout": dial.rho_heldout, "level_means": json.dumps(dial.level_means),
+            "dial_px": dial.span_px}

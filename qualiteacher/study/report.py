@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 
 # columns of the table, in order (members' norm_<m> columns are appended), and their headers
-HEADLINE_COLUMNS = ("psnr", "ssim", "heldout", "fused", "fused_all", "rho", "rho_heldout", "train_s")
+HEADLINE_COLUMNS = ("psnr", "ssim", "heldout", "fused", "fused_all", "rho", "rho_heldout", "dial_px", "train_s")
 LABELS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "heldout": "held-out {held} ↑", "fused": "fused (training) ↑",
           "fused_all": "fused (all) ↑", "rho": "level ρ ↑", "rho_heldout": "level ρ ({held}) ↑",
-          "train_s": "train s"}
+          "dial_px": "dial span (8-bit)", "train_s": "train s"}
 PLOTTED = ("psnr", "ssim", "heldout", "fused")
 
 
@@ -56,7 +56,7 @@ def summary_markdown(summary: pd.DataFrame, held_out: str | None, digits: int = 
     held = held_out or "–"
     header = ["mode", "seeds"] + [LABELS.get(c, c.removeprefix("norm_") + " ↑").format(held=held) for c in cols]
     trained = [r for r in summary.index if r not in ("input", "warmup")]
-    best = {c: summary.loc[trained, f"{c}_mean"].max() for c in cols if c != "train_s" and trained}
+    best = {c: summary.loc[trained, f"{c}_mean"].max() for c in cols if c not in ("train_s", "dial_px") and trained}
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in summary.iterrows():
         cells = [str(name), str(int(row["seeds"]))]
