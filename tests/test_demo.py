@@ -16,7 +16,7 @@ from qualiteacher.data.demo import (
 )
 from qualiteacher.data.io import read_image
 
-SMALL = {"size": 48, "n_labeled": 4, "n_unlabeled": 4, "n_test": 2, "n_clean": 3, "progress": False}
+SMALL = {"size": 48, "n_labeled": 4, "n_unlabeled": 4, "n_test": 2, "n_clean": 3, "n_val": 2, "progress": False}
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -53,7 +53,7 @@ def test_task_subset_and_other_seed(builds):
 def test_layout_matches_design(builds):
     root, df = builds["a"]
     for task in TASKS:
-        for pair in ("labeled", "test"):
+        for pair in ("labeled", "test", "val"):
             lq = sorted(p.name for p in (root / task / pair / "lq").iterdir())
             gt = sorted(p.name for p in (root / task / pair / "gt").iterdir())
             assert lq == gt and len(lq) == SMALL[f"n_{pair}"]
@@ -70,9 +70,9 @@ def test_layout_matches_design(builds):
 
 def test_manifest_columns_and_domains(builds):
     _, df = builds["a"]
-    assert list(df["split"].unique()) == ["clean", "labeled", "unlabeled", "test"]
+    assert list(df["split"].unique()) == ["clean", "labeled", "unlabeled", "test", "val"]
     assert set(df.loc[df["split"] == "labeled", "domain"]) == {"source"}
-    assert set(df.loc[df["split"].isin(["unlabeled", "test"]), "domain"]) == {"real"}
+    assert set(df.loc[df["split"].isin(["unlabeled", "test", "val"]), "domain"]) == {"real"}
     for deg in DEGRADATIONS.values():
         rows = df[df["task"] == deg.task]
         for field in deg.params_type.__dataclass_fields__:
@@ -102,6 +102,7 @@ def test_test_photos_are_held_out(builds):
     other_photos = set(df.loc[df["split"] != "test", "photo"])
     assert test_photos <= set(HELD_OUT_PHOTOS)
     assert test_photos.isdisjoint(other_photos)
+    assert set(df.loc[df["split"] == "val", "photo"]).isdisjoint(HELD_OUT_PHOTOS)  # choosing on val never sees test photos
 
 
 def test_manifest_parameters_reproduce_images(builds):
@@ -148,3 +149,14 @@ def test_bundled_photos():
         assert p.image.dtype == np.uint8 and p.image.ndim == 3 and p.image.shape[2] == 3
         assert p.depth.shape == p.image.shape[:2] and 0.0 <= p.depth.min() and p.depth.max() <= 1.0
     assert len(photos) - len(HELD_OUT_PHOTOS) >= 8
+
+
+def test_val_split_leaves_the_other_splits_unchanged(builds, tmp_path):
+    # the val split is drawn after the others: a build without it has the same bytes everywhere else
+    root_a, _ = builds["a"]
+    without = build_demo(tmp_path, seed=0, tasks=("dehaze",), **{**SMALL, "n_val": 0})
+    assert "val" not in set(without["split"])
+    files = _files(tmp_path)
+    shared = [k for k in files if k != "manifest.csv"]
+    assert len(shared) > 10 and all(files[k] == _files(root_a)[k] for k in shared)
+    assert (root_a / "dehaze" / "val" / "lq" / "0000.png").is_file()

@@ -11,6 +11,7 @@ Layout written under ``out`` (see docs/design.md)::
     <task>/labeled/{lq,gt}/0000.png   paired, "source" degradation
     <task>/unlabeled/0000.png         "real" degradation (other ranges and mixtures)
     <task>/test/{lq,gt}/0000.png      "real" degradation, held-out photos only
+    <task>/val/{lq,gt}/0000.png       "real" degradation, training photos (choose settings here)
     clean/0000.png                    clean crops of the training photos
     manifest.csv                      one row per image (``path``, and ``gt_path`` for pairs)
 
@@ -38,7 +39,9 @@ TASKS: tuple[str, ...] = ("dehaze", "derain", "desnow", "lowlight")
 TASK_OFFSETS: dict[str, int] = {"dehaze": 1, "derain": 2, "desnow": 3, "lowlight": 4}
 CLEAN_OFFSET = 1000
 HELD_OUT_PHOTOS: tuple[str, ...] = ("rocket", "chelsea")
-SPLITS: dict[str, str] = {"labeled": "source", "unlabeled": "real", "test": "real"}  # split -> domain
+# split -> domain; "val" (real-domain pairs of the TRAINING photos) is drawn last, so adding it left the
+# other splits byte-identical: settings are chosen on it, never on the held-out test photos
+SPLITS: dict[str, str] = {"labeled": "source", "unlabeled": "real", "test": "real", "val": "real"}
 BASE_COLUMNS: tuple[str, ...] = ("task", "split", "domain", "index", "path", "gt_path", "photo",
                                  "crop_x0", "crop_y0", "crop_x1", "crop_y1", "depth_source")
 
@@ -182,7 +185,7 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
 
 def build_demo(out: Path, seed: int = 0, tasks: Sequence[str] = TASKS, size: int = 96,
                n_labeled: int = 24, n_unlabeled: int = 24, n_test: int = 8, n_clean: int = 48,
-               progress: bool = True, overwrite: bool = False) -> pd.DataFrame:
+               n_val: int = 8, progress: bool = True, overwrite: bool = False) -> pd.DataFrame:
     """Write the demo data set under ``out`` and return its manifest (also ``out/manifest.csv``).
 
     Raises ``FileExistsError`` if ``out`` already holds a ``manifest.csv`` and ``overwrite`` is
@@ -196,7 +199,7 @@ def build_demo(out: Path, seed: int = 0, tasks: Sequence[str] = TASKS, size: int
         raise ValueError(f"unknown demo task(s) {unknown}; available: {list(TASKS)}")
     if size < 16:
         raise ValueError(f"demo image size must be >= 16 px, got {size}")
-    if min(n_labeled, n_unlabeled, n_test, n_clean) < 0:
+    if min(n_labeled, n_unlabeled, n_test, n_clean, n_val) < 0:
         raise ValueError("image counts must be >= 0")
     if (out / "manifest.csv").exists():
         if not overwrite:
@@ -208,7 +211,7 @@ def build_demo(out: Path, seed: int = 0, tasks: Sequence[str] = TASKS, size: int
     photos = load_photos()
     train = [p for name, p in photos.items() if name not in HELD_OUT_PHOTOS]
     test = [photos[name] for name in HELD_OUT_PHOTOS]
-    counts = {"labeled": n_labeled, "unlabeled": n_unlabeled, "test": n_test}
+    counts = {"labeled": n_labeled, "unlabeled": n_unlabeled, "test": n_test, "val": n_val}
 
     rows = []
     for i, crop in enumerate(_crops(train, n_clean, size, np.random.default_rng([seed, CLEAN_OFFSET]))):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -209,6 +210,19 @@ def without_members(ensemble: Ensemble, names: Sequence[str]) -> Ensemble:
         raise ValueError(f"cannot leave out every member {have}")
     return Ensemble(specs, {s.name: ensemble.members[s.name] for s in specs}, task=ensemble.task,
                     random_members=[n for n in ensemble.random_members if n not in set(names)]).eval()
+
+
+def with_reward_modes(ensemble: Ensemble, modes: Mapping[str, str]) -> Ensemble:
+    """The ensemble with the members ``modes`` names given another ``reward_mode`` (modules shared):
+    e.g. ``{"colourfulness": "detach"}`` keeps a member in the grades and the reward's value but
+    takes it out of the reward's gradient, so the student cannot climb it directly."""
+    have = {s.name for s in ensemble.specs}
+    unknown = sorted(set(modes) - have)
+    if unknown:
+        raise ValueError(f"cannot set the reward mode of {unknown}: the ensemble's members are {sorted(have)}")
+    specs = [dataclasses.replace(s, reward_mode=modes[s.name]) if s.name in modes else s for s in ensemble.specs]
+    return Ensemble(specs, dict(ensemble.members), task=ensemble.task,
+                    random_members=list(ensemble.random_members)).eval()
 
 
 def load_specs_yaml(path: str | Path, task: str | None = None) -> list[MemberSpec]:

@@ -96,6 +96,9 @@ class QualiTeacherModule(L.LightningModule):
             student call at ``top_level``, the "-conditioning" ablation).
         iqa_exclude: ensemble members left out of training altogether (grading, levels, masks,
             reward): a held-out member to score the results with afterwards.
+        reward_detach: members that grade and count in the reward's value but pass no gradient to
+            the student (reward_mode ``detach``): members a generator can climb without restoring
+            (e.g. colourfulness, which chroma speckle raises).
         compile_student: ``torch.compile`` the student (first steps compile; worth it on long GPU runs).
         iqa_bf16: IQA members that are networks (MUSIQ, CLIP, ...) run in bf16 autocast and
             channels_last; NIQE / BRISQUE / PIQE / physical members always run in float32.
@@ -152,6 +155,7 @@ class QualiTeacherModule(L.LightningModule):
         use_mask: bool = True,
         condition_on_level: bool = True,
         iqa_exclude: tuple[str, ...] = (),
+        reward_detach: tuple[str, ...] = (),
         compile_student: bool = False,
         iqa_bf16: bool = False,
         ensemble: nn.Module | None = None,
@@ -192,6 +196,11 @@ class QualiTeacherModule(L.LightningModule):
             from qualiteacher.iqa.ensemble import without_members
 
             self.ensemble = without_members(self.ensemble, tuple(self.hparams.iqa_exclude))
+        if self.ensemble is not None and self.hparams.reward_detach:
+            from qualiteacher.iqa.ensemble import with_reward_modes
+
+            self.ensemble = with_reward_modes(self.ensemble, {n: "detach" for n in self.hparams.reward_detach
+                                                              if n not in self.hparams.iqa_exclude})
         if self.ensemble is not None:
             self.ensemble.requires_grad_(False)
             if hasattr(self.ensemble, "low_precision"):
