@@ -177,3 +177,22 @@ def test_local_weights_path_is_used_and_checked(tmp_path: Path) -> None:
     spec = _pyiqa_brisque_spec(weights_path=str(tmp_path / "nope.pth"))
     with pytest.raises(MissingWeightsError, match="nope.pth"):
         ensemble_from_specs([spec])
+
+
+def test_with_reward_modes_detaches_a_member_from_the_gradient_only() -> None:
+    import torch
+
+    from qualiteacher.iqa.ensemble import with_reward_modes
+    from qualiteacher.iqa.presets import build_ensemble
+
+    full = build_ensemble("offline", task="dehaze")
+    detached = with_reward_modes(full, {"colourfulness": "detach"})
+    assert {s.name: s.reward_mode for s in detached.specs}["colourfulness"] == "detach"
+    x = (0.5 + 0.05 * torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+    r_full, r_det = full.reward(x), detached.reward(x)
+    assert torch.allclose(r_full, r_det)  # same value
+    g_full = torch.autograd.grad(r_full.sum(), x)[0]
+    g_det = torch.autograd.grad(r_det.sum(), x)[0]
+    assert (g_full - g_det).abs().max() > 1e-5  # colourfulness no longer pushes the pixels
+    with pytest.raises(ValueError, match="nope"):
+        with_reward_modes(full, {"nope": "detach"})

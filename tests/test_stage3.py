@@ -139,3 +139,16 @@ def test_tiled_apply_blends_exactly_for_pointwise_functions_and_any_size():
     assert torch.allclose(out, x * 2 + 1, atol=1e-5)
     with pytest.raises(ValueError):
         tiled_apply(lambda t: t, x, tile=16, overlap=8)
+
+
+def test_cosine_schedule_decays_every_group_to_zero(demo_root, fast_ensemble_factory):
+    module = _module(fast_ensemble_factory(), lr_schedule="cosine", cond_lr_mult=10.0)
+    trainer = _fit(module, demo_root, 4)
+    opt = trainer.optimizers[0]
+    assert len(opt.param_groups) == 2  # backbone and conditioning, both decayed
+    assert all(g["lr"] == pytest.approx(0.0, abs=1e-12) for g in opt.param_groups)
+    constant = _module(fast_ensemble_factory())
+    trainer = _fit(constant, demo_root, 2)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        _module(fast_ensemble_factory(), lr_schedule="linear")

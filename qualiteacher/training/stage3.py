@@ -6,6 +6,7 @@ pseudo-label part, the preference part and the consistency part. The maths lives
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -74,6 +75,8 @@ class QualiTeacherModule(L.LightningModule):
         seed: run seed; rank r of a DDP run draws from ``rank_seed(seed, r)``.
         views: teacher views; n_aug_variants / aug_kinds / aug_max_strength: multi-augmentation.
         cond_lr_mult: learning-rate multiplier of the (zero-initialised) quality conditioning.
+        lr_schedule: ``constant`` or ``cosine`` (every group's rate decays to 0 over ``trainer.max_steps``:
+            the last student is a settled one, not the noisiest point of the run).
         w_*: loss weights; pref_start_step / crop_start_step: the step ``N`` they start at.
         pref_mode: ``pair`` (METHOD.md L_a + λ₂ L_b) or ``all_pairs`` (every ordered level pair).
         pref_levels_per_step: ``all_pairs`` only: rank a random subset of this many levels per image
@@ -117,6 +120,7 @@ class QualiTeacherModule(L.LightningModule):
         iqa_weights_dir: str | None = None,
         lr: float = 5e-5,
         cond_lr_mult: float = 10.0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         ema_decay: float = 0.999,
@@ -168,6 +172,8 @@ class QualiTeacherModule(L.LightningModule):
             raise ValueError(f"pref_levels_per_step must be >= 3 or None, got {pref_levels_per_step}")
         if not all(0 <= q < top_level for q in low_levels):
             raise ValueError(f"low_levels {low_levels} must lie in [0, top_level={top_level})")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be constant or cosine, got {lr_schedule!r}")
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
         check_views(views)
@@ -235,7 +241,7 @@ class QualiTeacherModule(L.LightningModule):
             self.ensemble.eval()
         return self
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         # the zero-initialised quality conditioning starts from nothing: it gets cond_lr_mult × lr
         cond = {id(p) for m in self.student.modules()
                 if isinstance(m, (LevelEmbedding, AdaLNModulation)) for p in m.parameters()}
@@ -243,8 +249,15 @@ class QualiTeacherModule(L.LightningModule):
         groups = [{"params": [p for p in trainable if id(p) not in cond]},
                   {"params": [p for p in trainable if id(p) in cond],
                    "lr": self.hparams.lr * self.hparams.cond_lr_mult}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr,
-                                 betas=self.hparams.betas, weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr,
+                                betas=self.hparams.betas, weight_decay=self.hparams.weight_decay)
+        if self.hparams.lr_schedule == "constant":
+            return opt
+        total = int(self.trainer.max_steps)
+        if total <= 0:
+            raise ValueError("lr_schedule 'cosine' decays over trainer.max_steps: set it (> 0)")
+        cosine = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
