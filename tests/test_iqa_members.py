@@ -101,6 +101,9 @@ def test_preset_catalogue() -> None:
         assert names[:3] == ["piqe", "brisque", "niqe"] and len(names) == 6
         names = [s.name for s in preset_specs("offline", task)]
         assert names[:7] == ["piqe", "brisque", "niqe", "blockiness", "clipping", "colourfulness", "colour_cast"]
+        niqe = {s.name: s for s in preset_specs("offline", task)}["niqe"]
+        assert niqe.options == {"native": True}  # graded at the image's own size, no upsampling
+        assert {s.name: s for s in preset_specs("offline_v1", task)}["niqe"].options == {}
     with pytest.raises(KeyError, match="unknown IQA preset"):
         preset_specs("nope")
     with pytest.raises(ValueError, match="unknown task"):

@@ -7,7 +7,7 @@
   (100 - BRISQUE)/100); pyiqa / open_clip weights are downloaded on first use or read from the
   caches (see pyiqa_adapter.py); a missing file raises ``MissingWeightsError``.
 - ``offline``: no download. PIQE (pyiqa, no weights), BRISQUE with the ``brisque`` package's LIVE
-  SVR, NIQE fitted on scikit-image photos, JPEG blockiness, plus the task's physical member and
+  SVR, NIQE fitted on scikit-image photos (graded at the image's own size), JPEG blockiness, plus the task's physical member and
   RMS contrast, plus clipping, colourfulness and colour cast. Weights and ranges were chosen with
   ``qualiteacher iqa audit`` (docs/iqa.md): every task's fused score falls with the task's
   degradation and with blur, noise and JPEG, and ranks destroyed outputs (grey-out, posterize,
@@ -66,11 +66,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "task_members": {},
     },
     "offline": {
-        "description": "No download, audited against destroyed outputs (qualiteacher iqa audit): PIQE + BRISQUE + NIQE + blockiness + clipping + colourfulness + colour cast + physical",
+        "description": "No download, audited against destroyed outputs (qualiteacher iqa audit): PIQE + BRISQUE + NIQE (native size) + blockiness + clipping + colourfulness + colour cast + physical",
         "members": [
             _m("piqe", "pyiqa:piqe", 0.2, 0.0, 100.0, False, differentiable=False, reward_mode="detach"),
             _m("brisque", "offline:brisque", 0.3, 0.0, 100.0, False),
-            _m("niqe", "offline:niqe", 0.3, 0.0, 25.0, False),
+            # graded at the image's own size (blocks and pristine model follow it), no upsampling:
+            # clean 48-96-px crops score about 3-9, the audit's heaviest noise / rain 13-45 (docs/iqa.md)
+            _m("niqe", "offline:niqe", 0.2, 2.0, 25.0, False, native=True),
             _m("blockiness", "physical:blockiness", 0.2, 0.3, 2.0, False),
             # clipped channels: posterize, over-sharpening, noise texture, an untrained decoder
             _m("clipping", "physical:clipping", 0.4, 0.0, 0.1, False),
