@@ -152,3 +152,23 @@ def test_cosine_schedule_decays_every_group_to_zero(demo_root, fast_ensemble_fac
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="lr_schedule"):
         _module(fast_ensemble_factory(), lr_schedule="linear")
+
+
+def test_a_non_finite_gradient_skips_the_step_and_is_counted(demo_root, fast_ensemble_factory):
+    module = _module(fast_ensemble_factory())
+    poison = {"step": 1}
+
+    class Poison(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == poison["step"]:
+                next(p for p in pl_module.student.parameters() if p.grad is not None).grad[...] = float("nan")
+                poison["before"] = [p.detach().clone() for p in pl_module.student.parameters()]
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if "before" in poison and "after" not in poison:
+                poison["after"] = [p.detach().clone() for p in pl_module.student.parameters()]
+
+    _fit(module, demo_root, 3, callbacks=[Poison()])
+    assert int(module.skipped_steps) == 1
+    assert all(torch.equal(a, b) for a, b in zip(poison["before"], poison["after"]))  # that step changed nothing
+    assert all(torch.isfinite(p).all() for p in module.student.parameters())

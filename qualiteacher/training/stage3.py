@@ -190,6 +190,8 @@ class QualiTeacherModule(L.LightningModule):
         # running pool of candidate scores for the quantile level rule (saved with checkpoints)
         self.register_buffer("level_pool", torch.full((level_pool_size,), float("nan")))
         self.register_buffer("pool_ptr", torch.zeros((), dtype=torch.long))
+        # steps skipped for a non-finite gradient (not saved: checkpoints keep their keys)
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long), persistent=False)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
@@ -258,6 +260,18 @@ class QualiTeacherModule(L.LightningModule):
             raise ValueError("lr_schedule 'cosine' decays over trainer.max_steps: set it (> 0)")
         cosine = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # a non-finite gradient (a grader's feature at a degenerate output, an overflow) would turn
+        # every weight into NaN for good: that step is skipped instead (no update, no weight decay)
+        # and counted; the run goes on from the weights before it
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            self.skipped_steps += 1
+            self.log("stage3/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
