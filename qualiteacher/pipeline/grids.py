@@ -8,15 +8,15 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from qualiteacher.eval.figures import image_grid
 from qualiteacher.tracking.runs import PipelineRuns
+from qualiteacher.training.restore import restore
 
 
 def grid_rows(module: Any, x: Tensor, levels: list[int], tile: int | None, gt: Tensor | None = None,
               pl: Tensor | None = None) -> tuple[list[list[Tensor | None]], list[str]]:
     """Rows: each image as input | teacher (or its pseudo-label ``pl``) | student at ``levels`` |
     ground truth."""
-    from qualiteacher.training.restore import restore
-
     teacher = restore(module.teacher, x, level=None, tile=tile)
     per_level = [restore(module.student, x, level=lv, tile=tile) for lv in levels]
     rows = []
@@ -32,8 +32,6 @@ def level_w_grid(student: torch.nn.Module, x: Tensor, levels: list[int], ws: lis
                  tile: int | None) -> tuple[list[list[Tensor | None]], list[str]]:
     """Rows: each image at each fidelity ``w`` in ``ws`` order (``eval.grid_w``; the input in the
     first column); columns: the quality levels."""
-    from qualiteacher.training.restore import restore
-
     rows: list[list[Tensor | None]] = []
     for i in range(x.shape[0]):
         for w in ws:
@@ -67,8 +65,6 @@ class Stage3Visuals(L.Callback):
         self._log_grid(rows, titles, f"grids/stage3_step{step:06d}.png")
 
     def _log_grid(self, rows: list, titles: list[str], name: str) -> None:
-        from qualiteacher.eval.figures import image_grid
-
         try:
             self.runs.client.log_image(self.run_id, image_grid(rows, titles), artifact_file=name)
         except Exception as err:  # noqa: BLE001  an unwritable artifact store never ends training

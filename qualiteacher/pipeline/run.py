@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from qualiteacher import console
+from qualiteacher.iqa.presets import MEANINGLESS, random_iqa_enabled
 from qualiteacher.pipeline.config import TRAINING_STAGES, ConfigError, PipelineConfig, student_stages
 from qualiteacher.pipeline.sections import check_data_folders, parse_stage, plan_stage, validate
 from qualiteacher.pipeline.stages.data import QualityGrading, prepare_data
@@ -56,8 +57,6 @@ def run_training_stage(cfg: PipelineConfig, stage: str, runs: PipelineRuns | Non
 def run_stage(stage: str, cfg: PipelineConfig, runs: PipelineRuns) -> None:
     """Run one stage of ``cfg`` in its MLflow child run (created, or reopened on resume)."""
     run_id = runs.child(stage)
-    from qualiteacher.iqa.presets import MEANINGLESS, random_iqa_enabled  # lazy: the IQA libraries
-
     if random_iqa_enabled():  # stand-in IQA weights: every run of this pipeline says so
         for rid in (runs.parent_id, run_id):
             runs.client.set_tag(rid, "iqa_scores", MEANINGLESS)

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
+from qualiteacher import console
+from qualiteacher.data.demo import build_demo, summarize_manifest
+from qualiteacher.iqa.cache import grade_clean_images
 from qualiteacher.pipeline.config import ConfigError, DemoSettings
 from qualiteacher.tracking.runs import PipelineRuns
 
@@ -27,10 +30,6 @@ def prepare_data(root: Path, task: str, demo: DemoSettings, grading: QualityGrad
     if not (task_data / "labeled").is_dir():
         if not demo.generate:
             raise ConfigError(f"data_root: no labeled data at {task_data / 'labeled'} and demo generation is off")
-        # lazy: the console and the demo builder are needed only when data is built
-        from qualiteacher import console
-        from qualiteacher.data.demo import build_demo, summarize_manifest
-
         console.say(f"  [data] building the demo data in {root}")
         df = build_demo(root, progress=progress, overwrite=True, **demo.build_options())
         console.say(summarize_manifest(df), "verbose")
@@ -39,8 +38,6 @@ def prepare_data(root: Path, task: str, demo: DemoSettings, grading: QualityGrad
         runs.client.log_artifact(run_id, str(root / "manifest.csv"))
     if grading is None or grading.table.is_file():
         return
-    from qualiteacher.iqa.cache import grade_clean_images  # lazy: the IQA members' libraries
-
     scores = grade_clean_images(task_data / "labeled" / "gt", task, grading.iqa_preset, grading.cache,
                                 weights_dir=grading.weights_dir)
     grading.table.parent.mkdir(parents=True, exist_ok=True)

@@ -12,23 +12,25 @@ import torch
 from torch import Tensor
 
 from qualiteacher import console
+from qualiteacher.data.io import ImageReadError, get_skip_log, read_image, to_tensor
+from qualiteacher.data.layouts import read_layout
+from qualiteacher.eval.figures import image_grid, plot_score_vs_level, save_png
+from qualiteacher.eval.nriqa import level_spearman, score_levels
 from qualiteacher.pipeline.config import EvalSettings
 from qualiteacher.pipeline.grids import grid_rows, level_w_grid
 from qualiteacher.pipeline.sections import StagePlan
 from qualiteacher.tracking.runs import PipelineRuns
+from qualiteacher.training.stage3 import load_trained
+from qualiteacher.training.students import load_student_weights
 
-# The IQA, evaluation and MLflow modules are imported where they are used: they pull in heavy or
-# optional libraries (pyiqa, open_clip, matplotlib), and tests replace their functions
-# (``build_ensemble``, ``evaluate_restorers``) on the modules themselves.
+# The ensemble builder and the restorers' evaluation are imported when the stage runs: tests
+# replace them on their modules (``iqa.presets.build_ensemble``, ``eval.report.evaluate_restorers``).
 
 
 def read_test_set(folder: Path, layout: str = "paired",
                   limit: int | None = None) -> list[tuple[str, Tensor, Tensor | None]]:
     """``(id, lq, gt or None)`` of the first ``limit`` readable images of a test folder; unreadable
     files go to the skip log."""
-    from qualiteacher.data.io import ImageReadError, get_skip_log, read_image, to_tensor
-    from qualiteacher.data.layouts import read_layout
-
     out = []
     for rec in read_layout(layout, folder)[: limit or None]:
         try:
@@ -64,8 +66,6 @@ def load_warmup(init_from: str | None, module: Any) -> torch.nn.Module | None:
     """The student as stage 3 received it (``stage3.model.init_from``: the fidelity stage for
     IQPIR, the warm-up for the U-Net), to show in the results what stage 3 added; ``None`` when
     that checkpoint is gone."""
-    from qualiteacher.training.students import load_student_weights
-
     if not init_from or not Path(init_from).is_file():
         return None
     warmup = copy.deepcopy(module.student).cpu()
@@ -78,11 +78,10 @@ def evaluate_pipeline(task: str, settings: EvalSettings, stage3: StagePlan, test
     """Input vs teacher vs student at the top level of ``stage3.final`` on ``task``'s test split in
     ``test_folder`` (fused IQA score, PSNR/SSIM where references exist), the score-versus-level
     study, grids; files in ``out``, all logged to ``run_id`` (metrics also to the parent run)."""
-    from qualiteacher.eval.figures import image_grid, plot_score_vs_level, save_png
-    from qualiteacher.eval.nriqa import level_spearman, score_levels
+    from mlflow.entities import Metric  # lazy: MLflow loads when a run is tracked
+
     from qualiteacher.eval.report import build_restorers, evaluate_restorers, format_table, summary_table
     from qualiteacher.iqa.presets import MEANINGLESS, build_ensemble, label_meaningless
-    from qualiteacher.training.stage3 import load_trained
 
     device = training_device(stage3.section.get("trainer") or {})
     module = load_trained(stage3.final).to(device)
@@ -129,8 +128,6 @@ def evaluate_pipeline(task: str, settings: EvalSettings, stage3: StagePlan, test
     metrics = {f"eval/{str(r).replace('@', '_level')}/{c}": float(v) for r, row in table.iterrows()
                for c, v in row.items() if isinstance(v, (int, float)) and v == v and c not in ("images", "references")}
     metrics["eval/level_spearman"] = float(rho)
-    from mlflow.entities import Metric
-
     batch = [Metric(k, v, int(time.time() * 1000), 0) for k, v in metrics.items()]
     client.log_batch(run_id, metrics=batch)
     client.log_batch(runs.parent_id, metrics=batch)
