@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from mlflow import MlflowClient
 
-    from qualiteacher.pipeline import run_pipeline, student_stages
-    from qualiteacher.pipeline_config import resolve_config
+    from qualiteacher.pipeline.config import student_stages
+    from qualiteacher.pipeline.resolve import resolve_config
+    from qualiteacher.pipeline.run import run_pipeline
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "cpu"
     rows = []
-    for stage in student_stages(cfg["student"]):
+    for stage in student_stages(cfg.student):
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -126,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"[bench] {row}", flush=True)
     header = (f"paper path, stand-in weights (scores meaningless), {device}, torch {torch.__version__}: "
-              f"arch {args.arch}, {args.size} px (stage 3: {cfg['stage3']['data']['crop_size']} px), "
-              f"batch {args.batch}, {cfg['stage3']['trainer'].get('precision', '32')}, {args.steps} steps per stage")
+              f"arch {args.arch}, {args.size} px (stage 3: {cfg.stage3['data']['crop_size']} px), "
+              f"batch {args.batch}, {cfg.stage3['trainer'].get('precision', '32')}, {args.steps} steps per stage")
     lines = [header, "", "| stage | batches | s/batch | peak GiB | stage wall s |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['stage']} | {r.get('batches', '–')} | {r.get('s_per_batch', '–')} | {r['peak_gib']} | "

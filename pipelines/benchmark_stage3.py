@@ -361,8 +361,8 @@ def build_parts(args: argparse.Namespace) -> tuple[Any, Any, list[dict[str, Any]
     from qualiteacher.data.demo import build_demo
     from qualiteacher.iqa.members import MemberSpec
     from qualiteacher.iqa.presets import ensemble_from_specs, preset_specs
-    from qualiteacher.pipeline import stage_section
-    from qualiteacher.pipeline_config import resolve_config
+    from qualiteacher.pipeline.resolve import resolve_config
+    from qualiteacher.pipeline.sections import stage_section
     from qualiteacher.training.stage3 import QualiTeacherModule
 
     notes: list[str] = []
@@ -382,7 +382,7 @@ def build_parts(args: argparse.Namespace) -> tuple[Any, Any, list[dict[str, Any]
         model["compile_student"] = True
     if args.precision == "bf16":
         model["iqa_bf16"] = True
-    model.setdefault("student", cfg["student"])
+    model.setdefault("student", cfg.student)
     crop = args.size or int(data_cfg.get("crop_size", 64))
     batch = args.batch or int(data_cfg.get("batch_size", 4))
     args.size, args.batch = crop, batch  # reported as resolved

@@ -4,7 +4,7 @@
 """
 import sys
 
-from qualiteacher.pipeline import run_pipeline_cli
+from qualiteacher.pipeline.cli import run_pipeline_cli
 
 if __name__ == "__main__":
     sys.exit(run_pipeline_cli("dehaze", sys.argv[1:]))

@@ -181,7 +181,7 @@ def _app(args: argparse.Namespace) -> int:
 
 
 def _pipeline(args: argparse.Namespace, extra: list[str]) -> int:
-    from qualiteacher.pipeline import run_pipeline_cli
+    from qualiteacher.pipeline.cli import run_pipeline_cli
 
     return run_pipeline_cli(args.task, extra)
 

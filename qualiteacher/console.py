@@ -95,10 +95,10 @@ def verbosity() -> Verbosity:
     return _State.verbosity
 
 
-def show_progress(cfg: dict[str, Any]) -> bool:
-    """Progress bars: on unless the config turns them off, the console is quiet or the output is
-    not a terminal (a log file gets the stage lines only)."""
-    return bool(cfg.get("progress", True)) and _State.verbosity != "quiet" and sys.stdout.isatty()
+def show_progress(enabled: bool = True) -> bool:
+    """Progress bars: on unless the config turns them off (``enabled``: its ``progress``), the
+    console is quiet or the output is not a terminal (a log file gets the stage lines only)."""
+    return enabled and _State.verbosity != "quiet" and sys.stdout.isatty()
 
 
 @contextlib.contextmanager

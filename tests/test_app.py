@@ -199,8 +199,8 @@ def test_registry_loading_from_a_temporary_store(app_checkpoint, tmp_path, monke
     """Register the checkpoint's student the way the pipeline does, then load it by URI."""
     import shutil
 
-    from qualiteacher.pipeline import PipelineState
-    from qualiteacher.pipeline_stages import register_student
+    from qualiteacher.pipeline.stages.register import register_student
+    from qualiteacher.pipeline.state import PipelineState
     from qualiteacher.tracking.runs import PipelineRuns
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -212,7 +212,7 @@ def test_registry_loading_from_a_temporary_store(app_checkpoint, tmp_path, monke
     runs = PipelineRuns(cfg, PipelineState(tmp_path / "out" / "state.json"), workdir=tmp_path, commit="test")
     runs.start_parent()
     runs.log_params(runs.child("stage3"), {"model.iqa_preset": "offline", "model.top_level": 7})
-    register_student(cfg, runs, runs.child("register"))
+    register_student(tmp_path / "out" / "stage3" / "final.ckpt", "dehaze", runs, runs.child("register"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert runs.uri == uri
 

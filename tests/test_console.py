@@ -115,7 +115,7 @@ def test_val_loader_without_validation_step_warns_only_when_a_folder_is_unused(v
 
 
 def test_quiet_and_verbose_flags():
-    from qualiteacher.pipeline import _parser
+    from qualiteacher.pipeline.cli import build_parser as _parser
 
     assert _parser().parse_known_args(["--quiet"])[0].verbosity == "quiet"
     assert _parser().parse_known_args(["--verbose"])[0].verbosity == "verbose"

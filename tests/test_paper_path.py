@@ -16,7 +16,7 @@ from qualiteacher.iqa.ensemble import Ensemble, without_members
 from qualiteacher.iqa.members import MemberSpec, Normalization
 from qualiteacher.iqa.presets import (MEANINGLESS, build_ensemble, ensemble_from_specs, label_meaningless,
                                       preset_specs, random_iqa_enabled)
-from qualiteacher.pipeline_eval import training_device
+from qualiteacher.pipeline.stages.evaluate import training_device
 from qualiteacher.training.stage3 import QualiTeacherModule
 
 
@@ -144,7 +144,7 @@ def recorded_builds(monkeypatch, fast_ensemble_factory):
 def test_eval_stage_restores_and_scores_on_the_training_device(demo_root, tmp_path, monkeypatch,
                                                               recorded_builds):
     import qualiteacher.eval.report as report
-    import qualiteacher.pipeline_eval as pipeline_eval
+    import qualiteacher.pipeline.stages.evaluate as pipeline_eval
 
     _stage3_checkpoint(tmp_path / "out", iqa_weights_dir=str(tmp_path / "weights"))
     seen: dict[str, object] = {}
@@ -160,13 +160,15 @@ def test_eval_stage_restores_and_scores_on_the_training_device(demo_root, tmp_pa
 
     monkeypatch.setattr(pipeline_eval, "training_device", device_of)
     monkeypatch.setattr(report, "evaluate_restorers", evaluate)
-    from qualiteacher.pipeline_config import resolve_config
+    from qualiteacher.pipeline.resolve import resolve_config
+    from qualiteacher.pipeline.sections import plan_stage
 
     cfg = resolve_config("dehaze", "tiny", overrides=[
         f"--out_dir={tmp_path / 'out'}", f"--data_root={demo_root}", "--eval.max_images=1",
         "--eval.levels=[0, 7]", "--eval.grid_levels=[7]", "--stage3.trainer.accelerator=cpu"])
-    table = pipeline_eval.evaluate_pipeline(cfg, _runs(), "eval-run")
-    assert seen["trainer"] == cfg["stage3"]["trainer"] and seen["trainer"]["accelerator"] == "cpu"
+    table = pipeline_eval.evaluate_pipeline(cfg.task, cfg.eval, plan_stage(cfg, "stage3"), cfg.task_data / "test",
+                                            cfg.out / "eval", _runs(), "eval-run")
+    assert seen["trainer"] == cfg.stage3["trainer"] and seen["trainer"]["accelerator"] == "cpu"
     assert seen["device"] == torch.device("cpu")
     assert "student@7" in table.index
     assert recorded_builds == [str(tmp_path / "weights")]  # the eval ensemble gets the weights folder
@@ -175,16 +177,16 @@ def test_eval_stage_restores_and_scores_on_the_training_device(demo_root, tmp_pa
 # ---------------------------------------------------------------------------- iqa_weights_dir
 def test_weights_dir_reaches_every_ensemble_builder(demo_root, tmp_path, recorded_builds):
     from qualiteacher.iqa.cache import grade_clean_images, score_command
-    from qualiteacher.pipeline_stages import prepare_data
+    from qualiteacher.pipeline.config import DemoSettings
+    from qualiteacher.pipeline.stages.data import QualityGrading, prepare_data
 
     weights = str(tmp_path / "weights")
     gt = demo_root / "dehaze" / "labeled" / "gt"
     grade_clean_images(gt, "dehaze", "offline", tmp_path / "c1.parquet", weights_dir=weights)
     score_command(gt, "offline", "dehaze", cache=tmp_path / "c2.parquet", weights_dir=weights)
-    cfg = {"data_root": str(demo_root), "task": "dehaze", "student": "iqpir", "out_dir": str(tmp_path / "o"),
-           "demo": {}, "stage1": {"data": {}},
-           "stage3": {"model": {"iqa_preset": "offline", "iqa_weights_dir": weights}}}
-    prepare_data(cfg, _runs(), "data-run")
+    grading = QualityGrading(table=tmp_path / "o" / "labeled_quality.csv", iqa_preset="offline",
+                             weights_dir=weights, cache=tmp_path / "o" / "iqa_cache.parquet")
+    prepare_data(demo_root, "dehaze", DemoSettings(), grading, _runs(), "data-run")
     assert (tmp_path / "o" / "labeled_quality.csv").is_file()
     QualiTeacherModule(preset="tiny", iqa_weights_dir=weights).setup("fit")
     assert recorded_builds == [weights] * 4
@@ -311,17 +313,17 @@ def test_perceptual_loss_offline_names_the_file_without_trying_the_network(tmp_p
 
 
 def test_paper_preset_turns_the_stage1_perceptual_loss_on_and_trains_stage3_on_the_released_crop():
-    from qualiteacher.pipeline_config import resolve_config
+    from qualiteacher.pipeline.resolve import resolve_config
 
     cfg = resolve_config("dehaze", "paper")
-    assert cfg["stage1"]["model"]["w_perceptual"] > 0
-    assert cfg["stage3"]["data"]["crop_size"] == 288 and cfg["stage1"]["data"]["crop_size"] == 512
+    assert cfg.stage1["model"]["w_perceptual"] > 0
+    assert cfg.stage3["data"]["crop_size"] == 288 and cfg.stage1["data"]["crop_size"] == 512
     text = (Path(__file__).resolve().parents[1] / "configs" / "presets" / "paper.yaml").read_text()
     assert "288" in text.split("demo:")[0]  # the preset says which crop it trains on, and why
 
 
 def test_pipeline_without_the_vgg_file_is_one_clear_error(demo_root, tmp_path, monkeypatch, capsys):
-    from qualiteacher.pipeline import run_pipeline_cli
+    from qualiteacher.pipeline.cli import run_pipeline_cli
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("QUALITEACHER_OFFLINE", "1")

@@ -17,8 +17,9 @@ import torchvision
 import yaml
 
 from qualiteacher.iqa.presets import MEANINGLESS
-from qualiteacher.pipeline import run_pipeline_cli
-from qualiteacher.pipeline_config import resolve_config
+from qualiteacher.pipeline.cli import run_pipeline_cli
+from qualiteacher.pipeline.config import student_stages
+from qualiteacher.pipeline.resolve import resolve_config
 
 pytestmark = pytest.mark.paper_smoke
 
@@ -48,7 +49,7 @@ def _smoke_config(tmp_path: Path) -> Path:
                              "views": ["identity", "hflip"], "n_aug_variants": 1},
                    "data": small, "trainer": {"max_steps": 2}},
     }
-    if "fidelity" in resolve_config("dehaze", "paper"):  # the fusion stage between stage 2 and stage 3
+    if "fidelity" in student_stages(resolve_config("dehaze", "paper").student):  # the fusion stage between stage 2 and stage 3
         cfg["fidelity"] = {"model": {"preset": "paper-smoke"}, "data": small, "trainer": {"max_steps": 2}}
     path = tmp_path / "paper_smoke.yaml"
     path.write_text(yaml.safe_dump(cfg))

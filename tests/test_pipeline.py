@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qualiteacher.pipeline import run_pipeline_cli
-from qualiteacher.pipeline_config import TASKS, ConfigError, resolve_config
+from qualiteacher.pipeline.cli import run_pipeline_cli
+from qualiteacher.pipeline.config import TASKS, ConfigError
+from qualiteacher.pipeline.resolve import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 

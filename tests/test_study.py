@@ -159,7 +159,8 @@ def test_catalogue_groups_and_lookup():
 
 # ------------------------------------------------------------------------------ the study
 def test_every_mode_config_validates_and_supervised_gets_no_unlabeled_root(tmp_path):
-    from qualiteacher.pipeline import parse_stage
+    from qualiteacher.pipeline.config import PipelineConfig
+    from qualiteacher.pipeline.sections import parse_stage
     from qualiteacher.study.runner import StudySettings, run_config, seed_config
     from qualiteacher.study.store import RunKey, StudyStore
 
@@ -168,7 +169,7 @@ def test_every_mode_config_validates_and_supervised_gets_no_unlabeled_root(tmp_p
     assert cfg["stage3"]["model"]["seed"] == 3 and cfg["stage2"]["data"]["seed"] == 3
     for mode in MODES:
         rcfg = run_config(cfg, store, RunKey(mode, 3), steps=2, held_out="piqe")
-        _, ns = parse_stage(rcfg, "stage3")
+        _, ns = parse_stage(PipelineConfig.from_dict(rcfg), "stage3")
         assert ns.model.mode == MODES[mode]["mode"] and list(ns.model.iqa_exclude) == ["piqe"]
         assert str(store.warmup_dir(3)) in ns.model.init_from  # every mode starts from the shared warm-up
         assert ns.trainer.max_steps == 2
@@ -199,8 +200,7 @@ def test_summary_is_mean_and_std_over_seeds():
 def test_study_runs_tables_nests_mlflow_runs_and_resumes(demo_root, tmp_path, monkeypatch, capsys):
     from mlflow import MlflowClient
 
-    import qualiteacher.pipeline as pipeline
-    import qualiteacher.pipeline_stages as stages
+    import qualiteacher.pipeline.run as pipeline
     from qualiteacher.iqa.presets import preset_specs
     from qualiteacher.study.runner import StudySettings, run_study
     from qualiteacher.study.store import StudyMismatch
@@ -242,8 +242,8 @@ def test_study_runs_tables_nests_mlflow_runs_and_resumes(demo_root, tmp_path, mo
     (res / "mean_teacher-seed0.json").unlink()
     (res / "qualiteacher-seed0.json").write_text('{"rows": [')
     trained, warm = [], []
-    train_stage, run_pipeline = stages.train_stage, pipeline.run_pipeline
-    monkeypatch.setattr(stages, "train_stage", lambda st, cfg, *a: trained.append(cfg["out_dir"]) or train_stage(st, cfg, *a))
+    train_stage, run_pipeline = pipeline.run_training_stage, pipeline.run_pipeline
+    monkeypatch.setattr(pipeline, "run_training_stage", lambda cfg, *a: trained.append(cfg.out_dir) or train_stage(cfg, *a))
     monkeypatch.setattr(pipeline, "run_pipeline", lambda *a, **k: warm.append(a) or run_pipeline(*a, **k))
     again = run_study(s)
     assert again.trained == ["mean_teacher-seed0", "qualiteacher-seed0"]

@@ -26,7 +26,7 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_study_cli(args: argparse.Namespace) -> int:
-    from qualiteacher.pipeline_config import ConfigError
+    from qualiteacher.pipeline.config import ConfigError
     from qualiteacher.study.runner import StudySettings, run_study
     from qualiteacher.study.store import StudyMismatch
 

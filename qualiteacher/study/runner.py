@@ -60,13 +60,13 @@ class StudyResult(NamedTuple):
 # ------------------------------------------------------------------------------ configuration
 def seed_config(s: StudySettings, store: StudyStore, seed: int) -> dict[str, Any]:
     """The pipeline config of ``seed``'s warm-up folder (placeholders filled with it), data seeded."""
-    from qualiteacher.pipeline_config import resolve_config
+    from qualiteacher.pipeline.resolve import resolve_config
 
     overrides = list(s.overrides) + [f"out_dir={store.warmup_dir(seed)}",
                                      f"stage1.data.quality_table={store.out / 'labeled_quality.csv'}"]
     if s.data_root:
         overrides.append(f"data_root={s.data_root}")
-    cfg = resolve_config(s.task, s.preset, list(s.configs), overrides)
+    cfg = resolve_config(s.task, s.preset, list(s.configs), overrides).to_dict()
     from qualiteacher.study.warmup import warm_stages
 
     for stage in [*warm_stages(cfg), "stage3"]:
@@ -79,10 +79,11 @@ def seed_config(s: StudySettings, store: StudyStore, seed: int) -> dict[str, Any
 def run_config(seed_cfg: dict[str, Any], store: StudyStore, key: RunKey, steps: int,
                held_out: str | None, variants: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """``seed_cfg`` with stage 3 set to ``key.mode``: its own folder, the warm-up as init."""
-    from qualiteacher.pipeline import stage_section
+    from qualiteacher.pipeline.config import PipelineConfig
+    from qualiteacher.pipeline.sections import stage_section
 
     cfg = copy.deepcopy(seed_cfg)
-    init = stage_section(seed_cfg, "stage3")["model"].get("init_from")  # in the warm-up folder
+    init = stage_section(PipelineConfig.from_dict(seed_cfg), "stage3")["model"].get("init_from")  # in the warm-up folder
     cfg["out_dir"] = str(store.run_dir(key))
     stage3 = cfg["stage3"]
     stage3["model"]["init_from"] = init
@@ -97,7 +98,7 @@ def run_config(seed_cfg: dict[str, Any], store: StudyStore, key: RunKey, steps: 
 def check_held_out(cfg: dict[str, Any], held_out: str | None) -> str | None:
     """``held_out`` if it is a member of the stage-3 ensemble (names looked up now, not hard-coded)."""
     from qualiteacher.iqa.presets import preset_specs
-    from qualiteacher.pipeline_config import ConfigError
+    from qualiteacher.pipeline.config import ConfigError
 
     if held_out is None:
         return None
@@ -128,12 +129,14 @@ class _Measurer:
     def _load(self) -> None:
         if self._ensemble is None:
             from qualiteacher.iqa.presets import build_ensemble
-            from qualiteacher.pipeline_eval import _test_set
+            from qualiteacher.pipeline.config import PipelineConfig
+            from qualiteacher.pipeline.stages.evaluate import read_test_set
 
             m = self.cfg["stage3"]["model"]
             self._ensemble = build_ensemble(m.get("iqa_preset", "offline"), task=self.cfg["task"],
                                             weights_dir=m.get("iqa_weights_dir")).to(self.device)
-            self._test = _test_set(self.cfg)
+            cfg = PipelineConfig.from_dict(self.cfg)
+            self._test = read_test_set(cfg.task_data / "test", cfg.eval.layout, cfg.eval.max_images)
 
     def rows(self, restorers: dict[str, Any], dial_of: dict[str, torch.nn.Module]) -> list[dict[str, Any]]:
         from qualiteacher.study.measures import dial_columns, level_dial, measure_restorers
@@ -158,10 +161,11 @@ class _Measurer:
 
 def warmup_student(cfg: dict[str, Any]) -> torch.nn.Module:
     """The student stage 3 starts from (``stage3.model.init_from`` loaded as stage 3 loads it)."""
-    from qualiteacher.pipeline import parse_stage
+    from qualiteacher.pipeline.config import PipelineConfig
+    from qualiteacher.pipeline.sections import parse_stage
     from qualiteacher.training.stage3 import QualiTeacherModule
 
-    _, ns = parse_stage(cfg, "stage3")
+    _, ns = parse_stage(PipelineConfig.from_dict(cfg), "stage3")
     args = {**ns.model.as_dict(), "mode": "supervised", "ensemble": None}  # supervised: no ensemble built
     module = QualiTeacherModule(**args)
     module.setup("fit")
@@ -172,8 +176,9 @@ def warmup_student(cfg: dict[str, Any]) -> torch.nn.Module:
 def run_study(s: StudySettings) -> StudyResult:
     """Run (or resume) the study ``s``; see the module docstring. Config errors raise ConfigError,
     a folder of another study StudyMismatch, an unknown mode KeyError, before anything trains."""
-    from qualiteacher.pipeline import _git_commit, parse_stage
-    from qualiteacher.pipeline_config import ConfigError
+    from qualiteacher.pipeline.config import ConfigError, PipelineConfig
+    from qualiteacher.pipeline.run import git_commit
+    from qualiteacher.pipeline.sections import parse_stage
 
     modes = resolve_modes(s.modes, s.variants)
     store = StudyStore(s.out_dir)
@@ -187,11 +192,12 @@ def run_study(s: StudySettings) -> StudyResult:
     held = check_held_out(base, s.held_out)
     for seed, cfg in cfgs.items():  # every mode's stage-3 section is valid before anything trains
         for mode in modes:
-            parse_stage(run_config(cfg, store, RunKey(mode, seed), steps, held, s.variants), "stage3")
+            parse_stage(PipelineConfig.from_dict(run_config(cfg, store, RunKey(mode, seed), steps, held, s.variants)),
+                        "stage3")
     store.check_settings({"task": s.task, "preset": s.preset, "student": base["student"], "steps": steps,
                           "held_out": held, "data_root": base["data_root"], "configs": list(s.configs),
                           "overrides": list(s.overrides), "variants": dict(s.variants)})
-    runs = _study_runs(base, store, _git_commit())
+    runs = _study_runs(base, store, git_commit())
     measurer = _Measurer(base, held)
     meta = {"task": s.task, "preset": s.preset, "student": base["student"], "steps": steps, "held_out": held}
     trained: list[str] = []
@@ -226,7 +232,8 @@ def _run_one(key: RunKey, cfg: dict[str, Any], store: StudyStore, runs: Any, mea
         student = warmup_student(cfg)
         rows = measurer.rows({"input": lambda x: x, "warmup": measurer.restorer(student, None)}, {})
         return [{**r, "train_s": float("nan"), "eval_s": time.perf_counter() - start} for r in rows]
-    from qualiteacher.pipeline_stages import train_stage
+    from qualiteacher.pipeline.config import PipelineConfig
+    from qualiteacher.pipeline.run import run_training_stage
     from qualiteacher.training.stage3 import load_trained
 
     rcfg = run_config(cfg, store, key, steps, held, variants)
@@ -237,7 +244,7 @@ def _run_one(key: RunKey, cfg: dict[str, Any], store: StudyStore, runs: Any, mea
 
     L.seed_everything(key.seed, workers=True, verbose=False)
     start = time.perf_counter()
-    final = train_stage("stage3", rcfg, runs, run_id)
+    final = run_training_stage(PipelineConfig.from_dict(rcfg), "stage3", runs, run_id)
     train_s = time.perf_counter() - start
     module = load_trained(final)
     hp = module.hparams
@@ -253,7 +260,7 @@ def _run_one(key: RunKey, cfg: dict[str, Any], store: StudyStore, runs: Any, mea
 
 # ------------------------------------------------------------------------------ MLflow and files
 def _study_runs(cfg: dict[str, Any], store: StudyStore, commit: str) -> Any:
-    from qualiteacher.pipeline import PipelineState
+    from qualiteacher.pipeline.state import PipelineState
     from qualiteacher.tracking.runs import PipelineRuns
 
     state = PipelineState(store.out / "mlflow_state.json")

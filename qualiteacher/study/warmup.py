@@ -16,7 +16,7 @@ import lightning as L
 
 def warm_stages(cfg: dict[str, Any]) -> list[str]:
     """The pipeline's stages before stage 3 for this config's student (``data`` included)."""
-    from qualiteacher.pipeline import student_stages
+    from qualiteacher.pipeline.config import student_stages
 
     stages = student_stages(cfg["student"])
     return stages[: stages.index("stage3")]
@@ -26,7 +26,7 @@ def grade_labeled(cfg: dict[str, Any], table: Path, exclude: tuple[str, ...]) ->
     """Build the demo data when it is missing, then grade the labeled clean images with the
     ensemble minus ``exclude`` (the stage-1 HQ gate must not see a held-out member) into ``table``
     (once per study: every seed reads it)."""
-    from qualiteacher.pipeline_config import ConfigError
+    from qualiteacher.pipeline.config import ConfigError
 
     root, task = Path(cfg["data_root"]), cfg["task"]
     if not (root / task / "labeled").is_dir():
@@ -54,7 +54,9 @@ def warm_up(cfg: dict[str, Any], seed: int, parent_run: Callable[[], str]) -> No
 
     ``parent_run()`` gives the MLflow run the stages' runs nest under (asked for once per folder).
     """
-    from qualiteacher.pipeline import PipelineState, run_pipeline
+    from qualiteacher.pipeline.config import PipelineConfig
+    from qualiteacher.pipeline.run import run_pipeline
+    from qualiteacher.pipeline.state import PipelineState
 
     out = Path(cfg["out_dir"])
     state = PipelineState(out / "state.json")
@@ -65,4 +67,4 @@ def warm_up(cfg: dict[str, Any], seed: int, parent_run: Callable[[], str]) -> No
         if PipelineState(out / "state.json").done(stage):
             continue
         L.seed_everything(seed, workers=True, verbose=False)
-        run_pipeline(cfg, only_stage=stage)
+        run_pipeline(PipelineConfig.from_dict(cfg), only_stage=stage)

@@ -1,9 +1,9 @@
-"""Pipeline configuration: base + task + preset YAML files, user files and ``--key=value`` overrides.
+"""Where a pipeline config comes from: base + task + preset YAML files, user files, overrides.
 
-A pipeline config holds pipeline-level keys (task, folders, student kind, demo data, evaluation)
-and one LightningCLI section per training stage (``stage1``, ``stage2``, ``fidelity``, ``stage3``, each with
-``model``, ``data``, ``trainer``). Stage sections are validated by LightningCLI against the typed
-constructor signatures; pipeline-level keys against :data:`PIPELINE_KEYS`.
+``resolve_config`` merges ``configs/base.yaml``, ``configs/tasks/TASK.yaml``,
+``configs/presets/PRESET.yaml``, the user's files and ``--key=value`` overrides in that order,
+checks the result (:meth:`PipelineConfig.from_dict`) and fills the placeholders ``{task}``,
+``{data_root}`` and ``{out_dir}``.
 """
 from __future__ import annotations
 
@@ -13,19 +13,9 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-TASKS = ("dehaze", "derain", "desnow", "lowlight")
-TRAINING_STAGES = ("stage1", "stage2", "fidelity", "stage3")
-STAGES = ("data", "stage1", "stage2", "fidelity", "stage3", "eval", "register")
-PIPELINE_KEYS: dict[str, type | tuple[type, ...]] = {
-    "task": str, "preset": str, "student": str, "out_dir": str, "data_root": str,
-    "demo": dict, "eval": dict, "checkpoint_every": int, "experiment": str, "progress": bool,
-    "stage1": dict, "stage2": dict, "fidelity": dict, "stage3": dict,
-}
+from qualiteacher.pipeline.config import TASKS, TRAINING_STAGES, ConfigError, PipelineConfig
 
-
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message names it."""
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def config_dir() -> Path:
@@ -92,36 +82,23 @@ def _fill(value: Any, fields: dict[str, str]) -> Any:
 
 
 def resolve_config(task: str, preset: str = "demo", files: list[str] | None = None,
-                   overrides: list[str] | None = None) -> dict[str, Any]:
+                   overrides: list[str] | None = None) -> PipelineConfig:
     """Compose ``base.yaml`` + ``tasks/TASK.yaml`` + ``presets/PRESET.yaml`` + user files + overrides."""
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     root = config_dir()
     if not (root / "presets" / f"{preset}.yaml").is_file():
         raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(list_config_presets())}")
-    cfg = _read_yaml(root / "base.yaml")
-    cfg = deep_merge(cfg, _read_yaml(root / "tasks" / f"{task}.yaml"))
-    cfg = deep_merge(cfg, _read_yaml(root / "presets" / f"{preset}.yaml"))
+    raw = _read_yaml(root / "base.yaml")
+    raw = deep_merge(raw, _read_yaml(root / "tasks" / f"{task}.yaml"))
+    raw = deep_merge(raw, _read_yaml(root / "presets" / f"{preset}.yaml"))
     for f in files or []:
-        cfg = deep_merge(cfg, _read_yaml(Path(f)))
+        raw = deep_merge(raw, _read_yaml(Path(f)))
     for o in overrides or []:
-        cfg = deep_merge(cfg, parse_override(o))
-    cfg["task"], cfg["preset"] = task, preset
-    unknown = sorted(set(cfg) - set(PIPELINE_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown pipeline key(s) {unknown}; known: {sorted(PIPELINE_KEYS)}")
-    for k, typ in PIPELINE_KEYS.items():
-        if k in cfg and cfg[k] is not None and not isinstance(cfg[k], typ):
-            raise ConfigError(f"pipeline key {k!r} must be {getattr(typ, '__name__', typ)}, got {cfg[k]!r}")
-    if cfg.get("student") not in ("iqpir", "unet"):
-        raise ConfigError(f"pipeline key 'student' must be 'iqpir' or 'unet', got {cfg.get('student')!r}")
-    fields = {"task": task, "data_root": str(cfg["data_root"]), "out_dir": str(cfg["out_dir"])}
-    cfg["out_dir"] = _fill(cfg["out_dir"], fields)
-    fields["out_dir"] = cfg["out_dir"]
-    for stage in TRAINING_STAGES:
-        cfg[stage] = _fill(cfg.get(stage, {}), fields)
-        extra = sorted(set(cfg[stage]) - {"model", "data", "trainer"})
-        if extra:
-            raise ConfigError(f"unknown key(s) {[f'{stage}.{k}' for k in extra]}: a stage section "
-                              f"holds only model, data and trainer")
-    return cfg
+        raw = deep_merge(raw, parse_override(o))
+    raw["task"], raw["preset"] = task, preset
+    cfg = PipelineConfig.from_dict(raw)  # unknown keys and wrong types fail here, before anything runs
+    fields = {"task": task, "data_root": cfg.data_root, "out_dir": cfg.out_dir}
+    fields["out_dir"] = _fill(cfg.out_dir, fields)
+    filled = {s: _fill(cfg.section(s), fields) for s in TRAINING_STAGES}
+    return PipelineConfig.from_dict({**cfg.to_dict(), "out_dir": fields["out_dir"], **filled})

@@ -1,0 +1,148 @@
+"""The evaluation stage: input vs teacher vs warm-up vs student on the held-out test split, the
+score-versus-level study and image grids, logged to the eval run and its parent."""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from qualiteacher import console
+from qualiteacher.data.io import ImageReadError, get_skip_log, read_image, to_tensor
+from qualiteacher.data.layouts import read_layout
+from qualiteacher.eval.figures import image_grid, plot_score_vs_level, save_png
+from qualiteacher.eval.nriqa import level_spearman, score_levels
+from qualiteacher.pipeline.config import EvalSettings
+from qualiteacher.pipeline.grids import grid_rows, level_w_grid
+from qualiteacher.pipeline.sections import StagePlan
+from qualiteacher.tracking.runs import PipelineRuns
+from qualiteacher.training.stage3 import load_trained
+from qualiteacher.training.students import load_student_weights
+
+# The ensemble builder and the restorers' evaluation are imported when the stage runs: tests
+# replace them on their modules (``iqa.presets.build_ensemble``, ``eval.report.evaluate_restorers``).
+
+
+def read_test_set(folder: Path, layout: str = "paired",
+                  limit: int | None = None) -> list[tuple[str, Tensor, Tensor | None]]:
+    """``(id, lq, gt or None)`` of the first ``limit`` readable images of a test folder; unreadable
+    files go to the skip log."""
+    out = []
+    for rec in read_layout(layout, folder)[: limit or None]:
+        try:
+            lq = to_tensor(read_image(rec.lq))
+            gt = to_tensor(read_image(rec.gt)) if rec.gt is not None else None
+        except ImageReadError as err:
+            get_skip_log().record(err.path, err.reason)
+            continue
+        out.append((rec.id, lq, gt))
+    if not out:
+        raise RuntimeError(f"no readable test image in {folder}")
+    return out
+
+
+def training_device(trainer: Mapping[str, Any]) -> torch.device:
+    """The device a stage's Lightning ``trainer`` section trains on (``accelerator`` / ``devices``;
+    ``auto`` or unset: CUDA, else MPS, else the CPU): the pipeline evaluates there too."""
+    accelerator = str(trainer.get("accelerator") or "auto").lower()
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if accelerator == "gpu":
+        accelerator = "mps" if torch.backends.mps.is_available() and not torch.cuda.is_available() else "cuda"
+    if accelerator != "cuda":
+        return torch.device("mps" if accelerator == "mps" else "cpu")
+    devices = trainer.get("devices")
+    # a list ([2, 3]) or "2,3" names device ids; a count (2, "2", "auto", -1) starts at 0
+    ids = devices if isinstance(devices, (list, tuple)) else (
+        [d for d in devices.split(",") if d.strip()] if isinstance(devices, str) and "," in devices else [0])
+    return torch.device("cuda", int(ids[0]) if ids else 0)
+
+
+def load_warmup(init_from: str | None, module: Any) -> torch.nn.Module | None:
+    """The student as stage 3 received it (``stage3.model.init_from``: the fidelity stage for
+    IQPIR, the warm-up for the U-Net), to show in the results what stage 3 added; ``None`` when
+    that checkpoint is gone."""
+    if not init_from or not Path(init_from).is_file():
+        return None
+    warmup = copy.deepcopy(module.student).cpu()
+    load_student_weights(warmup, init_from)
+    return warmup.eval()
+
+
+def evaluate_pipeline(task: str, settings: EvalSettings, stage3: StagePlan, test_folder: Path, out: Path,
+                      runs: PipelineRuns, run_id: str) -> pd.DataFrame:
+    """Input vs teacher vs student at the top level of ``stage3.final`` on ``task``'s test split in
+    ``test_folder`` (fused IQA score, PSNR/SSIM where references exist), the score-versus-level
+    study, grids; files in ``out``, all logged to ``run_id`` (metrics also to the parent run)."""
+    from mlflow.entities import Metric  # lazy: MLflow loads when a run is tracked
+
+    from qualiteacher.eval.report import build_restorers, evaluate_restorers, format_table, summary_table
+    from qualiteacher.iqa.presets import MEANINGLESS, build_ensemble, label_meaningless
+
+    device = training_device(stage3.section.get("trainer") or {})
+    module = load_trained(stage3.final).to(device)
+    hp = module.hparams
+    ensemble = build_ensemble(hp.iqa_preset, task=hp.task, weights_dir=hp.iqa_weights_dir).to(device)
+    tile = settings.tile or int(stage3.args.data.crop_size)
+    top = int(hp.top_level)
+    test = read_test_set(test_folder, settings.layout, settings.max_images)
+    out.mkdir(parents=True, exist_ok=True)
+    console.say(f"  [eval] restoring and scoring on {device}", "verbose")
+
+    w = settings.w  # fidelity weight of every model (None: the student's own default)
+    warmup = load_warmup(stage3.args.model.init_from, module)
+    restorers = build_restorers(module.student, module.teacher, levels=(top,), tile=tile, w=w,
+                                warmup=None if warmup is None else warmup.to(device))
+    df = label_meaningless(evaluate_restorers(restorers, test, ensemble, device=device), ensemble)
+    table = label_meaningless(summary_table(df), ensemble)
+    df.to_csv(out / "per_image.csv", index=False)
+    table.to_csv(out / "results.csv")
+    levels_df = score_levels(module.student, [lq.to(device) for _, lq, _ in test], ensemble,
+                             levels=list(settings.levels), tile=tile, ids=[i for i, _, _ in test], w=w)
+    label_meaningless(levels_df, ensemble).to_csv(out / "score_vs_level.csv", index=False)
+    rho = level_spearman(levels_df)
+    plot_score_vs_level(levels_df, out / "score_vs_level.png",
+                        title=f"{task}: ensemble score vs requested level (Spearman {rho:.2f})")
+    rows: list = []
+    titles: list[str] = []
+    for _, lq, gt in test[:3]:
+        r, titles = grid_rows(module, lq[None].to(device), list(settings.grid_levels), tile,
+                              gt=None if gt is None else gt[None])
+        rows += r
+    save_png(image_grid(rows, titles), out / "test_grid.png")
+    names = ["per_image.csv", "results.csv", "score_vs_level.csv", "score_vs_level.png", "test_grid.png"]
+    if getattr(module.student, "has_fidelity", False):
+        lq0 = torch.stack([lq for _, lq, _ in test[:2]]) if len({lq.shape for _, lq, _ in test[:2]}) == 1 else test[0][1][None]
+        rows, titles = level_w_grid(module.student, lq0.to(device), list(settings.grid_levels),
+                                    list(settings.grid_w), tile)
+        save_png(image_grid(rows, titles), out / "level_w_grid.png")
+        names.append("level_w_grid.png")
+
+    client = runs.client
+    for name in names:
+        client.log_artifact(run_id, str(out / name), artifact_path="eval")
+    metrics = {f"eval/{str(r).replace('@', '_level')}/{c}": float(v) for r, row in table.iterrows()
+               for c, v in row.items() if isinstance(v, (int, float)) and v == v and c not in ("images", "references")}
+    metrics["eval/level_spearman"] = float(rho)
+    batch = [Metric(k, v, int(time.time() * 1000), 0) for k, v in metrics.items()]
+    client.log_batch(run_id, metrics=batch)
+    client.log_batch(runs.parent_id, metrics=batch)
+    brief = [c for c in ("images", "fused", "iqa_level", "psnr", "ssim") if c in table.columns]
+    text = format_table(table[brief])
+    warn = f"\n!!! IQA SCORES ARE {MEANINGLESS} !!!" if ensemble.meaningless else ""
+    if ensemble.meaningless:
+        client.set_tag(run_id, "iqa_scores", MEANINGLESS)
+        client.set_tag(runs.parent_id, "iqa_scores", MEANINGLESS)
+    console.stage_numbers("eval", console.eval_numbers(table, rho))  # the full table: in the final summary
+    if warn:
+        console.say(warn, "quiet")
+    console.say(f"{warn}\nResults on {len(test)} held-out {task} test images "
+                f"(student at level {top}; ensemble '{hp.iqa_preset}'):\n{text}{warn}", "verbose")
+    console.say(f"Ensemble score vs requested level: Spearman ρ = {rho:.3f}" + (" (meaningless)" if warn else ""),
+                "verbose")
+    console.say(f"MLflow: {runs.uri} (parent run {runs.parent_id}); files in {out}", "verbose")
+    return table

@@ -1,0 +1,215 @@
+"""The pipeline package: no import cycle, and a typed configuration that fails before anything trains."""
+import ast
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qualiteacher.pipeline.config import ConfigError, DemoSettings, EvalSettings, PipelineConfig
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "qualiteacher"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _pipeline_modules() -> list[str]:
+    return sorted(m for m in _modules() if m == "qualiteacher.pipeline" or m.startswith("qualiteacher.pipeline."))
+
+
+def _top_level(body: list[ast.stmt]):
+    """The statements a module runs on import: its body, into ``if`` / ``try`` / ``with`` blocks,
+    not into functions, classes or ``if TYPE_CHECKING:``."""
+    for node in body:
+        yield node
+        if isinstance(node, ast.If):
+            yield from _top_level(node.orelse if "TYPE_CHECKING" in ast.unparse(node.test) else node.body + node.orelse)
+        elif isinstance(node, ast.Try):
+            yield from _top_level(node.body + [s for h in node.handlers for s in h.body] + node.orelse + node.finalbody)
+        elif isinstance(node, ast.With):
+            yield from _top_level(node.body)
+
+
+def _imports(tree: ast.Module, module: str, is_package: bool, everywhere: bool) -> set[str]:
+    """Modules of ``qualiteacher`` that ``module`` imports: on import, or ``everywhere`` (function
+    bodies and ``TYPE_CHECKING`` blocks too, so a lazy import cannot hide a cycle)."""
+    known = _modules()
+    found: set[str] = set()
+    for node in ast.walk(tree) if everywhere else _top_level(tree.body):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                pkg = module.split(".") if is_package else module.split(".")[:-1]
+                pkg = pkg[: len(pkg) - node.level + 1]
+                base = ".".join(pkg + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
+    out: set[str] = set()
+    for name in found:
+        parts = name.split(".")
+        # importing a.b.c runs a, a.b and a.b.c
+        out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) in known)
+    out.discard(module)
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Who imports whom among ``qualiteacher``'s modules: every import of a pipeline module, the
+    top-level imports of the others; a submodule also depends on its parent package."""
+    graph = {}
+    for module, path in _modules().items():
+        in_pipeline = module in _pipeline_modules()
+        tree = ast.parse(path.read_text(), str(path))
+        edges = _imports(tree, module, path.name == "__init__.py", everywhere=in_pipeline)
+        if "." in module:
+            edges.add(module.rsplit(".", 1)[0])
+        graph[module] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]], through: set[str]) -> list[list[str]]:
+    """The strongly connected groups of ``graph`` (modules importing each other in a circle, at
+    any distance) that hold a module of ``through``; Tarjan's algorithm."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if (len(group) > 1 or node in graph.get(node, ())) and through & set(group):
+                groups.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return groups
+
+
+def test_the_cycle_finder_finds_cycles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph, {"b"}) == [["a", "b", "c"]]
+    assert cycles(graph, {"d"}) == []  # d reaches the circle but is not in it
+    assert cycles({"a": {"b"}, "b": set()}, {"a", "b"}) == []
+    # a function-level import counts inside the package, so it cannot hide a cycle
+    tree = ast.parse("import os\ndef f():\n    from qualiteacher.pipeline.run import run_pipeline\n")
+    assert "qualiteacher.pipeline.run" in _imports(tree, "qualiteacher.pipeline.config", False, everywhere=True)
+    assert "qualiteacher.pipeline.run" not in _imports(tree, "qualiteacher.pipeline.config", False, everywhere=False)
+
+
+def test_the_pipeline_package_has_no_import_cycle():
+    modules = _pipeline_modules()
+    assert {"qualiteacher.pipeline.config", "qualiteacher.pipeline.run", "qualiteacher.pipeline.cli",
+            "qualiteacher.pipeline.stages.train"} <= set(modules)
+    graph = import_graph()
+    assert cycles(graph, set(modules)) == []
+    assert graph["qualiteacher.pipeline"] == {"qualiteacher"}  # the package file imports none of its modules
+    old = {"qualiteacher.pipeline_config", "qualiteacher.pipeline_stages", "qualiteacher.pipeline_eval"}
+    assert not old & set(_modules()), "the old flat modules are gone"
+
+
+def test_every_pipeline_module_imports_first_in_a_fresh_interpreter():
+    # one interpreter; before each module every qualiteacher module is dropped from sys.modules,
+    # so each is the first of the package to load (torch and Lightning stay loaded: they are slow)
+    script = (
+        "import importlib, sys\n"
+        f"for name in {_pipeline_modules()!r}:\n"
+        "    for loaded in [m for m in sys.modules if m == 'qualiteacher' or m.startswith('qualiteacher.')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    importlib.import_module(name)\n"
+        "    print('ok', name)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("ok ") == len(_pipeline_modules())
+
+
+# ------------------------------------------------------------------------------ typed configuration
+def test_defaults_are_typed_and_the_config_is_frozen():
+    cfg = PipelineConfig.from_dict({"task": "dehaze", "preset": "demo", "stage3": {"model": {"lr": 1e-4}}})
+    assert cfg.checkpoint_every == 50 and cfg.demo == DemoSettings() and cfg.eval == EvalSettings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.checkpoint_every = 5  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        cfg.stage3["model"]["lr"] = 1.0  # type: ignore[index]
+    section = cfg.section("stage3")
+    section["model"]["lr"] = 1.0  # a copy
+    assert cfg.stage3["model"]["lr"] == 1e-4
+    assert PipelineConfig.from_dict(cfg.to_dict()) == cfg
+    assert PipelineConfig.from_dict({**cfg.to_dict(), "eval": {"w": 1, "grid_w": [0, 1]}}).eval.grid_w == (0.0, 1.0)
+
+
+def test_base_yaml_restates_the_typed_defaults():
+    base = yaml.safe_load((REPO / "configs" / "base.yaml").read_text())
+    default = PipelineConfig(task="dehaze", preset="demo").to_dict()
+    for key, value in base.items():
+        if key in ("demo", "eval"):
+            assert {k: default[key][k] for k in value} == value, key
+        elif key not in ("stage1", "stage2", "fidelity", "stage3"):
+            assert default[key] == value, key
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--bogus_key=1", "bogus_key"),
+    ("--checkpoint_every=often", "checkpoint_every"),
+    ("--progress=[1]", "progress"),
+    ("--eval.levels=high", "eval.levels"),
+    ("--eval.levelz=[1]", "eval.levelz"),
+    ("--demo=3", "demo"),
+    ("--student=resnet", "student"),
+    ("--stage3.modle.lr=1", "stage3.modle"),
+])
+def test_a_bad_top_level_key_or_value_fails_before_anything_trains(override, key, demo_root, tmp_path,
+                                                                   monkeypatch, capsys):
+    import qualiteacher.pipeline.cli as pipeline_cli
+    import qualiteacher.pipeline.run as pipeline_run
+    from qualiteacher.cli import main
+
+    started: list[object] = []
+    monkeypatch.setattr(pipeline_cli, "run_pipeline", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(pipeline_run, "run_stage", lambda *a, **k: started.append(a))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    code = main(["pipeline", "dehaze", "--preset", "tiny", f"--data_root={demo_root}", f"--out_dir={out}", override])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("configuration error: ") and key in err[0]
+    assert started == [] and not out.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_bad_key_in_a_config_file_or_a_callers_dict_is_a_config_error(tmp_path, capsys):
+    from qualiteacher.pipeline.cli import run_pipeline_cli
+
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("checkpoint_evry: 10\n")
+    assert run_pipeline_cli("derain", ["--preset", "tiny", "--config", str(extra), f"--out_dir={tmp_path / 'o'}"]) == 2
+    assert "checkpoint_evry" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="'eval.max_images' must be int or null"):
+        PipelineConfig.from_dict({"task": "dehaze", "preset": "tiny", "eval": {"max_images": "all"}})
