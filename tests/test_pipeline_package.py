@@ -213,3 +213,11 @@ def test_a_bad_key_in_a_config_file_or_a_callers_dict_is_a_config_error(tmp_path
     assert "checkpoint_evry" in capsys.readouterr().err and not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="'eval.max_images' must be int or null"):
         PipelineConfig.from_dict({"task": "dehaze", "preset": "tiny", "eval": {"max_images": "all"}})
+
+
+def test_eval_split_selects_the_measured_folder() -> None:
+    from qualiteacher.pipeline.config import EvalSettings, PipelineConfig
+
+    assert EvalSettings().split == "test"
+    cfg = PipelineConfig.from_dict({"task": "dehaze", "preset": "demo", "eval": {"split": "val"}})
+    assert cfg.eval.split == "val" and cfg.task_data / cfg.eval.split == cfg.task_data / "val"

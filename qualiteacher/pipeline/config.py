@@ -47,6 +47,7 @@ class DemoSettings:
     n_unlabeled: int = 24
     n_test: int = 8
     n_clean: int = 48
+    n_val: int = 8
 
     def build_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`qualiteacher.data.demo.build_demo`."""
@@ -63,7 +64,9 @@ class EvalSettings:
     grid_w: tuple[float, ...] = (0.0, 0.5, 1.0)         # rows of eval/level_w_grid.png
     max_images: int | None = None                        # None: every test image
     tile: int | None = None                              # None: the stage-3 training crop
-    layout: str = "paired"                               # reader of DATA_ROOT/TASK/test
+    layout: str = "paired"                               # reader of DATA_ROOT/TASK/<split>
+    split: str = "test"                                  # the folder measured: test (held-out photos) or
+                                                         # val (training photos: choose settings there)
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,7 @@ class _Measurer:
             self._ensemble = build_ensemble(m.get("iqa_preset", "offline"), task=self.cfg["task"],
                                             weights_dir=m.get("iqa_weights_dir")).to(self.device)
             cfg = PipelineConfig.from_dict(self.cfg)
-            self._test = read_test_set(cfg.task_data / "test", cfg.eval.layout, cfg.eval.max_images)
+            self._test = read_test_set(cfg.task_data / cfg.eval.split, cfg.eval.layout, cfg.eval.max_images)
 
     def rows(self, restorers: dict[str, Any], dial_of: dict[str, torch.nn.Module]) -> list[dict[str, Any]]:
         from qualiteacher.study.measures import dial_columns, level_dial, measure_restorers
