@@ -44,6 +44,9 @@ def run_study_cli(args: argparse.Namespace) -> int:
     except KeyError as err:
         print(f"error: {err.args[0]}", file=sys.stderr)
         return 2
+    from qualiteacher import console
+
+    console.setup("normal")  # the pipeline's console: Lightning's info lines and known-harmless warnings off
     try:
         result = run_study(settings)
     except (ConfigError, StudyMismatch) as err:
