@@ -172,3 +172,31 @@ def test_a_non_finite_gradient_skips_the_step_and_is_counted(demo_root, fast_ens
     assert int(module.skipped_steps) == 1
     assert all(torch.equal(a, b) for a, b in zip(poison["before"], poison["after"]))  # that step changed nothing
     assert all(torch.isfinite(p).all() for p in module.student.parameters())
+
+
+def test_reward_detach_by_name_or_backend_across_tasks() -> None:
+    from qualiteacher.iqa.presets import build_ensemble
+    from qualiteacher.training.stage3 import detached_members
+
+    entries = ("physical:colourfulness", "physical:haze_density", "offline:niqe")
+    assert detached_members(build_ensemble("offline", task="dehaze"), entries, "offline") == {
+        "colourfulness": "detach", "haze": "detach", "niqe": "detach"}
+    assert detached_members(build_ensemble("offline", task="derain"), entries, "offline")["veil"] == "detach"
+    # low light has no dark-channel member: that entry is skipped, the others apply
+    assert set(detached_members(build_ensemble("offline", task="lowlight"), entries, "offline")) == {"colourfulness", "niqe"}
+    with pytest.raises(ValueError, match="nope"):
+        detached_members(build_ensemble("offline", task="dehaze"), ("nope",), "offline")
+
+
+@pytest.mark.parametrize("task", ["dehaze", "derain", "desnow", "lowlight"])
+def test_demo_preset_reward_detach_fits_every_task(task) -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from qualiteacher.iqa.presets import build_ensemble
+    from qualiteacher.training.stage3 import detached_members
+
+    model = yaml.safe_load((Path(__file__).parents[1] / "configs/presets/demo.yaml").read_text())["stage3"]["model"]
+    detached = detached_members(build_ensemble("offline", task=task), tuple(model["reward_detach"]), "offline")
+    assert {"colourfulness", "niqe"} <= set(detached)

@@ -48,6 +48,23 @@ def strong_photometric(p: float = 0.8) -> nn.Module:
     )
 
 
+def detached_members(ensemble: nn.Module, entries: tuple[str, ...], preset: str) -> dict[str, str]:
+    """``reward_detach`` entries (member names or backends such as ``physical:haze_density``) ->
+    ``{member: "detach"}`` for this task's ensemble. An entry no member of this task matches is
+    skipped when it names a member of the preset for some task (one preset setting serves every
+    task: dehaze's ``haze`` is derain's ``veil``); one that names nothing anywhere is an error."""
+    from qualiteacher.iqa.presets import PRESETS, TASKS, preset_specs
+
+    specs = list(ensemble.specs)
+    unmatched = [e for e in entries if not any(e in (s.name, s.backend) for s in specs)]
+    if unmatched and preset in PRESETS:
+        known = {x for t in TASKS for s in preset_specs(preset, t) for x in (s.name, s.backend)}
+        unmatched = [e for e in unmatched if e not in known]
+    if unmatched:
+        raise ValueError(f"reward_detach: {unmatched} match no member (members: {[s.name for s in specs]})")
+    return {s.name: "detach" for s in specs if s.name in entries or s.backend in entries}
+
+
 class Refresh(NamedTuple):
     variants: Tensor   # (N, 3, H, W) degraded pseudo-labels of this step (lower-level targets)
     masks: Tensor      # (N, 1, H, W) their reliability masks
@@ -207,8 +224,8 @@ class QualiTeacherModule(L.LightningModule):
         if self.ensemble is not None and self.hparams.reward_detach:
             from qualiteacher.iqa.ensemble import with_reward_modes
 
-            self.ensemble = with_reward_modes(self.ensemble, {n: "detach" for n in self.hparams.reward_detach
-                                                              if n not in self.hparams.iqa_exclude})
+            self.ensemble = with_reward_modes(self.ensemble, detached_members(
+                self.ensemble, tuple(self.hparams.reward_detach), self.hparams.iqa_preset))
         if self.ensemble is not None:
             self.ensemble.requires_grad_(False)
             if hasattr(self.ensemble, "low_precision"):
