@@ -221,3 +221,17 @@ def test_eval_split_selects_the_measured_folder() -> None:
     assert EvalSettings().split == "test"
     cfg = PipelineConfig.from_dict({"task": "dehaze", "preset": "demo", "eval": {"split": "val"}})
     assert cfg.eval.split == "val" and cfg.task_data / cfg.eval.split == cfg.task_data / "val"
+
+
+def test_a_missing_eval_split_folder_fails_before_training(tmp_path) -> None:
+    import pytest
+
+    from qualiteacher.pipeline.config import ConfigError, PipelineConfig
+    from qualiteacher.pipeline.sections import check_data_folders
+
+    (tmp_path / "dehaze" / "test").mkdir(parents=True)
+    cfg = PipelineConfig.from_dict({"task": "dehaze", "preset": "demo", "data_root": str(tmp_path),
+                                    "eval": {"split": "val"}})
+    with pytest.raises(ConfigError, match="eval.split: folder not found"):
+        check_data_folders(cfg, ["stage3", "eval"])
+    check_data_folders(cfg, ["stage3"])  # no eval stage: nothing to measure

@@ -56,7 +56,7 @@ class DemoSettings:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """``eval``: the evaluation stage on the held-out test split."""
+    """``eval``: the evaluation stage, on the held-out test split (``split``: another folder, e.g. val)."""
 
     levels: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)  # the score-versus-level study
     grid_levels: tuple[int, ...] = (0, 3, 5, 7)         # columns of the image grids

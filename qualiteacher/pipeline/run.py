@@ -66,8 +66,8 @@ def run_stage(stage: str, cfg: PipelineConfig, runs: PipelineRuns) -> None:
     elif stage in TRAINING_STAGES:
         run_training_stage(cfg, stage, runs, run_id)
     elif stage == "eval":
-        evaluate_pipeline(cfg.task, cfg.eval, plan_stage(cfg, "stage3"), cfg.task_data / cfg.eval.split, cfg.out / "eval",
-                          runs, run_id)
+        evaluate_pipeline(cfg.task, cfg.eval, plan_stage(cfg, "stage3"), cfg.task_data / cfg.eval.split,
+                          cfg.out / "eval", runs, run_id)
     elif stage == "register":
         register_student(cfg.out / "stage3" / "final.ckpt", cfg.task, runs, run_id)
     runs.finish(run_id)

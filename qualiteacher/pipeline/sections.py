@@ -128,7 +128,12 @@ def check_trainer_args(stage: str, trainer_args: dict[str, Any]) -> None:
 
 
 def check_data_folders(cfg: PipelineConfig, stages: list[str]) -> None:
-    """Every data folder a training stage reads must exist (ConfigError naming the key otherwise)."""
+    """Every data folder a training stage reads, and the folder the eval stage measures, must exist
+    (ConfigError naming the key otherwise): found before anything trains."""
+    split = cfg.task_data / cfg.eval.split
+    if "eval" in stages and not split.is_dir():
+        raise ConfigError(f"eval.split: folder not found: {split} (demo data built before the "
+                          f"'{cfg.eval.split}' split existed? rebuild it with `qualiteacher data demo`)")
     for stage in stages:
         if stage not in TRAINING_STAGES:
             continue

@@ -6,7 +6,6 @@ pseudo-label part, the preference part and the consistency part. The maths lives
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -275,7 +274,7 @@ class QualiTeacherModule(L.LightningModule):
         total = int(self.trainer.max_steps)
         if total <= 0:
             raise ValueError("lr_schedule 'cosine' decays over trainer.max_steps: set it (> 0)")
-        cosine = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=0.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
