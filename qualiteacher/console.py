@@ -55,6 +55,8 @@ KNOWN_HARMLESS: tuple[tuple[str, str], ...] = (
     (r".*Total length of .* across ranks is zero.*", "Lightning's CombinedLoader length check on empty val sets"),
     (r".*module\(s\) in eval mode at the start of training.*", "teacher and IQA ensemble are frozen on purpose"),
     (r".*does not have many workers.*", "the demo's tiny images load faster in the main process"),
+    (r".*Using ModelCheckpoint with manual optimization.*",
+     "resume checkpoints hold the state after the step on purpose: a resumed run continues at the next"),
 )
 VAL_WITHOUT_STEP = r"You passed in a `val_dataloader` but have no `validation_step`.*"
 
