@@ -80,6 +80,26 @@ def test_domains_differ_in_main_parameter(task):
     assert all(deg.sample(rng, "source").jpeg_quality == 0 for _ in range(20))
 
 
+@pytest.mark.parametrize(("task", "draws"), [("derain", 5), ("desnow", 5)])
+def test_source_rain_and_snow_cover_slants_and_veils_without_moving_the_task_stream(task, draws):
+    deg = DEGRADATIONS[task]
+    rng, replay = np.random.default_rng(5), np.random.default_rng(5)
+    samples = []
+    for _ in range(100):
+        samples.append(deg.sample(rng, "source"))
+        for _ in range(draws):  # what a source sample took from the task's stream before it gained
+            replay.uniform(0.0, 1.0)  # its extra parameters: the other splits stay byte-identical
+        replay.integers(0, 2**31 - 1)
+    assert rng.random() == replay.random()
+    angles = np.array([p.angle for p in samples])
+    assert angles.min() < -15 and angles.max() > 15  # the real domain's slants are in the source too
+    assert max(p.veil for p in samples) > 0.15
+    if task == "derain":
+        assert {p.layers for p in samples} == {1, 2}
+    else:
+        assert min(p.motion for p in samples) < 0.01 < 0.03 < max(p.motion for p in samples)
+
+
 def test_unknown_domain_is_rejected():
     with pytest.raises(ValueError, match="unknown domain"):
         DEGRADATIONS["derain"].sample(np.random.default_rng(0), "synthetic")
