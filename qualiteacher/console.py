@@ -104,13 +104,15 @@ def show_progress(enabled: bool = True) -> bool:
 
 
 @contextlib.contextmanager
-def fit_warnings(model: L.LightningModule, data: Any) -> Iterator[None]:
+def fit_warnings(model: L.LightningModule, data: Any, val_used: bool = False) -> Iterator[None]:
     """Around ``trainer.fit``: Lightning's "val_dataloader but no validation_step" warning is ignored
     when it is known to be empty talk (the module has no validation step and no validation folder
-    was configured); with a validation folder the warning stays (its images would be unused)."""
+    was configured, or a callback reads the folder: ``val_used``, e.g. stage 3's reward guard probes
+    its pairs); otherwise, with a validation folder, the warning stays (its images would be unused)."""
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
-    harmless = not is_overridden("validation_step", model) and getattr(data, "val_root", None) is None
+    harmless = not is_overridden("validation_step", model) and (getattr(data, "val_root", None) is None
+                                                                 or val_used)
     with warnings.catch_warnings():
         if harmless and _State.verbosity != "verbose":
             warnings.filterwarnings("ignore", message=VAL_WITHOUT_STEP)

@@ -104,13 +104,14 @@ def test_known_harmless_warnings_are_silenced_and_real_ones_stay():
     assert logging.getLogger("lightning.pytorch").level == logging.INFO
 
 
-@pytest.mark.parametrize("val_root,shown", [(None, False), ("some/folder", True)])
-def test_val_loader_without_validation_step_warns_only_when_a_folder_is_unused(val_root, shown):
+@pytest.mark.parametrize("val_root,val_used,shown", [(None, False, False), ("some/folder", False, True),
+                                                    ("some/folder", True, False)])
+def test_val_loader_without_validation_step_warns_only_when_a_folder_is_unused(val_root, val_used, shown):
     console.setup("normal")
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         model, data = Toy(), ToyData(val_root)
-        with console.fit_warnings(model, data):
+        with console.fit_warnings(model, data, val_used=val_used):  # val_used: a callback reads the folder
             _trainer(1, []).fit(model, datamodule=data)
     messages = [str(w.message) for w in seen]
     assert any("no `validation_step`" in m for m in messages) == shown

@@ -156,6 +156,7 @@ def test_guard_alarm_on_rising_fused_and_falling_witness() -> None:
     hacked = _history([0.50, 0.55, 0.60, 0.66], [0.60, 0.55, 0.50, 0.40])
     message = hacking_alarm(hacked, patience=3)
     assert message and "piqe 0.600 -> 0.400" in message and "steps 0-30" in message
+    assert "other witnesses over the same probes: psnr 20.000 -> 20.000" in message  # context to weigh it
     assert hacking_alarm(hacked[:3], patience=3) is None  # not yet N consecutive probes
     assert hacking_alarm(hacked, patience=4) is None
 

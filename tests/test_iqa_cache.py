@@ -93,3 +93,15 @@ def test_score_command(folder: Path, tmp_path: Path, qt_home: Path) -> None:
     assert out.is_file() and len(pd.read_csv(out)) == len(table) == 7
     assert "images scored: 7" in summary and "skipped (unreadable): 1" in summary
     assert "niqe" in summary and "levels:" in summary
+
+
+def test_grading_an_empty_clean_folder_is_one_clear_error(tmp_path):
+    from qualiteacher.errors import run_with_contract
+    from qualiteacher.iqa.cache import grade_clean_images
+
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "gt" / "broken.png").write_bytes(b"not an image")  # reported by the reader and skipped
+    with pytest.raises(FileNotFoundError, match="no readable clean images"):
+        grade_clean_images(tmp_path / "gt", "dehaze", "offline", tmp_path / "cache.parquet")
+    assert run_with_contract(lambda: grade_clean_images(tmp_path / "gt", "dehaze", "offline",
+                                                        tmp_path / "cache.parquet")) == 2

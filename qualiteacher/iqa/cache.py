@@ -225,5 +225,8 @@ def grade_clean_images(folder: str | Path, task: str, preset: str, cache: str | 
 
     ensemble = build_ensemble(preset, task=task, weights_dir=weights_dir)
     df = score_folder(folder, without_members(ensemble, exclude) if exclude else ensemble, cache)
+    if df.empty:  # an empty folder, or every file unreadable (each one reported by the reader)
+        raise FileNotFoundError(f"no readable clean images in {folder}: the labeled set's gt/ folder "
+                                f"(see data/README.md for the layouts)")
     df = df.assign(id=[Path(p).stem for p in df["path"]])
     return label_meaningless(df[["id", "path", "fused"]], ensemble)

@@ -140,4 +140,5 @@ def check_data_folders(cfg: PipelineConfig, stages: list[str]) -> None:
         data = stage_section(cfg, stage).get("data", {})
         for key in ("labeled_root", "unlabeled_root", "val_root"):
             if data.get(key) and not Path(data[key]).is_dir():
-                raise ConfigError(f"{stage}.data.{key}: folder not found: {data[key]}")
+                hint = f" (optional: --{stage}.data.val_root=null runs without it)" if key == "val_root" else ""
+                raise ConfigError(f"{stage}.data.{key}: folder not found: {data[key]}{hint}")

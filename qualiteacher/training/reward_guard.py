@@ -44,10 +44,15 @@ def hacking_alarm(history: Sequence[Probe], patience: int = 3, tol: float = 1e-4
         return None
     first, now = last[0], last[-1]
     parts = ", ".join(f"{n} {first.measures[n]:.3f} -> {now.measures[n]:.3f}" for n in falling)
+    # the other witnesses' movement over the same probes, so the reader can weigh the verdict
+    others = [f"{n} {first.measures[n]:.3f} -> {now.measures[n]:.3f}" for n in now.measures
+              if n not in falling and n in first.measures
+              and math.isfinite(first.measures[n]) and math.isfinite(now.measures[n])]
+    context = f" (the other witnesses over the same probes: {', '.join(others)})" if others else ""
     return (f"REWARD HACKING? Over the last {patience} probes (steps {first.step}-{now.step}) the fused "
-            f"IQA score rose {first.fused:.3f} -> {now.fused:.3f} while {parts} fell every time: the "
-            f"student is learning what the ensemble pays for and the other measures call worse. Look at "
-            f"the stage-3 grids, audit the ensemble (`qualiteacher iqa audit`) and consider stopping.")
+            f"IQA score rose {first.fused:.3f} -> {now.fused:.3f} while {parts} fell every time{context}: "
+            f"the student may be learning what the ensemble pays for and the other measures call worse. "
+            f"Look at the stage-3 grids, audit the ensemble (`qualiteacher iqa audit`) and consider stopping.")
 
 
 def psnr(x: Tensor, y: Tensor) -> Tensor:

@@ -74,7 +74,7 @@ def train_stage(plan: StagePlan, runs: PipelineRuns | None, run_id: str | None, 
     last = resume_checkpoint(plan.folder / "checkpoints")  # last.ckpt, or prev.ckpt (warned) if last is cut short
     if last is not None:
         console.say(f"  {plan.name}: resuming from {last}", "quiet")
-    with console.fit_warnings(model, data):
+    with console.fit_warnings(model, data, val_used=plan.name == "stage3"):  # the reward guard probes val pairs
         trainer.fit(model, datamodule=data, ckpt_path=str(last) if last is not None else None)
     if trainer.interrupted:
         raise KeyboardInterrupt(f"{plan.name} interrupted; rerun the same command to resume")
