@@ -219,3 +219,27 @@ def test_params_round_trip_through_dict(task):
     assert params_from_dict(task, flat) == params
     with pytest.raises(KeyError, match="missing"):
         params_from_dict(task, {"seed": 1})
+
+
+def _grid_jump(image: np.ndarray, period: int = 8) -> float:
+    # mean gradient across the lines after every `period`-th row / column, relative to all lines
+    ratios = []
+    for axis, mean_over in ((1, (0, 2)), (0, (1, 2))):
+        g = np.abs(np.diff(image, axis=axis)).mean(axis=mean_over)
+        on_grid = [i for i in range(len(g)) if (i + 1) % period == 0]
+        ratios.append(g[on_grid].mean() / g.mean())
+    return float(np.mean(ratios))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_real_haze_has_no_jpeg_block_steps(seed):
+    # smooth scene, dense real-domain haze at the lowest JPEG quality the sampler draws: compressing
+    # at the demo size stepped the haze on the 8-px grid (1.8-2x the mean gradient on the demo test
+    # split); compressed at capture size the grid lines look like any other line
+    yy, xx = np.mgrid[0:96, 0:96].astype(np.float32) / 96
+    clean = np.stack([0.3 + 0.4 * xx, 0.5 + 0.2 * yy, 0.6 - 0.3 * xx * yy], axis=-1)
+    depth = 0.3 + 0.6 * yy
+    params = HazeParams(beta=2.5, airlight=0.85, nonuniform=0.4, noise_sigma=0.003, jpeg_quality=60, seed=seed)
+    hazy = add_haze(clean, params, depth)
+    assert _grid_jump(hazy, 8) < 1.2
+    assert _grid_jump(hazy, 16) < 1.2

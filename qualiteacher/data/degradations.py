@@ -166,8 +166,21 @@ def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
 
 
+def _jpeg_at_capture_size(image: np.ndarray, quality: int, scale: float) -> np.ndarray:
+    # a real photo is compressed at its own (megapixel) size and only then shown small: compress a
+    # ``scale``-times larger copy and shrink it back (antialiased), so the 8-px blocks shrink to
+    # 8/scale px and average out; a non-integer scale keeps the block edges off the pixel grid.
+    # Compressing the 96-px demo image itself left visible 8-px steps in smooth haze.
+    h, w = image.shape[:2]
+    big = Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).resize(
+        (round(w * scale), round(h * scale)), Image.Resampling.BICUBIC)
+    small = Image.fromarray(np.round(_jpeg(np.asarray(big, dtype=np.float32) / 255.0, quality) * 255)
+                            .astype(np.uint8)).resize((w, h), Image.Resampling.LANCZOS)
+    return np.asarray(small, dtype=np.float32) / 255.0
+
+
 def _camera(image: np.ndarray, blur_sigma: float, noise_sigma: float, jpeg_quality: int,
-            rng: np.random.Generator) -> np.ndarray:
+            rng: np.random.Generator, jpeg_scale: float = 1.0) -> np.ndarray:
     # capture pipeline of the "real" domain: optics blur, sensor noise, compression
     if blur_sigma > 0:
         image = gaussian_filter(image, sigma=(blur_sigma, blur_sigma, 0), mode="reflect")
@@ -177,7 +190,7 @@ def _camera(image: np.ndarray, blur_sigma: float, noise_sigma: float, jpeg_quali
     if jpeg_quality:
         if not 1 <= jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be 0 (off) or in 1..100, got {jpeg_quality}")
-        image = _jpeg(image, jpeg_quality)
+        image = _jpeg(image, jpeg_quality) if jpeg_scale <= 1 else _jpeg_at_capture_size(image, jpeg_quality, jpeg_scale)
     return image.astype(np.float32)
 
 
@@ -210,6 +223,9 @@ def _extra_rng(seed: int) -> np.random.Generator:
 
 
 # ---------------------------------------------------------------- haze
+HAZE_JPEG_SCALE = 3.7  # hazy photos are compressed at 3.7x the demo size (see _jpeg_at_capture_size)
+
+
 def add_haze(image: np.ndarray, params: HazeParams, depth: np.ndarray | None = None) -> np.ndarray:
     """Haze by the scattering model, ``t = exp(-beta * depth * (1 + nonuniform * field))``."""
     image = _check_image(image)
@@ -223,7 +239,8 @@ def add_haze(image: np.ndarray, params: HazeParams, depth: np.ndarray | None = N
     t = np.exp(-params.beta * depth * (1.0 + params.nonuniform * field)).astype(np.float32)
     airlight = np.clip(params.airlight * np.array([params.tint_r, params.tint_g, params.tint_b]), 0, 1)
     hazy = haze_model(image, t, airlight)
-    return _camera(hazy, params.blur_sigma, params.noise_sigma, params.jpeg_quality, rng)
+    # haze is smooth with depth: JPEG blocks at the image's own size would step it (HAZE_JPEG_SCALE)
+    return _camera(hazy, params.blur_sigma, params.noise_sigma, params.jpeg_quality, rng, HAZE_JPEG_SCALE)
 
 
 def sample_haze_params(rng: np.random.Generator, domain: str = "source") -> HazeParams:
