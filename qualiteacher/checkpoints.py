@@ -14,8 +14,10 @@ for the same weight is refused (``compiled-model keys``), since which of the two
 from __future__ import annotations
 
 import logging
+import pickle
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +34,10 @@ _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message names the file and the problem in one line."""
 
-    def __init__(self, path: str | Path, problem: str) -> None:
+    def __init__(self, path: str | Path, problem: str, what: str = "checkpoint") -> None:
         self.path = Path(path)
         self.problem = problem
-        super().__init__(f"checkpoint {self.path}: {problem}")
+        super().__init__(f"{what} {self.path}: {problem}")
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -75,6 +77,40 @@ def _load_problem(err: Exception, magic: bytes, size: int) -> str:
     if isinstance(err, EOFError):
         return f"truncated ({size} bytes)"
     return f"not a PyTorch checkpoint ({type(err).__name__}: {text.splitlines()[0][:120] if text else 'unreadable'})"
+
+
+def _numpy_array_globals() -> list[Any]:
+    # what a pickled NumPy array or scalar references: constructors of plain data, no code
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [type(np.dtype(t)) for t in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "?")]
+    return [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar, *dtypes]
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Within this block every ``torch.load`` reads with ``weights_only=True``, whatever its caller
+    passes (third-party loaders such as pyiqa's pass ``weights_only=False``) and whatever
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says; NumPy arrays are allowed as plain data. A file that
+    references anything else is refused with :class:`CheckpointError` (``refused: ... would run
+    code``) before any of it runs. Not thread-safe: it swaps ``torch.load`` for the block."""
+    original = torch.load
+    allowed = _numpy_array_globals()
+
+    def load(f: Any, map_location: Any = None, pickle_module: Any = None, *args: Any, **kwargs: Any) -> Any:
+        name = getattr(f, "name", f)
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return original(f, map_location=map_location, weights_only=True, mmap=kwargs.get("mmap"))
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(str(name), _load_problem(err, b"", 0), what="weight file") from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def checkpoint_state(ckpt: Mapping[str, Any], path: str | Path) -> dict[str, Tensor]:

@@ -187,7 +187,9 @@ def _pipeline(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from qualiteacher.errors import OneLineParser  # a wrong invocation: one line, exit code 2
+
+    parser = OneLineParser(
         prog="qualiteacher",
         description="Quality-conditioned Mean-Teacher training for real-world image restoration.",
     )

@@ -9,9 +9,10 @@ catalogue) counts as expected too. Anything else is a bug and keeps its tracebac
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 # OSError covers missing files and folders, permissions, unreachable servers (ConnectionError);
 # ValueError covers bad values, configuration errors, unreadable images and refused checkpoints.
@@ -19,6 +20,15 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError)
 
 USER_ERROR = 2
 INTERRUPTED = 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` under the contract: a wrong invocation (unknown choice, bad
+    number, missing argument) is one line on stderr and exit code 2; ``--help`` shows the usage.
+    Sub-command parsers made with ``add_subparsers`` inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USER_ERROR, f"error: {self.prog}: {' '.join(message.split())} (see: {self.prog} --help)\n")
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:

@@ -8,6 +8,10 @@ A missing file is downloaded into that place unless downloads are disabled (``QU
 or ``HF_HUB_OFFLINE=1``); a disabled or failed download raises one ``MissingWeightsError`` naming the
 file and where to put it. ``metric_available`` answers the same question without building anything.
 
+Every weight file pyiqa reads is read with ``weights_only=True`` (``checkpoints.weights_only_loads``,
+although pyiqa itself passes ``weights_only=False``): a crafted file that would run code when
+unpickled is refused with one ``CheckpointError`` line naming it.
+
 ``DEFAULT_MIN_SIZE`` gives each metric's smallest input side; the ensemble upsamples smaller images.
 """
 
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qualiteacher.checkpoints import weights_only_loads
 from qualiteacher.iqa.members import MissingWeightsError, downloads_allowed
 
 WeightStore = Literal["pyiqa", "clip", "torch", "hf"]
@@ -379,7 +384,9 @@ def build_pyiqa_member(
     )
     if not pretrained:
         kwargs.update(_RANDOM_INIT_KWARGS[metric])
-    with _hub_offline(not allow):
+    # pyiqa reads its weight files with weights_only=False: inside this block every torch.load
+    # reads tensors and plain data only, and a file holding code is refused before it runs
+    with _hub_offline(not allow), weights_only_loads():
         net = pyiqa.create_metric(metric, as_loss=True, loss_reduction="none", device="cpu", **kwargs).net
     return PyiqaMember(net.eval(), metric, min_size)
 

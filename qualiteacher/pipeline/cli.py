@@ -7,7 +7,7 @@ import sys
 import yaml
 
 from qualiteacher import console
-from qualiteacher.errors import USER_ERROR, run_with_contract
+from qualiteacher.errors import USER_ERROR, OneLineParser, run_with_contract
 from qualiteacher.pipeline.config import STAGES, TASKS, ConfigError, student_stages
 from qualiteacher.pipeline.resolve import list_config_presets, resolve_config
 from qualiteacher.pipeline.run import run_pipeline
@@ -15,7 +15,7 @@ from qualiteacher.pipeline.sections import validate
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="qualiteacher pipeline TASK",
         description="Run a task's staged recipe. Extra options --SECTION.KEY=VALUE override the "
                     "config, e.g. --stage3.model.w_pref=0.5 --stage3.trainer.max_steps=500.",
