@@ -48,8 +48,46 @@ def test_w_is_a_dial_per_image_and_default():
 def test_gradients_reach_the_fusion_blocks_not_the_frozen_prior():
     net = freeze_prior_(_net().train())
     net(torch.rand(2, 3, 32, 32), torch.tensor([1, 7]), w=1.0).image.mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.fidelity.parameters())
+    # the image-level fusion's head is zero-initialised: at step 0 only the head gets a gradient
+    # (and its level embedding: zero too, it scales nothing yet); everything else does
+    upstream_of_zero_head = ("image.stem", "image.block", "image.context", "image.level_embedding")
+    for name, p in net.fidelity.named_parameters():
+        if name.startswith(upstream_of_zero_head) or "level_embedding" in name:
+            continue
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert all(p.grad is None for p in [*net.decoder.parameters(), *net.codebook.parameters()])
+
+
+def test_image_fusion_starts_as_a_blend_of_input_and_decode_and_learns():
+    # zero-initialised: M = I, b = 0, g = 0.5, so the output is halfway between the decode and the
+    # input itself; one optimizer step later the upstream layers get gradients too
+    net = freeze_prior_(_net().train())
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        prior = net(x, None, w=0.0).image
+        out = net(x, None, w=1.0).image
+        blocks_only = copy.deepcopy(net)
+        blocks_only.fidelity.image = None
+        decoded = blocks_only(x, None, w=1.0).image
+    assert torch.allclose(out, 0.5 * decoded + 0.5 * x, atol=1e-5)
+    assert not torch.allclose(out, prior)
+    opt = torch.optim.SGD(net.fidelity.parameters(), lr=0.1)
+    target = x.flip(1)  # swap the colour channels: a pure colour-matrix job
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.l1_loss(net(x, None, w=1.0).image, target).backward()
+        opt.step()
+    assert net.fidelity.image.stem[0].weight.grad.abs().sum() > 0
+
+
+def test_image_fusion_can_be_the_identity_on_a_clean_photo():
+    # do no harm is reachable: M = I, b = 0 and an open gate return the input exactly
+    net = _net()
+    with torch.no_grad():
+        net.fidelity.image.head.bias[12] = 30.0  # gate logit -> g = 1
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(net(x, None, w=1.0).image, x, atol=1e-5)
 
 
 def test_fidelity_stage_freezes_everything_but_fusion():

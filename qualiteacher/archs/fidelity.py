@@ -9,7 +9,7 @@ statistics of the LQ feature (keeps colour and illumination).
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +61,64 @@ class FidelityFusion(nn.Module):
         return dec + fidelity_weight(w, dec.shape[0], dec) * (dec * self.scale(h) + self.shift(h))
 
 
+class ImageFusionResult(NamedTuple):
+    """The image-level fusion's parts. image: (B, 3, H, W) the blend; corrected: (B, 3, H, W) the
+    locally affine correction of the LQ image; gate: (B, 1, H, W) its share in the blend (before ``w``)."""
+
+    image: Tensor
+    corrected: Tensor
+    gate: Tensor
+
+
+class ImageFusion(nn.Module):
+    """Image-level fidelity: a locally affine correction of the LQ image, blended with the decode.
+
+    Haze (``J = (I - A) / t + A``), low light (``J = I / T``) and colour casts are per-pixel affine
+    maps of the input that vary slowly across the image. This block predicts, at the decoder scale
+    ``factor``, a 3x3 colour matrix, a bias and a gate logit per position (13 channels, from a small
+    stem on the LQ image, the detached encoder feature and the decoder feature of that scale, plus
+    a global context vector for the airlight / exposure), upsamples them bilinearly to full size and
+    returns ``decode + w * g * (M x + b - decode)``. Zero-initialised: ``M = I``, ``b = 0``,
+    ``g = 0.5``. The colour of the output therefore starts as the colour of its input, which the
+    codebook prior (a few hundred codes learnt from few photos) cannot carry; ``w = 0`` still
+    gives the pure prior. With ``n_levels`` a zero-initialised level embedding conditions it.
+    """
+
+    def __init__(self, factor: int, enc_channels: int, dec_channels: int, width: int = 24,
+                 n_levels: int | None = None) -> None:
+        super().__init__()
+        self.factor = factor
+        stem: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.SiLU()]
+        for _ in range(max(factor.bit_length() - 1, 0)):  # log2(factor) stride-2 steps
+            stem += [nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU()]
+        self.stem = nn.Sequential(*stem)
+        self.block = ResBlock(width + enc_channels + dec_channels, width)
+        self.context = nn.Linear(width, width)
+        self.level_embedding = LevelEmbedding(n_levels, width) if n_levels else None
+        self.head = nn.Conv2d(width, 13, 3, padding=1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: Tensor, enc: Tensor, dec: Tensor, decoded: Tensor, w: float | Tensor,
+                level: Tensor | None = None) -> ImageFusionResult:
+        size = enc.shape[-2:]
+        stem = self.stem(x)
+        if stem.shape[-2:] != size:  # odd sizes: the encoder rounds differently
+            stem = torch.nn.functional.interpolate(stem, size=size, mode="bilinear", align_corners=False)
+        h = self.block(torch.cat([stem, enc, dec], dim=1))  # (B, width, H/f, W/f)
+        h = h + self.context(h.mean((-2, -1)))[..., None, None]  # global: airlight, exposure
+        if self.level_embedding is not None:
+            h = self.level_embedding(h, level)
+        coeffs = torch.nn.functional.interpolate(self.head(torch.nn.functional.silu(h)), size=x.shape[-2:],
+                                                 mode="bilinear", align_corners=False)  # (B, 13, H, W)
+        b, _, hh, ww = x.shape
+        matrix = coeffs[:, :9].view(b, 3, 3, hh, ww) + torch.eye(3, device=x.device, dtype=x.dtype)[None, :, :, None, None]
+        corrected = torch.einsum("bijhw,bjhw->bihw", matrix, x) + coeffs[:, 9:12]
+        gate = torch.sigmoid(coeffs[:, 12:13])
+        image = decoded + fidelity_weight(w, b, decoded) * gate * (corrected - decoded)
+        return ImageFusionResult(image, corrected, gate)
+
+
 class FidelityPath(nn.Module):
     """The fusion blocks of every configured scale (keys: downscale factors relative to the input).
 
@@ -70,7 +128,7 @@ class FidelityPath(nn.Module):
     """
 
     def __init__(self, scales: tuple[int, ...], channels: Mapping[int, int], n_levels: int | None = None,
-                 adain: bool = False) -> None:
+                 adain: bool = False, image_fusion: bool = False) -> None:
         super().__init__()
         unknown = [s for s in scales if s not in channels]
         if unknown:
@@ -78,6 +136,11 @@ class FidelityPath(nn.Module):
         self.scales = tuple(sorted(set(scales)))
         self.blocks = nn.ModuleDict({str(s): FidelityFusion(channels[s], channels[s], n_levels) for s in self.scales})
         self.adain = adain
+        # the image-level fusion reads the coarsest fused scale (the widest context)
+        coarsest = max(self.scales) if self.scales else 1
+        self.image: ImageFusion | None = (
+            ImageFusion(coarsest, channels[coarsest], channels[coarsest], n_levels=n_levels) if image_fusion and self.scales else None
+        )
 
     def fuse(self, factor: int, dec: Tensor, skips: Mapping[int, Tensor], w: float | Tensor,
              level: Tensor | None) -> Tensor:

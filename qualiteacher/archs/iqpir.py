@@ -110,14 +110,21 @@ class IQPIRNet(nn.Module):
         if fused and self.fidelity.adain:
             latent = adain(latent, feature.detach())
         fuse = None
+        seen: dict[int, Tensor] = {}  # decoder features by factor, for the image-level fusion
         if fused:
             skips = {f: s.detach() for f, s in skips.items()}  # the fusion never trains the encoder
             fidelity = self.fidelity
 
             def fuse(factor: int, dec: Tensor) -> Tensor:
-                return fidelity.fuse(factor, dec, skips, w, level)
+                out = fidelity.fuse(factor, dec, skips, w, level)
+                seen[factor] = out
+                return out
 
-        image = self.decoder(latent, fuse)[..., :h, :wd]
+        image = self.decoder(latent, fuse)
+        if fused and self.fidelity.image is not None:
+            f = self.fidelity.image.factor
+            image = self.fidelity.image(x, skips[f], seen[f], image, w, level).image
+        image = image[..., :h, :wd]
         return IQPIRResult(image, logits.common, logits.hq, feature, latent)
 
     def prior_frozen(self) -> bool:

@@ -40,6 +40,7 @@ class ArchPreset:
     beta: float = 0.25
     hq_weight: float = 0.8
     fidelity_scales: tuple[int, ...] = ()  # decoder downscale factors with a fusion block (§5)
+    image_fusion: bool = True  # the image-level fusion: a locally affine correction of the LQ image
 
     @property
     def latent_grid(self) -> int:
@@ -117,7 +118,7 @@ def build_fidelity(p: ArchPreset, adain: bool = False, level_conditioned: bool =
     if not p.fidelity_scales:
         return None
     widths = {2 ** i: p.base_channels * m for i, m in enumerate(p.channel_mults)}
-    return FidelityPath(p.fidelity_scales, widths, p.n_levels if level_conditioned else None, adain)
+    return FidelityPath(p.fidelity_scales, widths, p.n_levels if level_conditioned else None, adain, p.image_fusion)
 
 
 def build_iqpir(preset: str, cond_mode: CondMode = "add", fusion: Fusion = "add", hq_threshold: float = 0.70,

@@ -117,9 +117,14 @@ class CropDataset(Dataset):
         seed: int = 0,
         skip_log: SkipLog | None = None,
         random_crop: bool = True,
+        clean_pairs: float = 0.0,
     ) -> None:
         if quality is not None and len(quality) != len(records):
             raise ValueError(f"{len(quality)} quality values for {len(records)} records")
+        if not 0.0 <= clean_pairs <= 1.0:
+            raise ValueError(f"clean_pairs must lie in [0, 1], got {clean_pairs}")
+        self.clean_pairs = clean_pairs
+        self._clean_rng = np.random.default_rng(seed)
         self.records = list(records)
         self.crop_size, self.paired, self.small_images = crop_size, paired, small_images
         self.quality = [math.nan] * len(records) if quality is None else [float(q) for q in quality]
@@ -135,6 +140,7 @@ class CropDataset(Dataset):
 
     def reseed(self, seed: int) -> None:
         self.transform.set_random_seed(seed)
+        self._clean_rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -149,6 +155,8 @@ class CropDataset(Dataset):
         if not self.paired:
             return {"lq": to_tensor(self.transform(image=lq)["image"]), "id": record.id}
         out = self.transform(image=lq, gt=_check_small(gt, self.crop_size, "pad", record.lq))
+        if self.clean_pairs and self._clean_rng.random() < self.clean_pairs:
+            out["image"] = out["gt"]  # a clean -> clean pair: restoring must leave a clean photo as it is
         return {
             "lq": to_tensor(out["image"]),
             "gt": to_tensor(out["gt"]),
@@ -290,6 +298,8 @@ class RestorationDataModule(pl.LightningDataModule):
             input and its pseudo-labels alike.
         val_crop_size: centre-crop validation images to this side (``None``: whole images).
         val_multiple: validation sides are centre-cropped to a multiple of this.
+        clean_pairs: fraction of labeled pairs served as ``gt -> gt`` (the clean image as its own
+            input): "do no harm", a clean or lightly degraded photo must come back as it went in.
 
     Skipped files go to the process' default `SkipLog` (``self.skip_log``, `get_skip_log()`);
     DataLoader workers keep their own copies.
@@ -317,8 +327,11 @@ class RestorationDataModule(pl.LightningDataModule):
         unlabeled_fixed_view: bool = True,
         val_crop_size: int | None = None,
         val_multiple: int = 8,
+        clean_pairs: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= clean_pairs <= 1.0:
+            raise ValueError(f"clean_pairs must lie in [0, 1], got {clean_pairs}")
         for name, value in (("crop_size", crop_size), ("batch_size", batch_size),
                             ("unlabeled_batch_size", unlabeled_batch_size),
                             ("val_crop_size", val_crop_size), ("val_multiple", val_multiple)):
@@ -346,6 +359,7 @@ class RestorationDataModule(pl.LightningDataModule):
         self.quality_table, self.augment = quality_table, augment
         self.unlabeled_fixed_view = unlabeled_fixed_view
         self.val_crop_size, self.val_multiple = val_crop_size, val_multiple
+        self.clean_pairs = clean_pairs
         self.skip_log = get_skip_log()  # the process' default log: run drivers print its summary
         self.datasets: dict[str, Dataset] = {}
 
@@ -363,7 +377,8 @@ class RestorationDataModule(pl.LightningDataModule):
             quality = None if self.quality_table is None else read_quality_table(self.quality_table, labeled)
             self.datasets["labeled"] = CropDataset(
                 labeled, self.crop_size, paired=True, quality=quality, augment=self.augment,
-                small_images=self.small_images, seed=self.seed, skip_log=self.skip_log)
+                small_images=self.small_images, seed=self.seed, skip_log=self.skip_log,
+                clean_pairs=self.clean_pairs)
             if self.unlabeled_root is not None:
                 self.datasets["unlabeled"] = CropDataset(
                     self._read("unlabeled", self.unlabeled_root), self.crop_size, paired=False,
