@@ -52,7 +52,7 @@ def run_pipeline_cli(task: str, argv: list[str]) -> int:
             cfgs = [resolve_config(t, args.preset, args.config, overrides) for t in tasks]
             if args.print_config:
                 for cfg in cfgs:
-                    validate(cfg, student_stages(cfg.student))
+                    validate(cfg, student_stages(cfg.student), hardware=False)
                     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
                 return 0
             for cfg in cfgs:

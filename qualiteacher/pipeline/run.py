@@ -7,6 +7,7 @@ the typed config is taken apart: each stage function gets only the pieces it rea
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +18,15 @@ import yaml
 from qualiteacher import console
 from qualiteacher.iqa.presets import MEANINGLESS, random_iqa_enabled
 from qualiteacher.pipeline.config import TRAINING_STAGES, ConfigError, PipelineConfig, student_stages
-from qualiteacher.pipeline.sections import check_data_folders, parse_stage, plan_stage, validate
+from qualiteacher.pipeline.sections import (
+    FINGERPRINT_FILE,
+    changed_settings,
+    check_data_folders,
+    parse_stage,
+    plan_stage,
+    stage_fingerprint,
+    validate,
+)
 from qualiteacher.pipeline.stages.data import QualityGrading, prepare_data
 from qualiteacher.pipeline.stages.evaluate import evaluate_pipeline
 from qualiteacher.pipeline.stages.register import register_student
@@ -48,14 +57,17 @@ def quality_grading(cfg: PipelineConfig) -> QualityGrading | None:
                           cache=cfg.out / "iqa_cache.parquet")
 
 
-def run_training_stage(cfg: PipelineConfig, stage: str, runs: PipelineRuns | None, run_id: str | None) -> Path:
-    """Fit training stage ``stage`` of ``cfg``; returns its final checkpoint (see :func:`train_stage`)."""
+def run_training_stage(cfg: PipelineConfig, stage: str, runs: PipelineRuns | None, run_id: str | None,
+                       restart: bool = False) -> Path:
+    """Fit training stage ``stage`` of ``cfg``; returns its final checkpoint (see :func:`train_stage`;
+    ``restart``: a checkpoint of other settings is set aside and the stage trains from its start)."""
     return train_stage(plan_stage(cfg, stage), runs, run_id, checkpoint_every=cfg.checkpoint_every,
-                       progress=console.show_progress(cfg.progress))
+                       progress=console.show_progress(cfg.progress), restart=restart)
 
 
-def run_stage(stage: str, cfg: PipelineConfig, runs: PipelineRuns) -> None:
-    """Run one stage of ``cfg`` in its MLflow child run (created, or reopened on resume)."""
+def run_stage(stage: str, cfg: PipelineConfig, runs: PipelineRuns, rerun: bool = False) -> None:
+    """Run one stage of ``cfg`` in its MLflow child run (created, or reopened on resume); ``rerun``:
+    asked for by --from-stage / --only-stage (changed settings retrain a stage from its start)."""
     run_id = runs.child(stage)
     if random_iqa_enabled():  # stand-in IQA weights: every run of this pipeline says so
         for rid in (runs.parent_id, run_id):
@@ -64,7 +76,7 @@ def run_stage(stage: str, cfg: PipelineConfig, runs: PipelineRuns) -> None:
         prepare_data(Path(cfg.data_root), cfg.task, cfg.demo, quality_grading(cfg), runs, run_id,
                      progress=console.show_progress(cfg.progress))
     elif stage in TRAINING_STAGES:
-        run_training_stage(cfg, stage, runs, run_id)
+        run_training_stage(cfg, stage, runs, run_id, restart=rerun)
     elif stage == "eval":
         evaluate_pipeline(cfg.task, cfg.eval, plan_stage(cfg, "stage3"), cfg.task_data / cfg.eval.split,
                           cfg.out / "eval", runs, run_id)
@@ -73,8 +85,24 @@ def run_stage(stage: str, cfg: PipelineConfig, runs: PipelineRuns) -> None:
     runs.finish(run_id)
 
 
+def _note_changed_settings(cfg: PipelineConfig, stage: str) -> None:
+    """One line when a finished training stage was trained with settings other than ``cfg``'s."""
+    recorded = cfg.out / stage / FINGERPRINT_FILE
+    if stage not in TRAINING_STAGES or not recorded.is_file():
+        return
+    try:
+        before = json.loads(recorded.read_text())
+    except ValueError:
+        return
+    now = stage_fingerprint(plan_stage(cfg, stage))
+    if before.get("digest") != now.digest:
+        changes = changed_settings(before.get("settings") or {}, now.settings)
+        console.say(f"  {stage}: trained earlier with other settings ({changes}); kept as it is: "
+                    f"--from-stage {stage} trains it again with these", "quiet")
+
+
 def run_worker(cfg: PipelineConfig, stages: list[str], state: PipelineState, poll_s: float = 2.0,
-               timeout_s: float = 24 * 3600) -> None:
+               timeout_s: float = 24 * 3600, rerun: bool = False) -> None:
     """A DDP worker process (``launch_rank() > 0``): train each of ``stages``' training stages
     alongside rank 0, and nothing else. Rank 0 alone builds the data, writes the pipeline state,
     tracks in MLflow, evaluates and registers.
@@ -90,7 +118,7 @@ def run_worker(cfg: PipelineConfig, stages: list[str], state: PipelineState, pol
             time.sleep(poll_s)
     for stage in stages:
         if stage in TRAINING_STAGES:
-            final = run_training_stage(cfg, stage, None, None)
+            final = run_training_stage(cfg, stage, None, None, restart=rerun)
             print(f"[rank {launch_rank()}] {stage}: trained alongside rank 0 ({final})", flush=True)
 
 
@@ -113,7 +141,8 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, only_stage:
     if "data" not in stages or not cfg.demo.generate:
         check_data_folders(cfg, stages)
     if launch_rank() > 0:  # a DDP worker: it trains alongside rank 0, which alone records and evaluates
-        run_worker(cfg, [s for s in stages if only_stage or not state.done(s)], state)
+        run_worker(cfg, [s for s in stages if only_stage or not state.done(s)], state,
+                   rerun=bool(from_stage or only_stage))
         return state.data
     plain = cfg.to_dict()
     (out / "config.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
@@ -123,10 +152,11 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, only_stage:
     for stage in stages:
         if state.done(stage) and not only_stage:
             console.stage_skipped(cfg.task, stage)
+            _note_changed_settings(cfg, stage)
             continue
         console.stage_start(cfg.task, stage, cfg.student)
         try:
-            run_stage(stage, cfg, runs)
+            run_stage(stage, cfg, runs, rerun=bool(from_stage or only_stage))
         except BaseException as err:
             runs.fail_stage(stage, err)  # the stage's run and the parent: FAILED (KILLED on Ctrl+C)
             raise

@@ -8,6 +8,8 @@ first stage trains (:func:`validate`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -87,18 +89,118 @@ class StagePlan(NamedTuple):
         return self.folder / "final.ckpt"
 
 
+# ------------------------------------------------------------------------------ fingerprints
+# Trainer keys that change what a training step computes; the others say where it runs, when it
+# stops (raising max_steps continues a stage) or what it shows, and leave the fingerprint alone.
+TRAINER_COMPUTE_KEYS = ("precision", "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm",
+                        "deterministic")
+_NOT_COMPUTE = {"data": ("num_workers",), "model": ("bank_cache",)}
+FINGERPRINT_FILE = "final.fingerprint.json"  # beside OUT/<stage>/final.ckpt
+
+
+class StageFingerprint(NamedTuple):
+    """What a stage computes: its parsed section (defaults filled; ``model.*``, ``data.*`` and the
+    trainer's :data:`TRAINER_COMPUTE_KEYS`) and the identity of every file it reads (``input.*``:
+    an upstream stage's fingerprint, or the file's SHA-256), flat, and their digest."""
+
+    digest: str
+    settings: dict[str, Any]
+
+
+def _plain_value(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain_value(v) for k, v in value.items()}
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def file_identity(path: Path) -> str:
+    """``stage:<digest>`` for a stage's ``final.ckpt`` (its recorded fingerprint), else the file's SHA-256."""
+    sidecar = path.with_name(FINGERPRINT_FILE)
+    if path.name == "final.ckpt" and sidecar.is_file():
+        try:
+            return "stage:" + json.loads(sidecar.read_text())["digest"]
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable: fall back to the content
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def stage_fingerprint(plan: StagePlan) -> StageFingerprint:
+    """The fingerprint of ``plan`` (see :class:`StageFingerprint`)."""
+    parsed = plan.args.as_dict()
+    settings: dict[str, Any] = {}
+    for part in ("model", "data", "trainer"):
+        for key, value in (parsed.get(part) or {}).items():
+            if part == "trainer" and key not in TRAINER_COMPUTE_KEYS or key in _NOT_COMPUTE.get(part, ()):
+                continue
+            settings[f"{part}.{key}"] = _plain_value(value)
+            if part != "trainer" and isinstance(value, str) and value and Path(value).is_file():
+                settings[f"input.{part}.{key}"] = file_identity(Path(value))
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return StageFingerprint(hashlib.sha256(text.encode()).hexdigest()[:16], settings)
+
+
+def changed_settings(before: dict[str, Any], now: dict[str, Any], limit: int = 4) -> str:
+    """``model.lr 0.0002 → 0.001; ...`` for the keys whose values differ (at most ``limit`` shown)."""
+    keys = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    shown = [f"{k} {before.get(k, '(unset)')!s:.40} → {now.get(k, '(unset)')!s:.40}" for k in keys[:limit]]
+    more = f"; … (+{len(keys) - limit})" if len(keys) > limit else ""
+    return "; ".join(shown) + more if keys else "no setting differs"
+
+
 def plan_stage(cfg: PipelineConfig, stage: str) -> StagePlan:
     _, args = parse_stage(cfg, stage)
     return StagePlan(stage, stage_classes(cfg.student)[stage], stage_section(cfg, stage), args, cfg.out / stage)
 
 
-def validate(cfg: PipelineConfig, stages: list[str]) -> None:
+def validate(cfg: PipelineConfig, stages: list[str], hardware: bool = True) -> None:
     """Parse every training stage's section before the first one trains (config errors fail fast),
-    including every Trainer value (:func:`check_trainer_args`)."""
+    including every Trainer value (:func:`check_trainer_args`) and, with ``hardware``, whether the
+    accelerator each stage asks for is there (:func:`check_hardware`; ``--print_config`` leaves it
+    out, so a GPU config can be inspected on a laptop)."""
     for stage in stages:
         if stage in TRAINING_STAGES:
             _, ns = parse_stage(cfg, stage)
             check_trainer_args(stage, ns.trainer.as_dict())
+            if hardware:
+                check_hardware(stage, ns.trainer.as_dict())
+
+
+def check_hardware(stage: str, trainer_args: dict[str, Any]) -> None:
+    """:class:`ConfigError` when ``trainer.accelerator`` names a device this process cannot see
+    (``gpu`` / ``cuda`` without CUDA, ``mps`` without Apple's GPU, a TPU ...) or ``trainer.devices``
+    asks for more CUDA devices than there are: found before the first stage trains."""
+    import torch  # lazy: see stage_classes
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    accelerator = str(trainer_args.get("accelerator") or "auto").lower()
+    if accelerator in ("auto", "cpu") or not isinstance(trainer_args.get("accelerator", "auto"), str):
+        return
+    fix = "drop the option (auto: whatever is there) or set accelerator=cpu"
+    if accelerator == "gpu":
+        if torch.cuda.is_available() or torch.backends.mps.is_available():
+            accelerator = "cuda" if torch.cuda.is_available() else "mps"
+        else:
+            raise ConfigError(f"{stage}.trainer.accelerator=gpu: no GPU is visible to this process "
+                              f"(torch.cuda.is_available() is False): {fix}")
+    if accelerator not in AcceleratorRegistry.available_accelerators():
+        known = ", ".join(sorted({"auto", "gpu", *AcceleratorRegistry.available_accelerators()}))
+        raise ConfigError(f"{stage}.trainer.accelerator={accelerator!r} is not an accelerator (known: {known})")
+    if not AcceleratorRegistry[accelerator]["accelerator"].is_available():
+        raise ConfigError(f"{stage}.trainer.accelerator={accelerator}: no such device is visible to this process: {fix}")
+    devices = trainer_args.get("devices")
+    if accelerator == "cuda" and devices not in (None, "auto", -1, "-1"):
+        have = torch.cuda.device_count()
+        ids = devices if isinstance(devices, (list, tuple)) else (
+            [d for d in str(devices).split(",") if d.strip()] if "," in str(devices) else None)
+        wanted = max(int(i) for i in ids) + 1 if ids else int(devices)
+        if wanted > have:
+            raise ConfigError(f"{stage}.trainer.devices={devices}: this process sees {have} CUDA device(s)")
 
 
 _HARDWARE_KEYS = ("accelerator", "strategy", "devices", "num_nodes", "plugins", "sync_batchnorm")
