@@ -152,7 +152,13 @@ def model_data_folder(local_model: str | Path) -> Path:
     if flavor.get("loader_module") != __name__:
         raise ValueError(f"{local_model} is not a QualiTeacher student model (loader "
                          f"{flavor.get('loader_module')!r}); log students with qualiteacher.registry.log_student")
-    return local_model / flavor.get("data", f"data/{DATA_DIR}")
+    data = str(flavor.get("data", f"data/{DATA_DIR}"))
+    folder = (local_model / data).resolve()
+    # the weights must lie inside the model folder: an absolute or ../ path is never followed
+    if Path(data).is_absolute() or not folder.is_relative_to(local_model.resolve()):
+        raise ValueError(f"{local_model / 'MLmodel'}: its data path {data!r} points outside the model folder; "
+                         f"refused (a model's files live inside its folder)")
+    return folder
 
 
 def load_registered(model_uri: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> nn.Module:

@@ -1,6 +1,14 @@
-"""Full-reference metrics (PSNR, SSIM) on batches, one value per image."""
+"""Full-reference metrics (PSNR, SSIM) on batches, one value per image.
+
+:func:`fullref_scores` is what the evaluations call: PSNR and SSIM of every image, NaN with a
+reason where a metric cannot judge the image (SSIM's Gaussian window is 11 px: an image under
+11 px on a side, e.g. a 20000 x 8 strip, has no SSIM), so one odd image never stops a run.
+"""
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import kornia
 import torch
@@ -59,3 +67,31 @@ def ssim(images: Tensor, targets: Tensor, border: int = 0, y_channel: bool = Fal
         raise ValueError(f"SSIM needs images of at least {window_size} px, got {tuple(x.shape[-2:])}")
     ssim_map = kornia.metrics.ssim(x, y, window_size, max_val=1.0, padding="valid")  # (B, C, h, w)
     return ssim_map.mean(dim=(1, 2, 3))
+
+
+class FullRefScores(NamedTuple):
+    psnr: Tensor   # (B,) dB, NaN where unscorable
+    ssim: Tensor   # (B,) NaN where unscorable
+    note: str      # why a value is NaN ("" when both were computed)
+
+
+def ssim_unscorable(height: int, width: int, border: int = 0, window_size: int = 11) -> str | None:
+    """Why SSIM cannot score an ``height`` x ``width`` image (after ``border``), or None."""
+    h, w = height - 2 * border, width - 2 * border
+    if min(h, w) < window_size:
+        return f"SSIM not computed: {w}x{h} px is under SSIM's {window_size}-px window"
+    return None
+
+
+def fullref_scores(images: Tensor, targets: Tensor, border: int = 0, y_channel: bool = False) -> FullRefScores:
+    """PSNR and SSIM of same-sized ``images`` against ``targets`` ``(B, 3, H, W)``, never raising
+    for a small or extreme image: what cannot be scored is NaN and ``note`` says why."""
+    b = images.shape[0]
+    nan = torch.full((b,), math.nan)
+    h, w = images.shape[-2:]
+    if 2 * border >= min(h, w):
+        return FullRefScores(nan, nan.clone(), f"PSNR and SSIM not computed: border {border} leaves nothing of {w}x{h} px")
+    value_psnr = psnr(images, targets, border, y_channel).float().cpu()
+    reason = ssim_unscorable(h, w, border)
+    value_ssim = nan if reason else ssim(images, targets, border, y_channel).float().cpu()
+    return FullRefScores(value_psnr, value_ssim, reason or "")

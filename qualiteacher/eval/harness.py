@@ -23,7 +23,7 @@ from torch import Tensor
 from qualiteacher.data.io import ImageReadError, get_skip_log, read_image, to_tensor, write_image
 from qualiteacher.data.records import ImageRecord
 from qualiteacher.eval.benchmarks import Benchmark, read_benchmark, resolve_benchmark
-from qualiteacher.eval.fullref import psnr, ssim
+from qualiteacher.eval.fullref import fullref_scores
 from qualiteacher.eval.metrics import MetricSet, resolve_metrics, score_images
 from qualiteacher.eval.nriqa import scores_frame
 from qualiteacher.eval.report import markdown_table, summary_table
@@ -147,10 +147,11 @@ def evaluate(restorers: Mapping[str, Restorer], records: Sequence[ImageRecord], 
             done.append(rec)
             frame.insert(0, "restorer", list(outputs))
             frame.insert(0, "id", rec.id)
-            if gt is not None:
-                gt = gt.to(device).expand_as(batch)
-                frame["psnr"] = psnr(batch, gt).cpu().numpy()
-                frame["ssim"] = ssim(batch, gt).cpu().numpy()
+            if gt is not None:  # NaN with a note where PSNR / SSIM cannot judge the image (e.g. under 11 px)
+                full = fullref_scores(batch, gt.to(device).expand_as(batch))
+                frame["psnr"], frame["ssim"], frame["note"] = full.psnr.numpy(), full.ssim.numpy(), full.note
+                if full.note:
+                    print(f"[eval] {rec.id}: {full.note}")
             rows.append(frame)
             for name, out in outputs.items():
                 if detector is not None:

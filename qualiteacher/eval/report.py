@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from qualiteacher.data.io import read_image, to_tensor
 from qualiteacher.data.records import ImageRecord
-from qualiteacher.eval.fullref import psnr, ssim
+from qualiteacher.eval.fullref import fullref_scores
 from qualiteacher.eval.nriqa import scores_frame
 from qualiteacher.training.restore import restore
 
@@ -119,9 +119,9 @@ def evaluate_restorers(restorers: Mapping[str, Restorer], loader_or_records: Ite
             if gt is None:
                 frame["psnr"] = np.nan
                 frame["ssim"] = np.nan
-            else:
-                frame["psnr"] = psnr(out, gt, border, y_channel).cpu().numpy()
-                frame["ssim"] = ssim(out, gt, border, y_channel).cpu().numpy()
+            else:  # NaN where PSNR / SSIM cannot judge the image (e.g. SSIM under 11 px)
+                full = fullref_scores(out, gt, border, y_channel)
+                frame["psnr"], frame["ssim"] = full.psnr.numpy(), full.ssim.numpy()
             frames.append(frame)
     if not frames:
         raise ValueError("evaluate_restorers: the test set is empty")

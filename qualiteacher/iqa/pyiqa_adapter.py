@@ -17,6 +17,7 @@ unpickled is refused with one ``CheckpointError`` line naming it.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -223,6 +224,39 @@ def _download(file: WeightFile, path: Path) -> Path:
     return path
 
 
+_REACHABLE: dict[tuple[str, int], tuple[bool, str]] = {}  # (host, port) -> answer, once per process
+PROBE_TIMEOUT_S = 3.0
+_PROXY_VARS = ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+
+def host_reachable(url: str) -> tuple[bool, str]:
+    """Whether ``url``'s host accepts a TCP connection within ``PROBE_TIMEOUT_S`` seconds, asked
+    once per host and process (a machine without network learns it once per run, in seconds, not
+    from one download timeout per file). Behind a proxy the answer is always yes (the proxy decides)."""
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return True, ""
+    parsed = urlparse(url)
+    if not parsed.hostname:
+        return True, ""
+    where = (parsed.hostname, parsed.port or (80 if parsed.scheme == "http" else 443))
+    if where not in _REACHABLE:
+        try:
+            socket.create_connection(where, timeout=PROBE_TIMEOUT_S).close()
+            _REACHABLE[where] = (True, "")
+        except OSError as err:
+            _REACHABLE[where] = (False, f"{where[0]} is not reachable ({type(err).__name__}: {err}; "
+                                        f"checked once for this run)")
+    return _REACHABLE[where]
+
+
+def _source_url(file: WeightFile) -> str:
+    if file.store == "hf":
+        return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return _download_url(file)
+
+
 def _fetch(member: str, file: WeightFile, allow_download: bool, offline_hint: str) -> Path:
     path = weight_file_path(file)
     if path.is_file():
@@ -233,6 +267,9 @@ def _fetch(member: str, file: WeightFile, allow_download: bool, offline_hint: st
         how = f"It lives in the Hugging Face cache: fetch it with `hf download {file.source} {file.name}`. "
     if not allow_download:
         raise MissingWeightsError(member, label, str(path), f"{how}{DISABLED_NOTE} {offline_hint}")
+    reachable, why = host_reachable(_source_url(file))
+    if not reachable:
+        raise MissingWeightsError(member, label, str(path), f"{how}Not downloaded: {why}. {offline_hint}")
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
