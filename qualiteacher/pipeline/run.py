@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from qualiteacher.pipeline.stages.data import QualityGrading, prepare_data
 from qualiteacher.pipeline.stages.evaluate import evaluate_pipeline
 from qualiteacher.pipeline.stages.register import register_student
 from qualiteacher.pipeline.stages.train import train_stage
-from qualiteacher.pipeline.state import PipelineState
+from qualiteacher.pipeline.state import FolderLock, PipelineState
 from qualiteacher.tracking.runs import PipelineRuns
 from qualiteacher.training.distributed import launch_rank
 
@@ -123,7 +124,19 @@ def run_worker(cfg: PipelineConfig, stages: list[str], state: PipelineState, pol
 
 
 def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, only_stage: str | None = None) -> dict[str, Any]:
-    """Run (or resume) the staged recipe described by a resolved config; returns the state dict."""
+    """Run (or resume) the staged recipe described by a resolved config; returns the state dict.
+
+    The output folder is locked for the run (``OUT/pipeline.lock``): a second pipeline there fails
+    at once with :class:`FolderInUse`; DDP workers (rank > 0) share rank 0's lock."""
+    if launch_rank() > 0:
+        return _run_pipeline(cfg, from_stage, only_stage)
+    with FolderLock(cfg.out, " ".join(["qualiteacher", *sys.argv[1:]])) as lock:
+        if lock.took_over:
+            console.say(f"  [lock] {cfg.out}: the lock of {lock.took_over} was taken over", "quiet")
+        return _run_pipeline(cfg, from_stage, only_stage)
+
+
+def _run_pipeline(cfg: PipelineConfig, from_stage: str | None, only_stage: str | None) -> dict[str, Any]:
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     state = PipelineState(out / "state.json")
