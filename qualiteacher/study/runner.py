@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -87,12 +88,26 @@ def run_config(seed_cfg: dict[str, Any], store: StudyStore, key: RunKey, steps: 
     cfg["out_dir"] = str(store.run_dir(key))
     stage3 = cfg["stage3"]
     stage3["model"]["init_from"] = init
+    stage3["model"]["bank_dir"] = run_bank_dir(stage3["model"].get("bank_dir"), Path(seed_cfg["out_dir"]),
+                                               store.run_dir(key), key)
     stage3["model"].update(mode_overrides(key.mode, variants))
     stage3["model"]["iqa_exclude"] = [held_out] if held_out else []
     stage3.setdefault("trainer", {})["max_steps"] = steps
     if stage3["model"].get("mode") == "supervised":
         stage3["data"]["unlabeled_root"] = None  # the baseline never reads unlabeled data
     return cfg
+
+
+def run_bank_dir(bank_dir: str | None, warmup: Path, run: Path, key: RunKey) -> str | None:
+    """Every run its own pseudo-label bank folder: the seed config's ``bank_dir`` was filled from the
+    warm-up folder, which all modes of a seed share (``{out_dir}/stage3/bank`` moves into the run's
+    folder; a folder of the user's gets a sub-folder per run)."""
+    if not bank_dir:
+        return bank_dir
+    bank = Path(bank_dir)
+    if bank.is_relative_to(warmup):
+        return str(run / bank.relative_to(warmup))
+    return str(bank / key.name)
 
 
 def check_held_out(cfg: dict[str, Any], held_out: str | None) -> str | None:
@@ -175,10 +190,18 @@ def warmup_student(cfg: dict[str, Any]) -> torch.nn.Module:
 # ------------------------------------------------------------------------------ the study
 def run_study(s: StudySettings) -> StudyResult:
     """Run (or resume) the study ``s``; see the module docstring. Config errors raise ConfigError,
-    a folder of another study StudyMismatch, an unknown mode KeyError, before anything trains."""
+    a folder of another study StudyMismatch, an unknown mode KeyError, before anything trains;
+    the study folder is locked while it runs (``pipeline.lock``: a second study there fails at once)."""
+    from qualiteacher.pipeline.state import FolderLock
+
+    with FolderLock(s.out_dir, " ".join(["qualiteacher", *sys.argv[1:]])):  # one study per folder
+        return _run_study(s)
+
+
+def _run_study(s: StudySettings) -> StudyResult:
     from qualiteacher.pipeline.config import ConfigError, PipelineConfig
     from qualiteacher.pipeline.run import git_commit
-    from qualiteacher.pipeline.sections import parse_stage
+    from qualiteacher.pipeline.sections import check_hardware, parse_stage
 
     modes = resolve_modes(s.modes, s.variants)
     store = StudyStore(s.out_dir)
@@ -192,8 +215,9 @@ def run_study(s: StudySettings) -> StudyResult:
     held = check_held_out(base, s.held_out)
     for seed, cfg in cfgs.items():  # every mode's stage-3 section is valid before anything trains
         for mode in modes:
-            parse_stage(PipelineConfig.from_dict(run_config(cfg, store, RunKey(mode, seed), steps, held, s.variants)),
-                        "stage3")
+            _, ns = parse_stage(PipelineConfig.from_dict(run_config(cfg, store, RunKey(mode, seed), steps, held,
+                                                                    s.variants)), "stage3")
+            check_hardware("stage3", ns.trainer.as_dict())
     store.check_settings({"task": s.task, "preset": s.preset, "student": base["student"], "steps": steps,
                           "held_out": held, "data_root": base["data_root"], "configs": list(s.configs),
                           "overrides": list(s.overrides), "variants": dict(s.variants)})
