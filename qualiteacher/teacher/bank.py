@@ -243,6 +243,7 @@ class PseudoLabelBank:
             for j, (score, level, key) in enumerate(entries):
                 self._score[row, j], self._level[row, j], self._key[row, j] = float(score), int(level), key
             self._count[row] = len(entries)
+        self.store.adopt(self.live_keys())  # this run's entries now: its garbage collection may delete them
         self._drop(sorted(before - self.live_keys()))
 
     def state_dict(self) -> dict[str, Any]:

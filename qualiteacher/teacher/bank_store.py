@@ -9,6 +9,7 @@ needs them has been written (see :class:`qualiteacher.teacher.bank.PseudoLabelBa
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -17,6 +18,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
+QUARANTINE = "quarantine"  # DiskStore: files it found but does not know (never deleted by it)
 
 
 def entry_key(image_id: str, pixels: np.ndarray) -> str:
@@ -39,6 +43,8 @@ class EntryStore(Protocol):
     def get_batch(self, keys: list[str]) -> Tensor: ...
 
     def delete(self, keys: list[str]) -> None: ...
+
+    def adopt(self, keys: set[str]) -> None: ...
 
     def missing(self, keys: list[str]) -> list[str]: ...
 
@@ -68,6 +74,9 @@ class MemoryStore:
         for k in keys:
             self.blobs.pop(k, None)
 
+    def adopt(self, keys: set[str]) -> None:
+        pass  # every blob in RAM is this run's
+
     def missing(self, keys: list[str]) -> list[str]:
         return [k for k in keys if k not in self.blobs]
 
@@ -84,6 +93,11 @@ class DiskStore:
     Writes go to a temporary file that is then hard-linked to its final name, which fails if the
     name exists: a file is written once and never overwritten, and concurrent writers (DDP ranks
     sharing the folder) cannot leave a half-written entry behind.
+
+    Deleting touches only this run's entries: the ones this process wrote or its index holds
+    (:meth:`adopt`, called by the bank for every index it loads). A file the run does not know
+    (another run's entry in a shared folder, or one a killed run wrote after its last checkpoint)
+    is moved to ``root/quarantine/`` instead, with one warning: never deleted behind anyone's back.
     """
 
     durable = True
@@ -94,6 +108,7 @@ class DiskStore:
         self.root = Path(root)  # created by the first write
         self.cache_entries = cache_entries
         self._cache: OrderedDict[str, Tensor] = OrderedDict()
+        self._known: set[str] = set()  # keys written by this process or held by an index it loaded
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.npy"
@@ -108,6 +123,7 @@ class DiskStore:
 
     def put(self, image_id: str, pixels: np.ndarray) -> str:
         key = entry_key(image_id, pixels)
+        self._known.add(key)
         final = self.path(key)
         if not final.exists():
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -139,9 +155,27 @@ class DiskStore:
         return torch.stack(out)
 
     def delete(self, keys: list[str]) -> None:
+        """Delete this run's entries ``keys``; any other file among them goes to ``root/quarantine``."""
+        foreign = []
         for k in keys:
             self._cache.pop(k, None)
-            self.path(k).unlink(missing_ok=True)
+            if k in self._known:
+                self.path(k).unlink(missing_ok=True)
+                self._known.discard(k)
+            elif self.path(k).is_file():
+                foreign.append(k)
+        if foreign:
+            quarantine = self.root / QUARANTINE
+            quarantine.mkdir(parents=True, exist_ok=True)
+            for k in foreign:
+                os.replace(self.path(k), quarantine / f"{k}.npy")
+            log.warning("pseudo-label bank %s: %d file(s) no index of this run refers to moved to %s (another "
+                        "run's entries, or ones a killed run wrote after its last checkpoint); delete them "
+                        "once no run uses this folder", self.root, len(foreign), quarantine)
+
+    def adopt(self, keys: set[str]) -> None:
+        """Mark ``keys`` as this run's entries (an index loaded from a checkpoint or merged from ranks)."""
+        self._known |= set(keys)
 
     def missing(self, keys: list[str]) -> list[str]:
         return [k for k in keys if not self.path(k).is_file()]
