@@ -70,9 +70,9 @@ def test_layout_matches_design(builds):
 
 def test_manifest_columns_and_domains(builds):
     _, df = builds["a"]
-    assert list(df["split"].unique()) == ["clean", "labeled", "unlabeled", "test", "val"]
+    assert list(df["split"].unique()) == ["clean", "labeled", "unlabeled", "oracle", "test", "val"]
     assert set(df.loc[df["split"] == "labeled", "domain"]) == {"source"}
-    assert set(df.loc[df["split"].isin(["unlabeled", "test", "val"]), "domain"]) == {"real"}
+    assert set(df.loc[df["split"].isin(["unlabeled", "oracle", "test", "val"]), "domain"]) == {"real"}
     for deg in DEGRADATIONS.values():
         rows = df[df["task"] == deg.task]
         for field in deg.params_type.__dataclass_fields__:

@@ -57,7 +57,7 @@ def test_every_mode_trains_two_steps(name, demo_root, fast_ensemble_factory):
     assert math.isfinite(float(metrics["stage3/total"])) and float(metrics["stage3/sup"]) > 0
     trained = [p for p in module.student.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(before, trained)), "the student did not move"
-    if name == "supervised":
+    if MODES[name]["mode"] == "supervised":  # supervised, and the oracle (supervised on other pairs)
         assert len(module.bank) == 0
         return
     assert len(module.bank) > 0 and float(metrics["stage3/pl"]) > 0
@@ -158,14 +158,14 @@ def test_catalogue_groups_and_lookup():
 
 
 # ------------------------------------------------------------------------------ the study
-def test_every_mode_config_validates_and_supervised_gets_no_unlabeled_root(tmp_path):
+def test_every_mode_config_validates_and_supervised_gets_no_unlabeled_root(tmp_path, demo_root):
     from qualiteacher.pipeline.config import PipelineConfig
     from qualiteacher.pipeline.sections import parse_stage
     from qualiteacher.study.runner import StudySettings, run_config, seed_config
     from qualiteacher.study.store import RunKey, StudyStore
 
     store = StudyStore(tmp_path / "study")
-    cfg = seed_config(StudySettings(preset="tiny"), store, seed=3)
+    cfg = seed_config(StudySettings(preset="tiny", data_root=str(demo_root)), store, seed=3)
     assert cfg["stage3"]["model"]["seed"] == 3 and cfg["stage2"]["data"]["seed"] == 3
     for mode in MODES:
         rcfg = run_config(cfg, store, RunKey(mode, 3), steps=2, held_out="piqe")
@@ -173,7 +173,10 @@ def test_every_mode_config_validates_and_supervised_gets_no_unlabeled_root(tmp_p
         assert ns.model.mode == MODES[mode]["mode"] and list(ns.model.iqa_exclude) == ["piqe"]
         assert str(store.warmup_dir(3)) in ns.model.init_from  # every mode starts from the shared warm-up
         assert ns.trainer.max_steps == 2
-        assert (ns.data.unlabeled_root is None) == (mode == "supervised")
+        assert (ns.data.unlabeled_root is None) == (mode in ("supervised", "oracle"))
+        # the unlabeled photos' ground truth is the oracle's alone
+        assert ("oracle" in str(ns.data.labeled_root)) == (mode == "oracle")
+        assert "oracle" not in json.dumps({k: v for k, v in rcfg.items() if k != "stage3"}, default=str)
 
 
 def test_summary_is_mean_and_std_over_seeds():

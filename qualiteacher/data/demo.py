@@ -13,6 +13,8 @@ Layout written under ``out`` (see docs/design.md)::
     <task>/test/{lq,gt}/0000.png      "real" degradation, held-out photos only
     <task>/val/{lq,gt}/0000.png       "real" degradation, training photos (choose settings here)
     clean/0000.png                    clean crops of the training photos
+    oracle/<task>/{lq,gt}/0000.png    the unlabeled images with their ground truth: read only by the
+                                      study's ``oracle`` mode (the target-domain upper bound)
     manifest.csv                      one row per image (``path``, and ``gt_path`` for pairs)
 
 Deterministic: one ``numpy`` Generator per task seeded with ``[seed, task offset]`` (and one for
@@ -150,11 +152,18 @@ def _build_task(out: Path, task: str, seed: int, train: list[Photo], test: list[
             name = f"{i:04d}.png"
             if split == "unlabeled":
                 path, gt_path = f"{task}/{split}/{name}", ""
+                # the unlabeled photos' ground truth, kept aside under oracle/ for the study's
+                # target-domain upper bound only: no layout reading DIR/<task> can see it
+                oracle_lq, oracle_gt = f"oracle/{task}/lq/{name}", f"oracle/{task}/gt/{name}"
+                write_image(out / oracle_gt, crop.image)
+                write_image(out / oracle_lq, lq)
             else:
                 path, gt_path = f"{task}/{split}/lq/{name}", f"{task}/{split}/gt/{name}"
                 write_image(out / gt_path, crop.image)
             write_image(out / path, lq)
             rows.append(_row(task, split, domain, i, path, gt_path, crop) | params_to_dict(params))
+            if split == "unlabeled":
+                rows.append(_row(task, "oracle", domain, i, oracle_lq, oracle_gt, crop) | params_to_dict(params))
     return rows
 
 
@@ -204,7 +213,7 @@ def build_demo(out: Path, seed: int = 0, tasks: Sequence[str] = TASKS, size: int
     if (out / "manifest.csv").exists():
         if not overwrite:
             raise FileExistsError(f"{out / 'manifest.csv'} exists; pass overwrite=True to rebuild the demo data")
-        for sub in ("clean", *TASKS):
+        for sub in ("clean", "oracle", *TASKS):
             shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 

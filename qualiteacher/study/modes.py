@@ -17,11 +17,19 @@ MODES: dict[str, dict[str, Any]] = {
     # plain Mean Teacher: EMA teacher, views, best-k bank, masked L1 to its pseudo-labels, unconditioned
     "mean_teacher": {"mode": "mean_teacher", "w_pref": 0.0, "w_crop": 0.0, "n_aug_variants": 0},
     "qualiteacher": {"mode": "qualiteacher"},
+    # the target-domain upper bound: L_sup on the unlabeled photos' own ground truth (DATA/oracle/TASK,
+    # which no other mode reads; see MODE_DATA), same steps
+    "oracle": {"mode": "supervised", "w_pl": 0.0, "w_pref": 0.0, "w_crop": 0.0, "n_aug_variants": 0},
     "qualiteacher-preference": {"mode": "qualiteacher", "w_pref": 0.0},
     "qualiteacher-consistency": {"mode": "qualiteacher", "w_crop": 0.0},
     "qualiteacher-multiaug": {"mode": "qualiteacher", "n_aug_variants": 0},
     "qualiteacher-mask": {"mode": "qualiteacher", "use_mask": False},
     "qualiteacher-conditioning": {"mode": "qualiteacher", "condition_on_level": False},
+}
+
+# stage-3 data overrides of a mode ({data_root}, {task} filled in by `mode_data_overrides`)
+MODE_DATA: dict[str, dict[str, Any]] = {
+    "oracle": {"labeled_root": "{data_root}/oracle/{task}", "unlabeled_root": None},
 }
 
 # named groups accepted wherever a list of modes is
@@ -63,3 +71,18 @@ def resolve_modes(names: Sequence[str], variants: Mapping[str, Mapping[str, Any]
 def is_conditioned(model_args: Mapping[str, Any]) -> bool:
     """Whether a stage-3 configuration trains the level dial (the full method's conditioning)."""
     return model_args.get("mode", "qualiteacher") == "qualiteacher" and bool(model_args.get("condition_on_level", True))
+
+
+def mode_data_overrides(name: str, data_root: str, task: str) -> dict[str, Any]:
+    """The stage-3 data overrides of mode ``name`` (empty for most): the oracle's paired folder of
+    the unlabeled photos' ground truth. A missing folder is a clear error (the demo data writes it;
+    for your own data, put the real pairs under DATA/oracle/TASK/{lq,gt})."""
+    from pathlib import Path
+
+    out = {k: v.format(data_root=data_root, task=task) if isinstance(v, str) else v
+           for k, v in MODE_DATA.get(name, {}).items()}
+    root = out.get("labeled_root")
+    if root is not None and not Path(root).is_dir():
+        raise FileNotFoundError(f"mode {name!r} needs the unlabeled photos' ground truth in {root}/{{lq,gt}} "
+                                f"(the demo data writes it: rebuild it with `qualiteacher data demo --overwrite`)")
+    return out

@@ -2,7 +2,7 @@
 
 Seeds are the outer loop (a study cut short holds every mode of its first seeds). For each seed:
 the warm-up (pipeline stages before stage 3, `study.warmup`), the warm-up's own measures (rows
-``input`` and ``warmup``), then stage 3 of every mode for the same steps on the same data (through
+``input``, ``classical``: the task's classical restorer, and ``warmup``), then stage 3 of every mode for the same steps on the same data (through
 the pipeline's stage training: checkpoints, resume, MLflow), measured on the held-out test split
 (`study.measures`). Each run's rows are written atomically when it ends (`study.store`); a rerun
 skips finished runs. MLflow: one study run; under it a run per seed's warm-up (holding the
@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 import torch
 
-from qualiteacher.study.modes import GROUPS, is_conditioned, mode_overrides, resolve_modes
+from qualiteacher.study.modes import GROUPS, is_conditioned, mode_data_overrides, mode_overrides, resolve_modes
 from qualiteacher.study.store import RunKey, StudyStore
 
 OUT_FILES = {"runs": "study_runs.csv", "summary": "study_summary.csv", "table": "study_summary.md",
@@ -95,6 +95,7 @@ def run_config(seed_cfg: dict[str, Any], store: StudyStore, key: RunKey, steps: 
     stage3.setdefault("trainer", {})["max_steps"] = steps
     if stage3["model"].get("mode") == "supervised":
         stage3["data"]["unlabeled_root"] = None  # the baseline never reads unlabeled data
+    stage3["data"].update(mode_data_overrides(key.mode, str(cfg["data_root"]), str(cfg["task"])))
     return cfg
 
 
@@ -251,10 +252,13 @@ def _run_study(s: StudySettings) -> StudyResult:
 
 def _run_one(key: RunKey, cfg: dict[str, Any], store: StudyStore, runs: Any, measurer: _Measurer,
              steps: int, held: str | None, variants: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    if key.mode == "warmup":  # the shared start: the unrestored input and the warm-up student
+    if key.mode == "warmup":  # the shared start: the unrestored input, the classical restorer, the warm-up student
+        from qualiteacher.classical import classical_restorer
+
         start = time.perf_counter()
         student = warmup_student(cfg)
-        rows = measurer.rows({"input": lambda x: x, "warmup": measurer.restorer(student, None)}, {})
+        rows = measurer.rows({"input": lambda x: x, "classical": classical_restorer(cfg["task"]),
+                              "warmup": measurer.restorer(student, None)}, {})
         return [{**r, "train_s": float("nan"), "eval_s": time.perf_counter() - start} for r in rows]
     from qualiteacher.pipeline.config import PipelineConfig
     from qualiteacher.pipeline.run import run_training_stage
