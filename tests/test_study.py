@@ -154,7 +154,7 @@ def test_catalogue_groups_and_lookup():
     with pytest.raises(KeyError, match="unknown training mode"):
         resolve_modes(["qualiteacher-everything"])
     conditioned = {m for m in MODES if is_conditioned(mode_overrides(m))}
-    assert conditioned == set(MODES) - {"supervised", "mean_teacher", "qualiteacher-conditioning"}
+    assert conditioned == set(MODES) - {"supervised", "mean_teacher", "oracle", "qualiteacher-conditioning"}
 
 
 # ------------------------------------------------------------------------------ the study
