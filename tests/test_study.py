@@ -214,7 +214,7 @@ def test_study_runs_tables_nests_mlflow_runs_and_resumes(demo_root, tmp_path, mo
                       steps=2, out=str(tmp_path / "study"), data_root=str(demo_root))
     result = run_study(s)
     runs = result.runs.set_index("restorer")
-    assert list(runs.index) == ["input", "warmup", "supervised", "supervised/teacher", "mean_teacher",
+    assert list(runs.index) == ["input", "classical", "warmup", "supervised", "supervised/teacher", "mean_teacher",
                                 "mean_teacher/teacher", "qualiteacher", "qualiteacher/teacher"]
     members = [spec.name for spec in preset_specs("offline", "dehaze")]  # looked up, not hard-coded
     for col in ["psnr", "ssim", "heldout", "fused", "fused_all", *(f"norm_{m}" for m in members)]:

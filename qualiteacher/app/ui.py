@@ -22,6 +22,7 @@ from qualiteacher.app.logic import (LEVELS, MAX_PIXELS, UploadError, level_sweep
 from qualiteacher.app.model import AppModel  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+NO_CLASSICAL = "none"
 
 
 class Settings(NamedTuple):
@@ -64,6 +65,28 @@ class Handlers:
                   f"scored in {scoring:.2f} s")
         return (to_uint8(x), to_uint8(out.image)), score_markdown(table), status
 
+    def classical(self, payload: Any, name: str | None) -> tuple[np.ndarray | None, str]:
+        """-> (the classical restorer ``name``'s output, its scores beside the input's, with a timing
+        line); nothing for ``"none"``. Runs on the model's device."""
+        from qualiteacher.classical import CLASSICAL, classical_restorer
+
+        if not name or name == NO_CLASSICAL:
+            return None, ""
+        try:
+            x = read_upload(upload_path(payload), self.settings.max_pixels)
+            device = next(self.model.student.parameters()).device
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = classical_restorer(name)(x.to(device)).float().cpu()
+            seconds = time.perf_counter() - start
+            table = score_images(self.ensemble, torch.cat([x, out]), ["input", name])
+        except UploadError as err:
+            return None, f"⚠️ {err}"
+        except Exception as err:  # noqa: BLE001
+            return None, f"⚠️ classical restoration failed: {type(err).__name__}: {err}"
+        return to_uint8(out), (f"**{name}**: {CLASSICAL[name].summary} · no training · {seconds:.2f} s\n\n"
+                               + score_markdown(table))
+
     def sweep(self, payload: Any, w: float | None) -> tuple[list[tuple[np.ndarray, str]] | None, str]:
         """-> (the image at every level with its fused score, per-level score table with a timing line)."""
         try:
@@ -88,6 +111,8 @@ def example_images(folder: str | Path | None, limit: int = 8) -> list[str]:
 def build_app(model: AppModel, ensemble: nn.Module, examples: list[str] = (), settings: Settings = Settings()) -> Any:
     """The ``gr.Blocks`` page (not launched)."""
     import gradio as gr
+
+    from qualiteacher.classical import DEFAULT_CLASSICAL, list_classical
 
     h = Handlers(model, ensemble, settings)
     task = model.task or "restoration"
@@ -121,12 +146,24 @@ def build_app(model: AppModel, ensemble: nn.Module, examples: list[str] = (), se
         strip = gr.Gallery(label="level sweep: the student at every level (fused score)", columns=len(LEVELS),
                            object_fit="contain", height=240, interactive=False, elem_id="qt-sweep")
         sweep_scores = gr.Markdown(elem_id="qt-sweep-scores")
+        with gr.Row():  # what a user tries first: a classical method, no training
+            with gr.Column(scale=1):
+                method = gr.Dropdown([NO_CLASSICAL, *list_classical(model.task)], elem_id="qt-classical-method",
+                                     value=DEFAULT_CLASSICAL.get(model.task or "", NO_CLASSICAL),
+                                     label="compare with a classical restorer (no training)")
+                classical_view = gr.Image(label="classical restoration", type="numpy", interactive=False,
+                                          height=260, elem_id="qt-classical")
+            classical_scores = gr.Markdown(elem_id="qt-classical-scores")
 
         ins, outs = [image, level, w, teacher], [pair, scores, status]
         common = {"fn": h.restore, "inputs": ins, "outputs": outs, "preprocess": False,
                   "show_progress": "minimal", "trigger_mode": "always_last"}
         image.change(lambda: (None, ""), None, [strip, sweep_scores])  # no stale sweep of another image
         image.change(**common)  # an upload, an example picked, or a cleared input
+        compare = {"fn": h.classical, "inputs": [image, method], "outputs": [classical_view, classical_scores],
+                   "preprocess": False, "show_progress": "minimal", "trigger_mode": "always_last"}
+        image.change(**compare)
+        method.change(**compare)
         run.click(**common)
         level.release(**common)
         teacher.input(**common)

@@ -17,6 +17,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("DEFAULT_CLASS_MAPS", "Detector", "MissingDetectorWeightsError", "build_detector",
                      "coco_category_names", "list_detectors", "load_class_map", "run_detector"), "detector"),
     **dict.fromkeys(("psnr", "ssim", "to_y"), "fullref"),
+    **dict.fromkeys(("delta_e", "opponent_channels", "opponent_correlation"), "colour"),
     **dict.fromkeys(("DEFAULT_METRICS", "EVAL_METRICS", "OFFLINE_METRICS", "EvalMetric", "MetricSet",
                      "list_eval_metrics", "metric_label", "resolve_metrics", "score_images"), "metrics"),
     **dict.fromkeys(("level_spearman", "score_levels", "scores_frame"), "nriqa"),
@@ -24,8 +25,8 @@ _EXPORTS: dict[str, str] = {
                      "markdown_table", "summary_table"), "report"),
     **dict.fromkeys(("BENCHMARKS", "Benchmark", "list_benchmarks", "read_benchmark", "resolve_benchmark"),
                     "benchmarks"),
-    **dict.fromkeys(("EvalResult", "checkpoint_restorers", "evaluate", "folder_restorer", "log_to_mlflow",
-                     "write_results"), "harness"),
+    **dict.fromkeys(("EvalResult", "baseline_restorer", "checkpoint_restorers", "evaluate", "folder_restorer",
+                     "log_to_mlflow", "write_results"), "harness"),
 }
 __all__ = sorted(_EXPORTS)
 

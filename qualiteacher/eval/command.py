@@ -28,8 +28,10 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="benchmark folder (or the demo data root)")
     p.add_argument("--checkpoint", action="append", default=[], metavar="[NAME=]CKPT",
                    help="stage-3 checkpoint (OUT/stage3/final.ckpt); repeat to compare several")
-    p.add_argument("--baseline", action="append", default=[], metavar="NAME=FOLDER",
-                   help="restored images of another method, matched by file name; repeatable")
+    p.add_argument("--baseline", action="append", default=[], metavar="[NAME=]FOLDER|classical:METHOD",
+                   help="restored images of another method, matched by file name, or a classical restorer "
+                        "run here (classical:dcp, classical:lime, ...; classical:TASK: the task's default); "
+                        "repeatable")
     p.add_argument("--level", type=int, default=7, help="requested quality level of the students")
     p.add_argument("--w", type=float, default=None,
                    help="fidelity weight in [0, 1] of IQPIR students (default: each checkpoint's own)")
@@ -83,11 +85,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from qualiteacher.data.io import get_skip_log
     from qualiteacher.eval.harness import (
+        CLASSICAL_PREFIX,
+        baseline_restorer,
         benchmark_records,
         build_metric_set,
         checkpoint_restorers,
         evaluate,
-        folder_restorer,
         write_results,
     )
     from qualiteacher.eval.report import format_table
@@ -96,7 +99,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     checkpoints = _named(args.checkpoint, "checkpoint")
     baselines = _named(args.baseline, "baseline")
     if not checkpoints and not baselines:
-        raise ValueError("nothing to evaluate: give --checkpoint (and/or --baseline NAME=FOLDER)")
+        raise ValueError("nothing to evaluate: give --checkpoint (and/or --baseline NAME=FOLDER or classical:METHOD)")
     bench, records = benchmark_records(args.task, args.data, args.benchmark, args.split, args.limit)
     detector = class_map = None
     if args.detector or args.detector_target:
@@ -123,7 +126,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.w is not None and not 0.0 <= args.w <= 1.0:
         raise ValueError(f"--w {args.w} is out of range: the fidelity weight lies in [0, 1]")
     restorers.update(checkpoint_restorers(modules, args.level, args.teacher, args.tile, args.device, w=args.w))
-    restorers.update({name: folder_restorer(folder) for name, folder in baselines.items()})
+    restorers.update({name or (spec if spec.startswith(CLASSICAL_PREFIX) else name): baseline_restorer(spec)
+                      for name, spec in baselines.items()})
     presets = [m.hparams.get("iqa_preset") for m in modules.values()]
     preset = args.iqa_preset or next((p for p in presets if p), "offline")
     # the local IQA weight files the checkpoints were trained with

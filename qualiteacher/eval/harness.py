@@ -3,7 +3,8 @@
 For every image of the split, every restorer (the unrestored input, each checkpoint's student at the
 requested level, optionally its teacher, and baselines read from folders of restored images) runs
 once; its output is scored by the NR-IQA metric set (`eval.metrics`) and the IQA ensemble (fused
-score, as training grades pseudo-labels), by PSNR / SSIM where a reference exists, and, with a
+score, as training grades pseudo-labels), by PSNR / SSIM and colour fidelity (`eval.colour`: opponent-
+channel correlation, mean ΔE) where a reference exists, and, with a
 detector, by detection mAP@0.5 and @[.5:.95] (`eval.coco_map`) on the same images restored and
 unrestored. A bad image file is reported and skipped; the run goes on.
 """
@@ -23,6 +24,7 @@ from torch import Tensor
 from qualiteacher.data.io import ImageReadError, get_skip_log, read_image, to_tensor, write_image
 from qualiteacher.data.records import ImageRecord
 from qualiteacher.eval.benchmarks import Benchmark, read_benchmark, resolve_benchmark
+from qualiteacher.eval.colour import delta_e, opponent_correlation
 from qualiteacher.eval.fullref import fullref_scores
 from qualiteacher.eval.metrics import MetricSet, resolve_metrics, score_images
 from qualiteacher.eval.nriqa import scores_frame
@@ -82,6 +84,21 @@ def folder_restorer(folder: str | Path) -> Restorer:
         return out
 
     return read
+
+
+CLASSICAL_PREFIX = "classical:"
+
+
+def baseline_restorer(spec: str) -> Restorer:
+    """A baseline of ``--baseline``: ``classical:NAME`` runs a classical restorer of the project
+    (`qualiteacher.classical`: a method name, or a task name for its default) on the image; anything
+    else is a folder of another method's restorations (`folder_restorer`)."""
+    if not spec.startswith(CLASSICAL_PREFIX):
+        return folder_restorer(spec)
+    from qualiteacher.classical import classical_restorer
+
+    fn = classical_restorer(spec[len(CLASSICAL_PREFIX):])
+    return lambda x, _id: fn(x)
 
 
 def _read(rec: ImageRecord) -> tuple[Tensor, Tensor | None]:
@@ -148,8 +165,11 @@ def evaluate(restorers: Mapping[str, Restorer], records: Sequence[ImageRecord], 
             frame.insert(0, "restorer", list(outputs))
             frame.insert(0, "id", rec.id)
             if gt is not None:  # NaN with a note where PSNR / SSIM cannot judge the image (e.g. under 11 px)
-                full = fullref_scores(batch, gt.to(device).expand_as(batch))
+                gt_batch = gt.to(device).expand_as(batch)
+                full = fullref_scores(batch, gt_batch)
                 frame["psnr"], frame["ssim"], frame["note"] = full.psnr.numpy(), full.ssim.numpy(), full.note
+                frame["colour_corr"] = opponent_correlation(batch, gt_batch).cpu().numpy()
+                frame["delta_e"] = delta_e(batch, gt_batch).cpu().numpy()
                 if full.note:
                     print(f"[eval] {rec.id}: {full.note}")
             rows.append(frame)
@@ -205,12 +225,12 @@ def write_results(result: EvalResult, out: str | Path, title: str = "") -> list[
 
 
 def report_columns(table: pd.DataFrame) -> pd.DataFrame:
-    """The columns a paper's table shows: images, every NR-IQA metric, fused, PSNR, SSIM, mAP."""
+    """The columns a paper's table shows: images, every NR-IQA metric, fused, PSNR, SSIM, colour, mAP."""
     from qualiteacher.eval.metrics import EVAL_METRICS
 
     keep = [c for c in ("images",) if c in table.columns]
     keep += [c for c in table.columns if c in EVAL_METRICS]
-    keep += [c for c in ("fused", "psnr", "ssim", "map_50", "map") if c in table.columns]
+    keep += [c for c in ("fused", "psnr", "ssim", "colour_corr", "delta_e", "map_50", "map") if c in table.columns]
     return table[keep].dropna(axis=1, how="all")
 
 

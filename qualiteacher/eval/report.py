@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from qualiteacher.data.io import read_image, to_tensor
 from qualiteacher.data.records import ImageRecord
+from qualiteacher.eval.colour import delta_e, opponent_correlation
 from qualiteacher.eval.fullref import fullref_scores
 from qualiteacher.eval.nriqa import scores_frame
 from qualiteacher.training.restore import restore
@@ -89,8 +90,8 @@ def evaluate_restorers(restorers: Mapping[str, Restorer], loader_or_records: Ite
     ``device``; its output is clamped to [0, 1] (as when saved to 8 bits). The outputs of all
     restorers for a batch are scored in one ensemble call (an ``nn.Module`` ensemble is moved to
     ``device``). Returns one row per image and restorer: ``id``, ``restorer``, the `scores_frame`
-    columns, and ``psnr`` / ``ssim`` (NaN without a reference; ``border`` / ``y_channel`` as in
-    `psnr`).
+    columns, ``psnr`` / ``ssim`` (``border`` / ``y_channel`` as in `psnr`) and the colour measures
+    ``colour_corr`` / ``delta_e`` (`eval.colour`), all NaN without a reference.
     """
     if not restorers:
         raise ValueError("evaluate_restorers: no restorer given")
@@ -117,11 +118,12 @@ def evaluate_restorers(restorers: Mapping[str, Restorer], loader_or_records: Ite
             frame.insert(0, "restorer", name)
             frame.insert(0, "id", ids)
             if gt is None:
-                frame["psnr"] = np.nan
-                frame["ssim"] = np.nan
+                frame["psnr"] = frame["ssim"] = frame["colour_corr"] = frame["delta_e"] = np.nan
             else:  # NaN where PSNR / SSIM cannot judge the image (e.g. SSIM under 11 px)
                 full = fullref_scores(out, gt, border, y_channel)
                 frame["psnr"], frame["ssim"] = full.psnr.numpy(), full.ssim.numpy()
+                frame["colour_corr"] = opponent_correlation(out, gt).cpu().numpy()
+                frame["delta_e"] = delta_e(out, gt).cpu().numpy()
             frames.append(frame)
     if not frames:
         raise ValueError("evaluate_restorers: the test set is empty")
@@ -151,9 +153,10 @@ def format_table(df: pd.DataFrame, digits: int = 4) -> str:
     return shown.to_string(float_format=lambda v: f"{v:.{digits}f}")
 
 
-HIGHER_BETTER = {"fused": True, "psnr": True, "ssim": True, "map_50": True, "map": True, "map_75": True}
-COLUMN_LABELS = {"images": "images", "fused": "fused", "psnr": "PSNR", "ssim": "SSIM", "map_50": "mAP@0.5",
-                 "map": "mAP@[.5:.95]", "map_75": "mAP@0.75"}
+HIGHER_BETTER = {"fused": True, "psnr": True, "ssim": True, "colour_corr": True, "delta_e": False,
+                 "map_50": True, "map": True, "map_75": True}
+COLUMN_LABELS = {"images": "images", "fused": "fused", "psnr": "PSNR", "ssim": "SSIM", "colour_corr": "colour corr",
+                 "delta_e": "ΔE76", "map_50": "mAP@0.5", "map": "mAP@[.5:.95]", "map_75": "mAP@0.75"}
 
 
 def column_direction(column: str) -> bool | None:

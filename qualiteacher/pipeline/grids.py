@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -14,17 +15,19 @@ from qualiteacher.training.restore import restore
 
 
 def grid_rows(module: Any, x: Tensor, levels: list[int], tile: int | None, gt: Tensor | None = None,
-              pl: Tensor | None = None) -> tuple[list[list[Tensor | None]], list[str]]:
+              pl: Tensor | None = None, classical: Callable[[Tensor], Tensor] | None = None
+              ) -> tuple[list[list[Tensor | None]], list[str]]:
     """Rows: each image as input | teacher (or its pseudo-label ``pl``) | student at ``levels`` |
-    ground truth."""
+    the ``classical`` restorer's output, beside the student (when given) | ground truth."""
     teacher = restore(module.teacher, x, level=None, tile=tile)
     per_level = [restore(module.student, x, level=lv, tile=tile) for lv in levels]
+    baseline = None if classical is None else classical(x).clamp(0, 1)
     rows = []
     for i in range(x.shape[0]):
         rows.append([x[i], teacher[i] if pl is None else pl[i], *[o[i] for o in per_level],
-                     None if gt is None else gt[i]])
+                     *([] if baseline is None else [baseline[i]]), None if gt is None else gt[i]])
     titles = ["input", "teacher" if pl is None else "teacher PL", *[f"student@{lv}" for lv in levels],
-              "ground truth"]
+              *([] if classical is None else ["classical"]), "ground truth"]
     return rows, titles
 
 

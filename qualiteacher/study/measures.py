@@ -1,8 +1,9 @@
 """What a study measures on the held-out test split, for every restorer, with the FULL ensemble.
 
 Training graded pseudo-labels with the ensemble minus a held-out member; here every member scores
-the outputs. Per restorer: PSNR / SSIM against the ground truth, ``fused`` (the training members'
-fusion: what training optimised), ``fused_all`` (every member), each member's normalised
+the outputs. Per restorer: PSNR / SSIM and colour fidelity (``colour_corr``, ``delta_e``:
+`eval.colour`) against the ground truth, ``fused`` (the training members' fusion: what training
+optimised), ``fused_all`` (every member), each member's normalised
 (``norm_<m>``) and raw (``raw_<m>``) score, ``heldout`` (the held-out member's normalised score:
 the out-of-reward check), and for a level-conditioned student the level dial: Spearman rho of the
 requested level against the mean ``fused`` (``rho``) and the held-out member (``rho_heldout``).

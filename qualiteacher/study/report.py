@@ -9,18 +9,23 @@ import numpy as np
 import pandas as pd
 
 # columns of the table, in order (members' norm_<m> columns are appended), and their headers
-HEADLINE_COLUMNS = ("psnr", "ssim", "heldout", "fused", "fused_all", "rho", "rho_heldout", "dial_px", "train_s")
-LABELS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "heldout": "held-out {held} ↑", "fused": "fused (training) ↑",
+HEADLINE_COLUMNS = ("psnr", "ssim", "colour_corr", "delta_e", "heldout", "fused", "fused_all", "rho", "rho_heldout",
+                    "dial_px", "train_s")
+LABELS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "colour_corr": "colour corr ↑", "delta_e": "ΔE76 ↓",
+          "heldout": "held-out {held} ↑", "fused": "fused (training) ↑",
           "fused_all": "fused (all) ↑", "rho": "level ρ ↑", "rho_heldout": "level ρ ({held}) ↑",
           "dial_px": "dial span (8-bit)", "train_s": "train s"}
-PLOTTED = ("psnr", "ssim", "heldout", "fused")
+LOWER_BETTER = ("delta_e",)
+UNRANKED = ("train_s", "dial_px")  # not scores: never bold
+REFERENCES = ("input", "warmup")   # the shared start: shown, never bold (the classical row competes)
+PLOTTED = ("psnr", "ssim", "colour_corr", "heldout", "fused")
 
 
 def row_order(runs: pd.DataFrame, modes: Sequence[str]) -> list[str]:
-    """``input`` and ``warmup`` first (the shared start), then the modes in the study's order,
-    each followed by its EMA teacher (``MODE/teacher``)."""
+    """``input``, ``classical`` (the task's classical restorer) and ``warmup`` first (the shared
+    start), then the modes in the study's order, each followed by its EMA teacher (``MODE/teacher``)."""
     present = list(dict.fromkeys(runs["restorer"]))
-    wanted = ["input", "warmup", *[r for m in modes for r in (m, f"{m}/teacher")]]
+    wanted = ["input", "classical", "warmup", *[r for m in modes for r in (m, f"{m}/teacher")]]
     return [r for r in wanted if r in present]
 
 
@@ -51,12 +56,13 @@ def _cell(mean: float, std: float, digits: int) -> str:
 
 def summary_markdown(summary: pd.DataFrame, held_out: str | None, digits: int = 3) -> str:
     """A Markdown table: one row per mode, ``mean ± std`` cells, the best mean of each score in bold
-    (among the trained modes; ``input`` and ``warmup`` are references)."""
+    (among the trained modes and the classical restorer; ``input`` and ``warmup`` are references)."""
     cols = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]
     held = held_out or "–"
     header = ["mode", "seeds"] + [LABELS.get(c, c.removeprefix("norm_") + " ↑").format(held=held) for c in cols]
-    trained = [r for r in summary.index if r not in ("input", "warmup")]
-    best = {c: summary.loc[trained, f"{c}_mean"].max() for c in cols if c not in ("train_s", "dial_px") and trained}
+    trained = [r for r in summary.index if r not in REFERENCES]
+    best = {c: (summary.loc[trained, f"{c}_mean"].min() if c in LOWER_BETTER else summary.loc[trained, f"{c}_mean"].max())
+            for c in cols if c not in UNRANKED and trained}
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in summary.iterrows():
         cells = [str(name), str(int(row["seeds"]))]
@@ -71,8 +77,8 @@ def summary_markdown(summary: pd.DataFrame, held_out: str | None, digits: int = 
 
 def plot_study(runs: pd.DataFrame, path: str | Path, order: Sequence[str], held_out: str | None,
                title: str = "") -> Path:
-    """Bars (mean ± std over seeds) and dots (each seed) of PSNR, SSIM, the held-out member and the
-    training fusion, one panel each, one bar per mode."""
+    """Bars (mean ± std over seeds) and dots (each seed) of PSNR, SSIM, colour correlation, the
+    held-out member and the training fusion, one panel each, one bar per mode."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -85,7 +91,7 @@ def plot_study(runs: pd.DataFrame, path: str | Path, order: Sequence[str], held_
         by = runs.groupby("restorer")[col]
         means = [by.mean().get(r, np.nan) for r in order]
         stds = [by.std(ddof=1).get(r, np.nan) for r in order]
-        colors = ["0.75" if r in ("input", "warmup") else f"C{i}" for i, r in enumerate(order)]
+        colors = ["0.75" if r in REFERENCES else f"C{i}" for i, r in enumerate(order)]
         ax.bar(x, means, yerr=np.nan_to_num(stds), color=colors, capsize=3, alpha=0.8)
         for i, r in enumerate(order):
             vals = runs.loc[runs["restorer"] == r, col].to_numpy(dtype=float)

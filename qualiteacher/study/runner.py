@@ -2,11 +2,12 @@
 
 Seeds are the outer loop (a study cut short holds every mode of its first seeds). For each seed:
 the warm-up (pipeline stages before stage 3, `study.warmup`), the warm-up's own measures (rows
-``input``, ``classical``: the task's classical restorer, and ``warmup``), then stage 3 of every mode for the same steps on the same data (through
-the pipeline's stage training: checkpoints, resume, MLflow), measured on the held-out test split
-(`study.measures`). Each run's rows are written atomically when it ends (`study.store`); a rerun
-skips finished runs. MLflow: one study run; under it a run per seed's warm-up (holding the
-pipeline's stage runs) and a run per mode and seed.
+``input``, ``classical``: the task's classical restorer, and ``warmup``), then stage 3 of every
+mode for the same steps on the same data (through the pipeline's stage training: checkpoints,
+resume, MLflow), measured on the held-out test split (`study.measures`). Each run's rows are
+written atomically when it ends (`study.store`); a rerun skips finished runs. MLflow: one study
+run; under it a run per seed's warm-up (holding the pipeline's stage runs) and a run per mode and
+seed.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The evaluation stage: input vs teacher vs warm-up vs student on the held-out test split, the
+"""The evaluation stage: input vs the task's classical restorer vs teacher vs warm-up vs student on
+the held-out test split (PSNR / SSIM / colour against the ground truth, IQA scores), the
 score-versus-level study and image grids, logged to the eval run and its parent."""
 from __future__ import annotations
 
@@ -75,11 +76,13 @@ def load_warmup(init_from: str | None, module: Any) -> torch.nn.Module | None:
 
 def evaluate_pipeline(task: str, settings: EvalSettings, stage3: StagePlan, test_folder: Path, out: Path,
                       runs: PipelineRuns, run_id: str) -> pd.DataFrame:
-    """Input vs teacher vs student at the top level of ``stage3.final`` on ``task``'s test split in
-    ``test_folder`` (fused IQA score, PSNR/SSIM where references exist), the score-versus-level
-    study, grids; files in ``out``, all logged to ``run_id`` (metrics also to the parent run)."""
+    """Input vs the task's classical restorer (`classical.DEFAULT_CLASSICAL`, row ``classical``) vs
+    teacher vs student at the top level of ``stage3.final`` on ``task``'s test split in ``test_folder``
+    (fused IQA score; PSNR / SSIM / colour where references exist), the score-versus-level study,
+    grids; files in ``out``, all logged to ``run_id`` (metrics also to the parent run)."""
     from mlflow.entities import Metric  # lazy: MLflow loads when a run is tracked
 
+    from qualiteacher.classical import classical_restorer
     from qualiteacher.eval.report import build_restorers, evaluate_restorers, format_table, summary_table
     from qualiteacher.iqa.presets import MEANINGLESS, build_ensemble, label_meaningless
 
@@ -97,6 +100,8 @@ def evaluate_pipeline(task: str, settings: EvalSettings, stage3: StagePlan, test
     warmup = load_warmup(stage3.args.model.init_from, module)
     restorers = build_restorers(module.student, module.teacher, levels=(top,), tile=tile, w=w,
                                 warmup=None if warmup is None else warmup.to(device))
+    classical = classical_restorer(task)  # what a user tries first, with no training
+    restorers = {"input": restorers.pop("input"), "classical": classical, **restorers}
     df = label_meaningless(evaluate_restorers(restorers, test, ensemble, device=device), ensemble)
     table = label_meaningless(summary_table(df), ensemble)
     df.to_csv(out / "per_image.csv", index=False)
@@ -111,7 +116,7 @@ def evaluate_pipeline(task: str, settings: EvalSettings, stage3: StagePlan, test
     titles: list[str] = []
     for _, lq, gt in test[:3]:
         r, titles = grid_rows(module, lq[None].to(device), list(settings.grid_levels), tile,
-                              gt=None if gt is None else gt[None])
+                              gt=None if gt is None else gt[None], classical=classical)
         rows += r
     save_png(image_grid(rows, titles), out / "test_grid.png")
     names = ["per_image.csv", "results.csv", "score_vs_level.csv", "score_vs_level.png", "test_grid.png"]
@@ -131,7 +136,7 @@ def evaluate_pipeline(task: str, settings: EvalSettings, stage3: StagePlan, test
     batch = [Metric(k, v, int(time.time() * 1000), 0) for k, v in metrics.items()]
     client.log_batch(run_id, metrics=batch)
     client.log_batch(runs.parent_id, metrics=batch)
-    brief = [c for c in ("images", "fused", "iqa_level", "psnr", "ssim") if c in table.columns]
+    brief = [c for c in ("images", "fused", "iqa_level", "psnr", "ssim", "colour_corr", "delta_e") if c in table.columns]
     text = format_table(table[brief])
     warn = f"\n!!! IQA SCORES ARE {MEANINGLESS} !!!" if ensemble.meaningless else ""
     if ensemble.meaningless:
