@@ -77,3 +77,21 @@ def test_bad_input_errors():
         vq(torch.randn(1, 2, 2, 2))
     with pytest.raises(TypeError, match="long"):
         vq.codes_from_indices(torch.zeros(1, 2, 2))
+
+
+def test_dead_codes_restart_onto_live_samples():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 4).train()
+    z = torch.randn(2, 4, 4, 4) + 10.0  # far from the tiny initial codes: the codebook collapses
+    first = vq(z)
+    dead_before = int(vq.dead_codes())
+    assert dead_before >= 12
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    moved = vq.restart_dead_codes_(flat)
+    assert moved == dead_before and int(vq.usage.sum()) == 0
+    on_sample = (vq.embedding.weight[:, None] - flat[None]).abs().amax(-1).min(dim=1).values < 1e-6
+    assert int(on_sample.sum()) >= moved  # every moved code sits on a live sample
+    second = vq(z)
+    assert int(vq.dead_codes()) < dead_before and float(second.perplexity) > 3 * float(first.perplexity)
+    with pytest.raises(ValueError, match="samples"):
+        vq.restart_dead_codes_(torch.randn(3, 5))

@@ -178,3 +178,16 @@ def test_perceptual_loss_from_local_file(tmp_path):
     assert not any(k.startswith("perceptual.") for k in ckpt["state_dict"])
     module.on_load_checkpoint(ckpt)
     module.load_state_dict(ckpt["state_dict"])  # strict: the VGG keys were put back
+
+
+def test_stage1_restarts_dead_codes_of_both_codebooks():
+    from qualiteacher.training.stage1 import Stage1Module
+
+    torch.manual_seed(0)
+    module = Stage1Module(preset="tiny", restart_dead_codes_every=1).train()
+    out = module.autoencoder(torch.rand(4, 3, 32, 32), torch.tensor([0.9, 0.2, 0.8, float("nan")]))
+    cb = module.autoencoder.codebook
+    dead = int(cb.common.dead_codes()), int(cb.hq.dead_codes())
+    moved = module._restart_dead_codes(out, 4)
+    assert (int(moved["restarted_common"]), int(moved["restarted_hq"])) == dead and min(dead) > 0
+    assert int(cb.common.usage.sum()) == 0 and int(cb.hq.usage.sum()) == 0

@@ -107,3 +107,20 @@ class VectorQuantizer(nn.Module):
     def reset_usage(self) -> None:
         """Zero the usage counts."""
         self.usage.zero_()
+
+    @torch.no_grad()
+    def restart_dead_codes_(self, samples: Tensor, generator: torch.Generator | None = None) -> int:
+        """Move every code unused since the last :meth:`reset_usage` onto a random row of
+        ``samples`` (N, dim) — encoder outputs of the current batch — and reset the usage counts;
+        returns the number of codes moved. A codebook that collapses to a few codes (the demo's
+        stage 1 ended using about 16 of 256) cannot carry a scene's colours; restarting dead codes
+        on live data is the standard remedy (as in k-means, Jukebox, vector-quantize-pytorch)."""
+        if samples.ndim != 2 or samples.shape[1] != self.dim:
+            raise ValueError(f"restart_dead_codes_ expects samples (N, {self.dim}), got {tuple(samples.shape)}")
+        dead = (self.usage == 0).nonzero().flatten()
+        if dead.numel() and samples.shape[0]:
+            pick = torch.randint(0, samples.shape[0], (dead.numel(),), generator=generator,
+                                 device=generator.device if generator is not None else samples.device)
+            self.embedding.weight[dead] = samples[pick.to(samples.device)].to(self.embedding.weight)
+        self.reset_usage()
+        return int(dead.numel())

@@ -37,7 +37,9 @@ class Stage1Module(L.LightningModule):
 
     Loss: ``w_l1 L1 + w_ssim SSIM (+ w_perceptual VGG) + codebook losses`` and, from generator step
     ``gan_start_step``, ``w_gan * lambda * hinge_G`` with the VQGAN adaptive weight ``lambda``; the
-    patch discriminator trains with the hinge loss from the same step. Manual optimisation: the
+    patch discriminator trains with the hinge loss from the same step. Every
+    ``restart_dead_codes_every`` generator steps (0: never) the codes no batch selected since the
+    last restart move onto this batch's encoder outputs (``VectorQuantizer.restart_dead_codes_``). Manual optimisation: the
     generator step counter is the ``generator_steps`` buffer (Lightning's ``global_step`` counts both
     optimisers once the discriminator trains, so ``max_steps = gan_start_step + 2 * later_batches``).
     """
@@ -59,6 +61,7 @@ class Stage1Module(L.LightningModule):
         gan_start_step: int = 2000,
         disc_channels: int = 32,
         disc_layers: int = 3,
+        restart_dead_codes_every: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -103,6 +106,9 @@ class Stage1Module(L.LightningModule):
         opt_g.step()
         self.untoggle_optimizer(opt_g)
         self.generator_steps += 1
+        every = hp.restart_dead_codes_every
+        if every and int(self.generator_steps) % every == 0:
+            logs |= self._restart_dead_codes(out, gt.shape[0])
 
         # discriminator: hinge on real clean images vs detached reconstructions
         if gan_on and hp.w_gan > 0:
@@ -122,6 +128,17 @@ class Stage1Module(L.LightningModule):
         }
         self.log_dict({f"stage1/{k}": v.detach() for k, v in logs.items()}, prog_bar=False, batch_size=gt.shape[0])
         return total.detach()
+
+    def _restart_dead_codes(self, out: AutoencoderOutput, batch: int) -> dict[str, Tensor]:
+        # codes unused for `restart_dead_codes_every` steps move onto this batch's encoder outputs
+        # (common: the latent; HQ: the residual it quantises, of the HQ samples only)
+        cb = self.autoencoder.codebook
+        latent = out.latent.detach()
+        flat = latent.permute(0, 2, 3, 1).reshape(-1, latent.shape[1])
+        moved_common = cb.common.restart_dead_codes_(flat)
+        residual = ((latent - out.quant.z_common.detach()) / cb.hq_weight)[out.quant.hq_mask]
+        moved_hq = cb.hq.restart_dead_codes_(residual.permute(0, 2, 3, 1).reshape(-1, latent.shape[1]))
+        return {"restarted_common": torch.tensor(float(moved_common)), "restarted_hq": torch.tensor(float(moved_hq))}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         gt = batch["gt"] if "gt" in batch else batch["lq"]  # clean-only sets serve the clean image as lq
