@@ -151,8 +151,8 @@ def build_app(model: AppModel, ensemble: nn.Module, examples: list[str] = (), se
                 method = gr.Dropdown([NO_CLASSICAL, *list_classical(model.task)], elem_id="qt-classical-method",
                                      value=DEFAULT_CLASSICAL.get(model.task or "", NO_CLASSICAL),
                                      label="compare with a classical restorer (no training)")
-                classical_view = gr.Image(label="classical restoration", type="numpy", interactive=False,
-                                          height=260, elem_id="qt-classical")
+                classical_view = gr.Image(label="classical restoration", type="numpy", format="png",
+                                          interactive=False, height=260, elem_id="qt-classical")
             classical_scores = gr.Markdown(elem_id="qt-classical-scores")
 
         ins, outs = [image, level, w, teacher], [pair, scores, status]
