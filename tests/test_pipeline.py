@@ -62,6 +62,11 @@ def test_task_pipeline_tracks_everything_in_mlflow(task, demo_root, tmp_path, mo
     ev = _artifacts(client, children["eval"].info.run_id)
     assert {"eval/score_vs_level.png", "eval/test_grid.png", "eval/results.csv"} <= set(ev)
     assert "eval/student_level7/fused" in parent.data.metrics
+    # do no harm: the student, teacher and classical restorer also got the clean ground truth as input
+    assert "eval/clean/student_level7/psnr" in parent.data.metrics
+    results = __import__("pandas").read_csv(tmp_path / "out" / task / "eval" / "results.csv", index_col=0)
+    assert {"clean:student@7", "clean:teacher", "clean:classical"} <= set(results.index)
+    assert "clean:input" not in results.index and results.loc["clean:student@7", "references"] > 0
     versions = client.search_model_versions(f"name = 'qualiteacher-{task}'")
     assert len(versions) == 1
     # a rerun skips finished stages and registers nothing new
