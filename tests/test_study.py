@@ -4,6 +4,7 @@ import math
 from collections.abc import Mapping
 
 import lightning as L
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -268,3 +269,34 @@ def test_study_command_line_errors_exit_2(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "held-out member 'musiq'" in err and "piqe" in err
     assert not (tmp_path / "s").exists()  # nothing written before the settings are known to be good
+
+
+def test_oracle_gap_is_the_share_of_warmup_to_oracle_per_seed():
+    from qualiteacher.study.report import summarize, with_oracle_gap
+
+    runs = pd.DataFrame([
+        {"restorer": "warmup", "seed": 0, "psnr": 14.0}, {"restorer": "oracle", "seed": 0, "psnr": 18.0},
+        {"restorer": "qualiteacher", "seed": 0, "psnr": 16.0},
+        {"restorer": "warmup", "seed": 1, "psnr": 10.0}, {"restorer": "oracle", "seed": 1, "psnr": 20.0},
+        {"restorer": "qualiteacher", "seed": 1, "psnr": 17.5},
+        {"restorer": "qualiteacher", "seed": 2, "psnr": 17.5},  # no oracle for seed 2: no share
+    ])
+    gap = with_oracle_gap(runs).set_index(["restorer", "seed"])["oracle_gap"]
+    assert gap[("qualiteacher", 0)] == pytest.approx(0.5) and gap[("qualiteacher", 1)] == pytest.approx(0.75)
+    assert gap[("oracle", 0)] == 1.0 and gap[("warmup", 1)] == 0.0 and math.isnan(gap[("qualiteacher", 2)])
+    summary = summarize(runs, ["warmup", "oracle", "qualiteacher"])
+    assert summary.loc["qualiteacher", "oracle_gap_mean"] == pytest.approx(0.625)
+
+
+def test_measures_include_the_clean_input_rows(fast_ensemble_factory):
+    from qualiteacher.study.measures import measure_restorers
+
+    torch.manual_seed(0)
+    test = [(f"{i}", torch.rand(3, 32, 32) * 0.5, torch.rand(3, 32, 32)) for i in range(2)]
+    table = measure_restorers({"input": lambda x: x, "darken": lambda x: x * 0.9}, test,
+                              fast_ensemble_factory(), held_out=None)
+    assert math.isnan(table.loc["input", "clean_psnr"])
+    # darkening a clean image by 10 % costs a known PSNR: 10 log10(1 / mean((0.1 gt)^2))
+    expected = np.mean([10 * np.log10(1 / float(((0.1 * gt) ** 2).mean())) for _, _, gt in test])
+    assert table.loc["darken", "clean_psnr"] == pytest.approx(expected, abs=0.05)
+    assert 0 < table.loc["darken", "clean_ssim"] <= 1

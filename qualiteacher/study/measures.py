@@ -6,7 +6,8 @@ the outputs. Per restorer: PSNR / SSIM and colour fidelity (``colour_corr``, ``d
 optimised), ``fused_all`` (every member), each member's normalised
 (``norm_<m>``) and raw (``raw_<m>``) score, ``heldout`` (the held-out member's normalised score:
 the out-of-reward check), and for a level-conditioned student the level dial: Spearman rho of the
-requested level against the mean ``fused`` (``rho``) and the held-out member (``rho_heldout``).
+requested level against the mean ``fused`` (``rho``) and the held-out member (``rho_heldout``);
+``clean_psnr`` / ``clean_ssim``: the restorer given the clean ground truth as input (do no harm).
 """
 from __future__ import annotations
 
@@ -55,9 +56,19 @@ def _with_study_columns(frame: pd.DataFrame, ensemble: nn.Module, held_out: str 
 def measure_restorers(restorers: Mapping[str, Callable[[Tensor], Tensor]], test: Sequence[TestImage],
                       ensemble: nn.Module, held_out: str | None,
                       device: torch.device | str = "cpu") -> pd.DataFrame:
-    """One row per restorer (index ``restorer``): the means over ``test`` of the columns above."""
+    """One row per restorer (index ``restorer``): the means over ``test`` of the columns above, and
+    ``clean_psnr`` / ``clean_ssim``: the restorer given the ground truth itself as input (do no
+    harm; NaN for ``input``)."""
     per_image = evaluate_restorers(restorers, test, ensemble, device=device)
-    return summary_table(_with_study_columns(per_image, ensemble, held_out))
+    table = summary_table(_with_study_columns(per_image, ensemble, held_out))
+    clean = [(i, gt, gt) for i, _, gt in test if gt is not None]
+    chosen = {k: fn for k, fn in restorers.items() if k != "input"}
+    table["clean_psnr"] = table["clean_ssim"] = float("nan")
+    if clean and chosen:
+        means = evaluate_restorers(chosen, clean, ensemble, device=device).groupby("restorer")[["psnr", "ssim"]].mean()
+        table["clean_psnr"] = means["psnr"].reindex(table.index)
+        table["clean_ssim"] = means["ssim"].reindex(table.index)
+    return table
 
 
 def level_dial(student: nn.Module, test: Sequence[TestImage], ensemble: nn.Module, held_out: str | None,

@@ -9,12 +9,13 @@ import numpy as np
 import pandas as pd
 
 # columns of the table, in order (members' norm_<m> columns are appended), and their headers
-HEADLINE_COLUMNS = ("psnr", "ssim", "colour_corr", "delta_e", "heldout", "fused", "fused_all", "rho", "rho_heldout",
-                    "dial_px", "train_s")
+HEADLINE_COLUMNS = ("psnr", "ssim", "colour_corr", "delta_e", "oracle_gap", "clean_psnr", "clean_ssim", "heldout",
+                    "fused", "fused_all", "rho", "rho_heldout", "dial_px", "train_s")
 LABELS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "colour_corr": "colour corr ↑", "delta_e": "ΔE76 ↓",
           "heldout": "held-out {held} ↑", "fused": "fused (training) ↑",
           "fused_all": "fused (all) ↑", "rho": "level ρ ↑", "rho_heldout": "level ρ ({held}) ↑",
-          "dial_px": "dial span (8-bit)", "train_s": "train s"}
+          "dial_px": "dial span (8-bit)", "train_s": "train s", "oracle_gap": "oracle gap closed (PSNR) ↑",
+          "clean_psnr": "clean in: PSNR ↑", "clean_ssim": "clean in: SSIM ↑"}
 LOWER_BETTER = ("delta_e",)
 UNRANKED = ("train_s", "dial_px")  # not scores: never bold
 REFERENCES = ("input", "warmup")   # the shared start: shown, never bold (the classical row competes)
@@ -35,8 +36,25 @@ def table_columns(runs: pd.DataFrame, held_out: str | None = None) -> list[str]:
     return [c for c in (*HEADLINE_COLUMNS, *members) if c in runs.columns and runs[c].notna().any()]
 
 
+def with_oracle_gap(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with ``oracle_gap``: per seed, the share of the warm-up -> oracle PSNR gap each row
+    closes, ``(psnr - warmup) / (oracle - warmup)`` (1 = as good as training on the target domain's
+    own ground truth; NaN where a seed has no oracle or warm-up row)."""
+    runs = runs.copy()
+    runs["oracle_gap"] = np.nan
+    if "psnr" not in runs.columns:
+        return runs
+    for seed, rows in runs.groupby("seed"):
+        ref = rows.set_index("restorer")["psnr"]
+        if "warmup" in ref.index and "oracle" in ref.index and ref["oracle"] != ref["warmup"]:
+            gap = (rows["psnr"] - ref["warmup"]) / (ref["oracle"] - ref["warmup"])
+            runs.loc[rows.index, "oracle_gap"] = gap
+    return runs
+
+
 def summarize(runs: pd.DataFrame, order: Sequence[str], held_out: str | None = None) -> pd.DataFrame:
     """Per restorer (row): ``seeds`` and ``<col>_mean`` / ``<col>_std`` (std over seeds, ddof 1)."""
+    runs = with_oracle_gap(runs)
     cols = table_columns(runs, held_out)
     grouped = runs.groupby("restorer", sort=False)[cols]
     out = pd.concat({"mean": grouped.mean(), "std": grouped.std(ddof=1)}, axis=1)
@@ -67,7 +85,7 @@ def summary_markdown(summary: pd.DataFrame, held_out: str | None, digits: int = 
     for name, row in summary.iterrows():
         cells = [str(name), str(int(row["seeds"]))]
         for c in cols:
-            d = 0 if c == "train_s" else (2 if c == "psnr" else digits)
+            d = 0 if c == "train_s" else (2 if c in ("psnr", "clean_psnr") else digits)
             text = _cell(row[f"{c}_mean"], row[f"{c}_std"], d)
             bold = name in trained and c in best and row[f"{c}_mean"] == best[c] and len(trained) > 1
             cells.append(f"**{text}**" if bold else text)
