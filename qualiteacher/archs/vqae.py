@@ -44,9 +44,12 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)  # (B, HW, C) each
-        out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj(out.transpose(1, 2).reshape(b, c, h, w))
+        # (B, 1, HW, C) each, channels contiguous: with a strided channel axis torch falls back to
+        # the math kernel, which holds the HW x HW matrix (2 GB for a 512-px demo tile)
+        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).contiguous().unsqueeze(1)
+        q, k, v = qkv.chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
+        return x + self.proj(out.squeeze(1).transpose(1, 2).reshape(b, c, h, w))
 
 
 def _stage(in_ch: int, out_ch: int, n_blocks: int, attn: bool) -> tuple[nn.ModuleList, int]:
