@@ -14,6 +14,8 @@ from pathlib import Path
 TASKS = ("dehaze", "derain", "desnow", "lowlight")
 _MAX_PIXELS_HELP = ("skip images with more pixels than this, read from the file header before decoding "
                     "(default: $QUALITEACHER_MAX_PIXELS or 64 million; 0: no cap)")
+_MAX_MEMORY_HELP = ("memory for the images and the tiles in flight, e.g. 2G or 512M (default: a quarter of "
+                    "the available memory, at most 1 GiB, on CPU; half the free memory on a GPU)")
 
 
 def _data_demo(args: argparse.Namespace) -> int:
@@ -92,7 +94,8 @@ def _score(args: argparse.Namespace) -> int:
     _set_max_pixels(args)
     _, summary = score_command(Path(args.folder), preset=args.preset, task=args.task,
                                out=Path(args.out) if args.out else None,
-                               cache=Path(args.cache) if args.cache else None, weights_dir=args.weights_dir)
+                               cache=Path(args.cache) if args.cache else None, weights_dir=args.weights_dir,
+                               max_side=-1 if args.max_side is None else args.max_side)
     print(summary)
     from qualiteacher.data.io import get_skip_log
 
@@ -101,43 +104,55 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from qualiteacher.data.io import ImageReadError, get_skip_log, read_image, to_tensor, write_image
+    import torch
+
+    from qualiteacher.data.io import ImageReadError, get_skip_log, write_image
     from qualiteacher.data.layouts import read_unpaired
-    from qualiteacher.training.restore import auto_tile, check_tile, resolve_device, restore
-    from qualiteacher.training.stage3 import load_trained
+    from qualiteacher.iqa.bounded import image_size, read_uint8
+    from qualiteacher.training.memory import describe, resolve_budget
+    from qualiteacher.training.restore import (NonFiniteOutputError, auto_tile, check_output_folder,
+                                               check_photo_fits, check_tile, load_for_inference,
+                                               resolve_device, restore)
 
     # every value is checked before any image is read or written
     _set_max_pixels(args)
     device = resolve_device(args.device)
     if not Path(args.input).is_dir():
         raise FileNotFoundError(f"input folder not found: {args.input}")
-    module = load_trained(args.checkpoint)
-    top = int(module.hparams.get("top_level", 7))
+    check_output_folder(args.input, args.out)
+    budget = resolve_budget(args.max_memory, device)
+    trained = load_for_inference(args.checkpoint)  # no bank: a checkpoint's bank_dir gets no file
+    top = int(trained.hparams.get("top_level", 7))
     if not args.teacher and not 0 <= args.level <= top:
         raise ValueError(f"--level {args.level} is out of range: this model has quality levels 0..{top}")
     if args.w is not None and not 0.0 <= args.w <= 1.0:
         raise ValueError(f"--w {args.w} is out of range: the fidelity weight lies in [0, 1]")
-    net = (module.teacher if args.teacher else module.student).to(device).eval()
+    net = (trained.teacher if args.teacher else trained.student).to(device).eval()
     check_tile(args.tile, getattr(net, "size_multiple", 8))
     records = read_unpaired(args.input)
     out = Path(args.out)
     log = get_skip_log()
-    done = 0
+    done, tiles = 0, set()
     level = None if args.teacher else args.level
     for rec in records:
         try:
-            x = to_tensor(read_image(rec.lq))[None].to(device)
-            # large images go in tiles (bounded memory), as `evaluate` does
-            y = restore(net, x, level=level, tile=auto_tile(x, args.tile), w=args.w)
+            check_photo_fits(*image_size(rec.lq), budget)  # from the header, before decoding
+            x = torch.from_numpy(read_uint8(rec.lq)).permute(2, 0, 1)[None]  # uint8 until a tile is cut
+            y = restore(net, x, level=level, tile=args.tile, w=args.w, max_memory=budget)
+            tiles.add(auto_tile(x, args.tile, net))
         except ImageReadError as err:
             log.record(err.path, err.reason)
             continue
+        except NonFiniteOutputError:  # broken weights: every image would come out black
+            raise
         except (RuntimeError, ValueError, MemoryError) as err:  # one image never ends the run
             log.record(rec.lq, f"failed to restore: {type(err).__name__}: {str(err)[:200]}")
             continue
-        write_image(out / f"{rec.id}.png", y[0].cpu())
+        write_image(out / f"{rec.id}.png", y)
         done += 1
-    print(f"{done} image(s) restored into {out} ({'teacher' if args.teacher else f'student at level {args.level}'})")
+    how = ", ".join("whole" if t is None else f"{t}-px tiles" for t in sorted(tiles, key=lambda t: t or 0)) or "-"
+    print(f"{done} image(s) restored into {out} ({'teacher' if args.teacher else f'student at level {args.level}'}; "
+          f"{how}; memory budget {describe(budget)})")
     print(log.summary())
     return 0
 
@@ -243,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--cache", default=None, help="parquet score cache (default: in the project cache)")
     score.add_argument("--weights-dir", default=None, help="folder with local IQA weight files (pyiqa's file names)")
     score.add_argument("--max-pixels", type=int, default=None, help=_MAX_PIXELS_HELP)
+    score.add_argument("--max-side", type=int, default=None,
+                       help="grade larger images downscaled to this longer side, read in 8 bits (bounded memory; "
+                            "default 1024; 0: full size)")
     score.set_defaults(handler=_score)
 
     rest = sub.add_parser("restore", help="restore a folder of images with a trained student")
@@ -255,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fidelity weight in [0, 1] of an IQPIR student with a fidelity path (0: pure codebook "
                            "prior, 1: most faithful; default: the checkpoint's stage3.model.fidelity_w)")
     rest.add_argument("--tile", type=int, default=None,
-                      help="tile size (e.g. the training crop; 0: never; default: 512-px tiles above 512 px)")
+                      help="tile size (e.g. the training crop; 0: never; default: the architecture's, 128 px "
+                           "for the demo model, 512 for the paper one)")
+    rest.add_argument("--max-memory", default=None, help=_MAX_MEMORY_HELP)
     rest.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps or auto")
     rest.add_argument("--max-pixels", type=int, default=None, help=_MAX_PIXELS_HELP)
     rest.set_defaults(handler=_restore)

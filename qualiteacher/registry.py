@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
@@ -73,13 +72,15 @@ def save_student(student: nn.Module, spec: dict[str, Any], folder: str | Path) -
 
 
 def load_student_folder(folder: str | Path) -> nn.Module:
-    """The student saved by :func:`save_student`, on the CPU, in eval mode (strict, weights only)."""
+    """The student saved by :func:`save_student`, on the CPU, in eval mode (strict, weights only;
+    non-finite weights are refused)."""
     from qualiteacher.checkpoints import (
         CheckpointError,
         check_keys,
         checkpoint_state,
         read_checkpoint,
     )
+    from qualiteacher.training.restore import check_weights_finite
     from qualiteacher.training.students import build_student
 
     folder = Path(folder)
@@ -107,6 +108,7 @@ def load_student_folder(folder: str | Path) -> nn.Module:
     weights = folder / WEIGHTS_FILE
     state = checkpoint_state(read_checkpoint(weights), weights)
     check_keys(weights, state, student.state_dict(), "student")
+    check_weights_finite(weights, state)
     try:
         student.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -175,26 +177,12 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, dst: str | 
 
 def restore_images(student: nn.Module, image: Tensor, level: Tensor, w: Tensor | None = None) -> Tensor:
     """``student`` at a per-image ``level`` (B,) on ``image`` (B,3,H,W) in [0,1]; ``w`` (B,) only
-    for students with a fidelity path. Large images go through in tiles (bounded memory)."""
-    from qualiteacher.training.restore import auto_tile, tiled_apply
+    for students with a fidelity path. As ``qualiteacher restore`` runs it: in tiles under the
+    machine's memory budget (``qualiteacher.training.restore.restore``)."""
+    from qualiteacher.training.restore import restore
 
-    b = image.shape[0]
     use_w = w is not None and bool(getattr(student, "has_fidelity", False))
-
-    def fn(x: Tensor) -> Tensor:
-        rep = x.shape[0] // b  # tiles arrive as (n_tiles * B): every image's tile at one position, in order
-        kw = {"w": w.repeat(rep)} if use_w else {}
-        return student(x, level.repeat(rep), **kw).image.clamp(0, 1)
-
-    multiple = 8  # padded as `restore` pads: the same input gives the same output
-    with torch.no_grad():
-        tile = auto_tile(image, None)
-        if tile is not None:
-            return tiled_apply(fn, image, tile, tile // 4, multiple=multiple)
-        h, wd = image.shape[-2:]
-        ph, pw = -h % multiple, -wd % multiple
-        x = F.pad(image, (0, pw, 0, ph), mode="replicate") if ph or pw else image
-        return fn(x)[..., :h, :wd]
+    return restore(student, image, level=level, w=w if use_w else None)
 
 
 class StudentPyfunc:

@@ -78,9 +78,10 @@ def test_large_images_are_tiled_with_each_image_at_its_own_level(ensemble):
     from qualiteacher.app.logic import pick_tile
     from qualiteacher.training.restore import restore
 
-    assert pick_tile(torch.zeros(1, 3, 40, 600), None) == 512 and pick_tile(torch.zeros(1, 3, 512, 512), None) is None
-    assert pick_tile(torch.zeros(1, 3, 40, 600), 0) is None and pick_tile(torch.zeros(1, 3, 8, 8), 32) == 32
     model = _model(_ramped_unet())
+    assert pick_tile(torch.zeros(1, 3, 40, 600), None, model.student) == 128  # the tiny U-Net's default tile
+    assert pick_tile(torch.zeros(1, 3, 128, 128), None, model.student) is None  # fits one tile: whole
+    assert pick_tile(torch.zeros(1, 3, 40, 600), 0) is None and pick_tile(torch.zeros(1, 3, 40, 80), 32) == 32
     x = _image(3, (48, 80))
     out = restore_image(model, x, level=6, tile=32)
     assert out.tile == 32 and out.image.shape == x.shape

@@ -12,15 +12,14 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
 from qualiteacher.app.model import AppModel
+from qualiteacher.iqa.bounded import fit_side
 
 LEVELS: tuple[int, ...] = tuple(range(8))
 MAX_PIXELS = 40_000_000       # uploads above this (read from the header, before decoding) are refused
-AUTO_TILE_SIDE = 512          # images with a longer side are restored in tiles of this size
 SCORE_SIDE = 512              # outputs are scored on a copy whose longer side is at most this
 SWEEP_SIDE = 384              # the level sweep runs on a copy whose longer side is at most this
 
@@ -83,58 +82,42 @@ def read_upload(path: str | Path | None, max_pixels: int = MAX_PIXELS) -> Tensor
     return x
 
 
-class _Conditioned(nn.Module):
-    """``restore`` calls ``model(x, level)``; this adds the per-image levels of a batch and ``w``."""
+def pick_tile(image: Tensor, tile: int | None, net: nn.Module | None = None) -> int | None:
+    """The tile side ``restore`` uses for ``image`` with ``net``: ``tile`` if given (0: never
+    tile), else the architecture's (``default_tile``); ``None`` when the image runs whole."""
+    from qualiteacher.training.restore import auto_tile
 
-    def __init__(self, net: nn.Module, levels: Tensor | None, w: float | None) -> None:
-        super().__init__()
-        self.net, self.levels, self.w = net, levels, w
-
-    def forward(self, x: Tensor, level: Tensor | None, w: float | None = None) -> object:
-        # ``w`` from ``restore`` is ignored: this wrapper's own ``w`` is passed (only when set)
-        if self.levels is not None:  # tiles of every image come in image order, one group per tile
-            level = self.levels.to(x.device).repeat(x.shape[0] // self.levels.numel())
-        if self.w is None:
-            return self.net(x, level)
-        return self.net(x, level, w=self.w)
+    return auto_tile(image, tile, net)
 
 
-def pick_tile(image: Tensor, tile: int | None) -> int | None:
-    """``tile`` if given (0: never tile), else :data:`AUTO_TILE_SIDE` above that size."""
-    if tile is not None:
-        return tile or None
-    return AUTO_TILE_SIDE if max(image.shape[-2:]) > AUTO_TILE_SIDE else None
+def check_dials(model: AppModel, level: int, w: float | None) -> None:
+    """:class:`UploadError` unless ``level`` lies in 0..top level and ``w`` (when given) in [0, 1]:
+    what the sliders allow, checked again for callers of the API."""
+    top = min(int(model.top_level), max(LEVELS))
+    if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or not 0 <= level <= top:
+        raise UploadError(f"quality level must be an integer in 0..{top}, got {level!r}")
+    if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float))
+                          or not math.isfinite(w) or not 0.0 <= w <= 1.0):
+        raise UploadError(f"fidelity weight w must lie in [0, 1], got {w!r}")
 
 
 def restore_image(model: AppModel, x: Tensor, level: int = 7, w: float | None = None,
                   teacher: bool = False, tile: int | None = None) -> Restored:
-    """Restore ``x`` (1, 3, H, W) with the student at ``level`` (and fidelity ``w`` when the student
-    has the fidelity path; ignored otherwise), or with the unconditioned teacher."""
+    """Restore ``x`` (1, 3, H, W) with the student at ``level`` (and fidelity ``w`` in [0, 1] when
+    the student has the fidelity path; ignored otherwise), or with the unconditioned teacher, in
+    tiles under the machine's memory budget (``qualiteacher.training.restore.restore``)."""
     from qualiteacher.training.restore import restore
 
     if teacher and model.teacher is None:
         raise UploadError("This model has no teacher (a registered student): untick 'teacher'.")
-    if not 0 <= level <= max(LEVELS):
-        raise UploadError(f"quality level must lie in 0..{max(LEVELS)}, got {level}")
+    check_dials(model, level, w)
     net = model.teacher if teacher else model.student
     w = w if model.has_fidelity else None
-    device = next(net.parameters()).device
-    used = pick_tile(x, tile)
     start = time.perf_counter()
-    y = restore(_Conditioned(net, None, w), x.to(device), level=None if teacher else int(level), tile=used)
+    y = restore(net, x, level=None if teacher else int(level), tile=tile, w=w)
     seconds = time.perf_counter() - start
     label = "teacher" if teacher else f"student at level {level}" + ("" if w is None else f", w {w:g}")
-    return Restored(y.float().cpu(), seconds, used, label)
-
-
-def fit_side(images: Tensor, side: int) -> Tensor:
-    """Bilinear (antialiased) downscale so the longer side is at most ``side``."""
-    h, w = images.shape[-2:]
-    if max(h, w) <= side:
-        return images
-    s = side / max(h, w)
-    size = (max(1, round(h * s)), max(1, round(w * s)))
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    return Restored(y.float().cpu(), seconds, pick_tile(x, tile, net), label)
 
 
 def score_images(ensemble: nn.Module, images: Tensor, names: list[str], side: int = SCORE_SIDE) -> ScoreTable:
@@ -153,13 +136,13 @@ def level_sweep(model: AppModel, ensemble: nn.Module, x: Tensor, w: float | None
     one batched scoring call; each level's image with its fused score as caption."""
     from qualiteacher.training.restore import restore
 
+    for q in levels:
+        check_dials(model, q, w)
     start = time.perf_counter()
     small = fit_side(x, side)
-    lv = torch.tensor(levels, dtype=torch.long)
     w = w if model.has_fidelity else None
-    device = next(model.student.parameters()).device
-    batch = small.to(device).expand(len(levels), -1, -1, -1)           # (L, 3, H, W)
-    out = restore(_Conditioned(model.student, lv, w), batch, level=None, tile=pick_tile(small, tile)).float().cpu()
+    batch = small.expand(len(levels), -1, -1, -1)                       # (L, 3, H, W), one level each
+    out = restore(model.student, batch, level=torch.tensor(levels, dtype=torch.long), tile=tile, w=w).float().cpu()
     table = score_images(ensemble, out, [f"level {q}" for q in levels])
     captions = [f"level {q} · {f:.3f}" for q, f in zip(levels, table.fused)]
     return Sweep([to_uint8(o) for o in out], captions, table, time.perf_counter() - start)

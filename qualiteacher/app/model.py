@@ -35,15 +35,17 @@ class ModelLoadError(ValueError):
 
 
 def load_checkpoint_model(path: str | Path) -> AppModel:
-    """Student, teacher and IQA settings of a stage-3 checkpoint (``OUT/stage3/final.ckpt``)."""
-    from qualiteacher.training.stage3 import load_trained
+    """Student, teacher and IQA settings of a stage-3 checkpoint (``OUT/stage3/final.ckpt``); nothing
+    else is built (no pseudo-label bank: the checkpoint's ``bank_dir`` gets no file); non-finite
+    weights are refused."""
+    from qualiteacher.training.restore import load_for_inference
 
     try:
-        module = load_trained(path)
+        trained = load_for_inference(path)
     except FileNotFoundError as err:
         raise ModelLoadError(str(err)) from None
-    hp = module.hparams
-    return AppModel(module.student.eval(), module.teacher.eval(), hp.get("task"), hp.get("iqa_preset", "offline"),
+    hp = trained.hparams
+    return AppModel(trained.student, trained.teacher, hp.get("task"), hp.get("iqa_preset", "offline"),
                     hp.get("iqa_weights_dir"), int(hp.get("top_level", 7)), f"checkpoint {path}")
 
 

@@ -48,7 +48,11 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector-target", default=None, help="module:callable or file.py:callable detector")
     p.add_argument("--class-map", default=None,
                    help="COCO -> data-set classes: YAML/JSON file or 'coco=ds,...' (default: the benchmark's)")
-    p.add_argument("--tile", type=int, default=None, help="tile size (0: never; default: tiles above 512 px)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="tile size (0: never; default: the architecture's, 128 px for the demo model, 512 for the paper one)")
+    p.add_argument("--max-memory", default=None,
+                   help="memory for an image and the tiles in flight, e.g. 2G or 512M (default: a quarter of the "
+                        "available memory, at most 1 GiB, on CPU; half the free memory on a GPU)")
     p.add_argument("--save-images", action="store_true", help="write every restored image to OUT/images/")
     p.add_argument("--out", default=None, help="output folder (default: outputs/eval/TASK-BENCHMARK)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
@@ -109,10 +113,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         detector = build_detector(args.detector, args.detector_weights, args.detector_target, args.device)
         class_map = load_class_map(args.class_map, bench.name)
-    from qualiteacher.training.stage3 import load_trained
+    from qualiteacher.training.memory import resolve_budget
+    from qualiteacher.training.restore import check_tile, load_for_inference
 
-    modules = {name: load_trained(path) for name, path in checkpoints.items()}
-    from qualiteacher.training.restore import check_tile
+    budget = resolve_budget(args.max_memory, args.device)  # a bad value is one line before any work
+    modules = {name: load_for_inference(path) for name, path in checkpoints.items()}  # no bank, finite weights
 
     for name, module in modules.items():
         top = int(module.hparams.get("top_level", 7))
@@ -125,7 +130,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     restorers = {"input": lambda x, _id: x}
     if args.w is not None and not 0.0 <= args.w <= 1.0:
         raise ValueError(f"--w {args.w} is out of range: the fidelity weight lies in [0, 1]")
-    restorers.update(checkpoint_restorers(modules, args.level, args.teacher, args.tile, args.device, w=args.w))
+    restorers.update(checkpoint_restorers(modules, args.level, args.teacher, args.tile, args.device, w=args.w,
+                                          max_memory=budget))
     restorers.update({name or (spec if spec.startswith(CLASSICAL_PREFIX) else name): baseline_restorer(spec)
                       for name, spec in baselines.items()})
     presets = [m.hparams.get("iqa_preset") for m in modules.values()]

@@ -29,7 +29,7 @@ from qualiteacher.eval.fullref import fullref_scores
 from qualiteacher.eval.metrics import MetricSet, resolve_metrics, score_images
 from qualiteacher.eval.nriqa import scores_frame
 from qualiteacher.eval.report import markdown_table, summary_table
-from qualiteacher.training.restore import AUTO_TILE_SIDE, auto_tile, restore  # noqa: F401  (AUTO_TILE_SIDE re-exported)
+from qualiteacher.training.restore import restore
 
 # restorer: (image (1, 3, H, W) in [0, 1], image id) -> restored image of the same shape
 Restorer = Callable[[Tensor, str], Tensor]
@@ -50,17 +50,19 @@ class EvalResult:
 
 def checkpoint_restorers(modules: Mapping[str, Any], level: int = 7, teacher: bool = False,
                          tile: int | None = None, device: str | torch.device = "cpu",
-                         w: float | None = None) -> dict[str, Restorer]:
-    """Restorers of trained stage-3 modules (`load_trained`): ``NAME`` (student at ``level``) and,
-    with ``teacher``, ``NAME/teacher``. A single module named ``""`` gives ``student@LEVEL`` and
-    ``teacher``. ``w``: fidelity weight (``None``: each model's default)."""
+                         w: float | None = None, max_memory: str | int | None = None) -> dict[str, Restorer]:
+    """Restorers of trained stage-3 models (`load_for_inference` or `load_trained`): ``NAME``
+    (student at ``level``) and, with ``teacher``, ``NAME/teacher``. A single module named ``""``
+    gives ``student@LEVEL`` and ``teacher``. ``w``: fidelity weight (``None``: each model's
+    default); ``tile`` and ``max_memory`` as `restore` takes them (None: automatic)."""
     out: dict[str, Restorer] = {}
     for name, module in modules.items():
         student, ema = module.student.to(device).eval(), module.teacher.to(device).eval()
-        out[name or f"student@{level}"] = lambda x, _id, m=student: restore(m, x, level=level, tile=auto_tile(x, tile), w=w)
+        out[name or f"student@{level}"] = (
+            lambda x, _id, m=student: restore(m, x, level=level, tile=tile, w=w, max_memory=max_memory))
         if teacher:
             out[f"{name}/teacher" if name else "teacher"] = (
-                lambda x, _id, m=ema: restore(m, x, level=None, tile=auto_tile(x, tile), w=w))
+                lambda x, _id, m=ema: restore(m, x, level=None, tile=tile, w=w, max_memory=max_memory))
     return out
 
 

@@ -65,17 +65,22 @@ def score_folder(
     batch_size: int = 16,
     recursive: bool = True,
     resize_side: int | None = None,
+    max_side: int | None = None,
 ) -> pd.DataFrame:
     """Scores of every image in ``folder`` (one row per readable file), using and updating the cache.
 
     Columns: path (relative to ``folder``), sha1, version, height, width, fused, level, raw_<member>,
     norm_<member>. ``resize_side`` is part of the cache key (different sizes give other scores).
+    ``max_side``: larger images are read in 8 bits and graded downscaled to this longer side
+    (``qualiteacher.iqa.bounded``: no full-resolution float copy); part of the cache key too.
     Unreadable files are logged once (``SkipLog``) and listed in ``table.attrs["skipped"]``.
     """
     from qualiteacher.data.io import ImageReadError, get_skip_log, list_images, read_image
+    from qualiteacher.iqa.bounded import read_bounded
 
     folder, cache_path = Path(folder), Path(cache_path)
     version = ensemble.version if resize_side is None else f"{ensemble.version}-s{resize_side}"
+    version = version if max_side is None else f"{version}-L{max_side}"
     files = list_images(folder, recursive=recursive)
     cache = _load_cache(cache_path)
     known = cache[cache["version"] == version].drop_duplicates("sha1").set_index("sha1") if len(cache) else None
@@ -91,7 +96,7 @@ def score_folder(
             rows[path] = {"sha1": sha1, **known.loc[sha1].to_dict()}
             continue
         try:
-            image = read_image(path)
+            image = read_image(path) if max_side is None else read_bounded(path, max_side)
         except ImageReadError as err:
             skip_log.record(path, err.reason)
             skipped[str(path)] = err.reason
@@ -190,25 +195,30 @@ def score_command(
     batch_size: int = 16,
     resize_side: int | None = None,
     weights_dir: str | None = None,
+    max_side: int | None = -1,
 ) -> tuple[pd.DataFrame, str]:
     """``qualiteacher score DIR``: score a folder with a preset; write ``out`` (.csv or .parquet).
 
     ``cache`` defaults to ``$QUALITEACHER_HOME/scores.parquet``; ``weights_dir`` holds local IQA
-    weight files (as ``build_ensemble``).
+    weight files (as ``build_ensemble``). Images are graded at a longer side of at most
+    ``max_side`` (-1: ``bounded.SCORE_SIDE``; None or 0: full size).
     """
+    from qualiteacher.iqa.bounded import SCORE_SIDE, check_side
     from qualiteacher.iqa.offline import qualiteacher_home
     from qualiteacher.iqa.presets import MEANINGLESS, build_ensemble, label_meaningless
 
+    max_side = SCORE_SIDE if max_side == -1 else check_side(max_side)
     ensemble = build_ensemble(preset, task=task, weights_dir=weights_dir)
     cache_path = Path(cache) if cache else qualiteacher_home() / "scores.parquet"
     table = label_meaningless(score_folder(folder, ensemble, cache_path, batch_size=batch_size,
-                                           resize_side=resize_side), ensemble)
+                                           resize_side=resize_side, max_side=max_side), ensemble)
     skipped = len(table.attrs.get("skipped", {}))
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(out, index=False) if out.suffix.lower() == ".csv" else table.to_parquet(out, index=False)
-    header = f"preset {preset!r} task {task!r} version {ensemble.version}\n"
+    graded = f"at most {max_side} px a side" if max_side else "full size"
+    header = f"preset {preset!r} task {task!r} version {ensemble.version} (graded {graded})\n"
     if ensemble.meaningless:
         header = f"{MEANINGLESS}\n{header}"
     return table, header + summary_table(table, skipped)

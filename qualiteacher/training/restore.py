@@ -1,35 +1,77 @@
-"""Inference: restore images of any size at a requested quality level, tiled with blending."""
+"""Inference: restore images of any size at a requested quality level, in tiles, under a memory budget.
+
+Every caller (``qualiteacher restore``, ``evaluate``, the pipeline's evaluation, the app, the
+registered model) goes through :func:`restore`: tiles of a size chosen for the architecture
+(:func:`default_tile`), as many per batch as the memory budget holds (``--max-memory``; default
+from the machine, see :mod:`qualiteacher.training.memory`), blended without seams
+(:mod:`qualiteacher.training.tiling`). Time grows with the number of pixels, memory does not.
+"""
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qualiteacher.training.memory import MemoryBudgetError, describe, resolve_budget
+from qualiteacher.training.tiling import tiled_apply
 
-AUTO_TILE_SIDE = 512  # images with more pixels than a square of this side are restored in such tiles
-MIN_TILE = 16         # smaller tiles leave the model no context (a grid pattern in the output)
+MIN_TILE = 16           # smaller tiles leave the model no context (a grid pattern in the output)
+TILE_TOKENS = 32        # default tiles hold about 32 x 32 positions at the model's coarsest scale ...
+TILE_RANGE = (128, 512)  # ... within these sides (attention over a tile costs its number of positions)
 
 
-def auto_tile(image: Tensor, tile: int | None, side: int = AUTO_TILE_SIDE) -> int | None:
-    """The tile size to restore ``image`` (..., H, W) with: ``tile`` if given (0 = never tile),
-    else ``side`` when the image has more than ``side**2`` pixels (memory stays bounded whatever
-    the size; a 20000 x 8 strip has few pixels and runs whole), else None."""
-    if tile is not None:
-        return tile or None
+class NonFiniteOutputError(ValueError):
+    """The model produced NaN or infinite values (broken weights): an error, never a black image."""
+
+
+class TrainedModels(NamedTuple):
+    """What restoring needs from a stage-3 checkpoint: the student, its EMA teacher, the hyper-parameters."""
+
+    student: nn.Module
+    teacher: nn.Module
+    hparams: dict[str, Any]
+
+
+def size_multiple(model: nn.Module) -> int:
+    """Input sides that need no padding are multiples of this (8 when the model does not say)."""
+    return int(getattr(model, "size_multiple", 8))
+
+
+def default_tile(model: nn.Module) -> int:
+    """The tile side for ``model``: :data:`TILE_TOKENS` positions at its coarsest scale (its size
+    multiple), within :data:`TILE_RANGE`: 128 px for the demo IQPIR (attention at 1/4 scale), 512 px
+    for the paper one (1/32)."""
+    m = size_multiple(model)
+    side = min(max(TILE_TOKENS * m, TILE_RANGE[0]), TILE_RANGE[1])
+    return math.ceil(side / m) * m
+
+
+def default_overlap(tile: int) -> int:
+    """Overlap of neighbouring tiles: an eighth of the tile, at least 16 px, at most a quarter."""
+    return min(max(16, tile // 8), tile // 4)
+
+
+def auto_tile(image: Tensor, tile: int | None, model: nn.Module | None = None) -> int | None:
+    """The tile side :func:`restore` uses for ``image`` (..., H, W): ``tile`` if given (0: never
+    tile), else :func:`default_tile`; ``None`` when the image fits in one tile (restored whole)."""
+    if tile == 0:
+        return None
+    side = tile or (default_tile(model) if model is not None else TILE_RANGE[1])
     h, w = image.shape[-2:]
-    return side if h * w > side * side else None
+    return None if h <= side and w <= side else side
 
 
 def check_tile(tile: int | None, multiple: int = 8, overlap: int | None = None) -> None:
-    """``ValueError`` unless ``tile`` (None / 0: no tiling) is at least the model's size
-    ``multiple`` plus the ``overlap`` (default a quarter of the tile): smaller tiles leave the
-    model no context and write a grid pattern."""
+    """``ValueError`` unless ``tile`` (None / 0: automatic / no tiling) is at least the model's
+    size ``multiple`` plus the ``overlap`` (default :func:`default_overlap`): smaller tiles leave
+    the model no context and write a grid pattern."""
     if tile is None or tile == 0:
         return
-    overlap = tile // 4 if overlap is None else overlap
+    overlap = default_overlap(tile) if overlap is None else overlap
     least = max(MIN_TILE, multiple + overlap, 2 * overlap + 1)
     if tile < least:
         raise ValueError(f"--tile {tile} is too small: tiles must be at least {least} px (the model's size "
@@ -58,85 +100,137 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _ramp(n: int, overlap: int, device: torch.device) -> Tensor:
-    # 1-D blending weight: linear ramps over the overlap at both ends, 1 inside, never 0
-    w = torch.ones(n, device=device)
-    if overlap > 0:
-        r = torch.arange(1, overlap + 1, device=device, dtype=torch.float32) / (overlap + 1)
-        w[:overlap] = r
-        w[-overlap:] = torch.minimum(w[-overlap:], r.flip(0))
-    return w
-
-
-def _starts(size: int, tile: int, stride: int) -> list[int]:
-    if size <= tile:
-        return [0]
-    n = math.ceil((size - tile) / stride) + 1
-    return sorted({min(i * stride, size - tile) for i in range(n)})
+def _per_image(value: float | Tensor | None, b: int, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+    if value is None:
+        return None
+    t = torch.as_tensor(value, dtype=dtype, device=device).reshape(-1)
+    return t.expand(b) if t.numel() == 1 else t
 
 
 @torch.no_grad()
-def tiled_apply(fn: Callable[[Tensor], Tensor], image: Tensor, tile: int, overlap: int = 16,
-                tiles_per_batch: int = 8, multiple: int = 1) -> Tensor:
-    """Apply an image-to-image ``fn`` to ``image`` (B, C, H, W) in ``tile``-px tiles.
+def restore(model: nn.Module, images: Tensor, level: int | Tensor | None = 7, tile: int | None = None,
+            overlap: int | None = None, max_memory: str | int | None = None, multiple: int | None = None,
+            w: float | Tensor | None = None, tiles_per_batch: int | None = None) -> Tensor:
+    """Restore ``images`` (B, 3, H, W) with a student at quality ``level`` (an int, or a (B,)
+    tensor: one level per image) and, for a student with a fidelity path, fidelity ``w`` (a float
+    or a (B,) tensor; ``None``: the student's default). ``level=None`` runs unconditioned (as the
+    teacher does).
 
-    Tiles overlap by ``overlap`` px and are blended with linear ramps; images smaller than a tile
-    (or not a multiple of ``multiple``) are reflect/replicate padded and cropped back. At most
-    ``tiles_per_batch`` tiles go through ``fn`` at once, so memory is bounded whatever the image
-    size. Output tiles are accumulated on the image's device.
+    ``images`` may be uint8 (0..255; the result is uint8) or float in [0, 1] (the result in its
+    dtype), on any device: tiles go to the model's device one batch at a time. ``tile``: None picks
+    :func:`default_tile` (images that fit in one tile run whole), 0 never tiles, an int is the tile
+    side (the training crop size gives what evaluation measured). ``overlap`` defaults to
+    :func:`default_overlap`. ``max_memory`` (bytes or ``"2G"``; None: the machine's default) bounds
+    the image buffers plus the tiles in flight; :class:`~qualiteacher.training.memory.MemoryBudgetError`
+    when even one tile does not fit. :class:`NonFiniteOutputError` when the model outputs NaN/inf.
     """
-    if tile <= 2 * overlap:
-        raise ValueError(f"tile ({tile}) must exceed twice the overlap ({overlap})")
-    b, c, h, w = image.shape
-    ph, pw = max(tile - h, (-h) % multiple), max(tile - w, (-w) % multiple)
-    x = image
-    if ph or pw:
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        x = F.pad(image, (0, pw, 0, ph), mode=mode)
-    H, W = x.shape[-2:]
-    stride = tile - overlap
-    ys, xs = _starts(H, tile, stride), _starts(W, tile, stride)
-    weight = _ramp(tile, overlap, x.device)
-    weight2d = weight[:, None] * weight[None, :]                      # (tile, tile)
-    out = torch.zeros((b, c, H, W), device=x.device, dtype=torch.float32)
-    norm = torch.zeros((1, 1, H, W), device=x.device, dtype=torch.float32)
-    coords = [(y, xx) for y in ys for xx in xs]
-    for i in range(0, len(coords), tiles_per_batch):
-        chunk = coords[i:i + tiles_per_batch]
-        tiles = torch.cat([x[..., y:y + tile, xx:xx + tile] for y, xx in chunk])  # (n*B, C, t, t)
-        res = fn(tiles).float()
-        for j, (y, xx) in enumerate(chunk):
-            out[..., y:y + tile, xx:xx + tile] += res[j * b:(j + 1) * b] * weight2d
-            norm[..., y:y + tile, xx:xx + tile] += weight2d
-    return (out / norm)[..., :h, :w].to(image.dtype)
+    device = next((p.device for p in model.parameters()), images.device)
+    multiple = multiple or size_multiple(model)
+    budget = resolve_budget(max_memory, device)
+    b, (h, wd) = images.shape[0], images.shape[-2:]
+    levels = _per_image(level, b, device, torch.long)
+    ws = w if w is None or not isinstance(w, Tensor) else _per_image(w, b, device, torch.float32)
 
+    def fn(x: Tensor) -> Tensor:
+        rep = x.shape[0] // b  # tiles arrive position after position, the B images' tiles together
+        lv = None if levels is None else levels.repeat(rep)
+        if ws is None:
+            out = model(x, lv).image  # any (x, level) model works
+        else:
+            out = model(x, lv, w=ws.repeat(rep) if isinstance(ws, Tensor) else ws).image
+        if not torch.isfinite(out).all():
+            raise NonFiniteOutputError("the model's output holds NaN or infinite values: its weights are broken "
+                                       "(retrain, or take an earlier checkpoint)")
+        return out.clamp(0, 1)
 
-@torch.no_grad()
-def restore(model: nn.Module, images: Tensor, level: int | None = 7, tile: int | None = None,
-            overlap: int | None = None, tiles_per_batch: int = 8, multiple: int = 8,
-            w: float | None = None) -> Tensor:
-    """Restore ``images`` (B, 3, H, W) in [0, 1] with a student at quality ``level`` (and, for a
-    student with a fidelity path, fidelity ``w``; ``None``: the student's default).
-
-    ``level=None`` runs unconditioned (as the teacher does). With ``tile`` set, the image is
-    processed in overlapping tiles of that size (use the training crop size: codebook models with
-    learned positions need it), so a 2048×2048 photo restores with bounded memory. ``overlap``
-    defaults to a quarter of the tile.
-    """
+    used = auto_tile(images, tile, model)
+    side = math.ceil(max(h, wd) / multiple) * multiple if used is None else used  # None: one tile, the whole image
     was_training = model.training
     model.eval()
     try:
-        def fn(x: Tensor) -> Tensor:
-            lv = None if level is None else torch.full((x.shape[0],), level, device=x.device, dtype=torch.long)
-            out = model(x, lv) if w is None else model(x, lv, w=w)  # any (x, level) model works
-            return out.image.clamp(0, 1)
-
-        if tile is None:
-            h, wd = images.shape[-2:]  # not `w`: that is the fidelity weight fn passes on
-            ph, pw = (-h) % multiple, (-wd) % multiple
-            x = F.pad(images, (0, pw, 0, ph), mode="replicate") if ph or pw else images
-            return fn(x)[..., :h, :wd]
-        overlap = tile // 4 if overlap is None else overlap
-        return tiled_apply(fn, images, tile, overlap, tiles_per_batch, multiple)
+        while True:
+            ov = 0 if side >= max(h, wd) else default_overlap(side) if overlap is None else overlap
+            try:
+                return tiled_apply(fn, images, side, ov, budget, multiple, tiles_per_batch, device, key=model)
+            except MemoryBudgetError:  # planned before any tile runs: an automatic tile may shrink to fit
+                smaller = (side * 3 // 4) // multiple * multiple
+                if tile is not None or smaller < max(MIN_TILE, 2 * multiple, 2 * default_overlap(smaller) + 1):
+                    raise
+                side = smaller
     finally:
         model.train(was_training)
+
+
+def check_weights_finite(path: str | Path, state: dict[str, Tensor]) -> None:
+    """:class:`~qualiteacher.checkpoints.CheckpointError` when a floating weight holds NaN / inf."""
+    from qualiteacher.checkpoints import CheckpointError
+
+    bad = [k for k, v in state.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(path, f"{len(bad)} weight tensor(s) hold NaN or infinite values (e.g. {bad[0]}): "
+                                    f"this model cannot restore images; retrain, or take an earlier checkpoint")
+
+
+def load_for_inference(path: str | Path) -> TrainedModels:
+    """Student and EMA teacher of a stage-3 checkpoint (``OUT/stage3/final.ckpt``), on the CPU, in
+    eval mode, and its hyper-parameters: nothing else is built. Unlike ``load_trained`` no
+    pseudo-label bank is loaded, so a checkpoint's ``bank_dir`` never gets a file, and no IQA
+    ensemble. Read with ``weights_only``; the student's and teacher's keys are checked strictly;
+    non-finite weights are refused (:class:`~qualiteacher.checkpoints.CheckpointError`)."""
+    from qualiteacher.checkpoints import CheckpointError, check_keys, checkpoint_state, describe, read_checkpoint
+    from qualiteacher.registry import student_spec
+    from qualiteacher.teacher.ema import make_teacher
+    from qualiteacher.training.stage3 import QualiTeacherModule
+    from qualiteacher.training.students import build_student
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"stage 3 checkpoint not found: {path} (run stage3 first)")
+    ckpt = read_checkpoint(path)
+    state = checkpoint_state(ckpt, path)
+    hparams = ckpt.get("hyper_parameters")
+    if not isinstance(hparams, dict) or not any(k.startswith("teacher.") for k in state):
+        raise CheckpointError(path, f"not a stage-3 checkpoint: it looks like {describe(state)}; "
+                                    f"pass OUT/stage3/final.ckpt")
+    known = inspect.signature(QualiTeacherModule.__init__).parameters
+    unknown = sorted(set(hparams) - set(known))
+    if unknown:
+        raise CheckpointError(path, f"hyper-parameters unknown to this version of QualiTeacherModule: {unknown}")
+    defaults = {k: p.default for k, p in known.items() if p.default is not inspect.Parameter.empty}
+    build = dict(student_spec({**defaults, **hparams})["build"])
+    try:
+        student = build_student(build.pop("student"), **build)
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(path, f"its hyper-parameters do not build a model: {err}") from None
+    nets = {"student": student, "teacher": make_teacher(student)}
+    ours = {k: v for k, v in state.items() if k.startswith(("student.", "teacher."))}
+    check_keys(path, ours, [f"{n}.{k}" for n, net in nets.items() for k in net.state_dict()], "stage-3 model")
+    check_weights_finite(path, ours)
+    for name, net in nets.items():
+        try:
+            net.load_state_dict({k[len(name) + 1:]: v for k, v in ours.items() if k.startswith(name + ".")})
+        except RuntimeError as err:  # shapes differ: another preset or architecture
+            first = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), str(err)[:200])
+            raise CheckpointError(path, f"weights do not fit the model its hyper-parameters build: {first}") from None
+    return TrainedModels(nets["student"].eval(), nets["teacher"].eval(), dict(hparams))
+
+
+def check_output_folder(input_folder: str | Path, out: str | Path) -> None:
+    """``ValueError`` when ``out`` is the input folder itself: restored files would replace the originals."""
+    src, dst = Path(input_folder), Path(out)
+    same = dst.exists() and src.exists() and dst.samefile(src) if dst.exists() else dst.resolve() == src.resolve()
+    if same:
+        raise ValueError(f"--out {out} is the input folder: the restorations would overwrite the originals; "
+                         f"choose another output folder")
+
+
+PHOTO_BYTES_PER_PIXEL = 10  # 8-bit input and output (3 + 3) and Pillow's decoding buffer (4)
+
+
+def check_photo_fits(height: int, width: int, budget: int) -> None:
+    """:class:`~qualiteacher.training.memory.MemoryBudgetError` when a photo of this size (read
+    from its header, before decoding) cannot be held in 8 bits within ``budget`` bytes."""
+    need = PHOTO_BYTES_PER_PIXEL * height * width
+    if need > budget:
+        raise MemoryBudgetError(f"{width}x{height} px needs about {describe(need)} to read and write, over the "
+                                f"memory budget of {describe(budget)} (raise --max-memory)")
