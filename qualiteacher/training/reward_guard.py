@@ -91,6 +91,7 @@ class RewardGuard(L.Callback):
     @torch.no_grad()
     def measure(self, pl_module: L.LightningModule, step: int) -> tuple[Probe, dict[str, float]]:
         """Restore the probe at the top level, score it; the probe record and the metrics to log."""
+        from qualiteacher.iqa.bounded import score_bounded
         from qualiteacher.training.restore import restore
 
         assert self.probe is not None
@@ -98,8 +99,9 @@ class RewardGuard(L.Callback):
         out_u = restore(pl_module.student, self.probe["unlabeled"], level=top)
         out_l = restore(pl_module.student, self.probe["lq"], level=top)
         ensemble = pl_module.ensemble
-        scores = [ensemble(out_u), ensemble(out_l)] if out_u.shape[-2:] != out_l.shape[-2:] else \
-            [ensemble(torch.cat([out_u, out_l]))]
+        # graded at a bounded size: full-size validation photos cost no float copy per member
+        scores = [score_bounded(ensemble, out_u), score_bounded(ensemble, out_l)] \
+            if out_u.shape[-2:] != out_l.shape[-2:] else [score_bounded(ensemble, torch.cat([out_u, out_l]))]
         fused = torch.cat([s.fused for s in scores]).nanmean()
         members = {n: torch.cat([s.normalized[n] for s in scores]).nanmean() for n in scores[0].normalized}
         value = float(psnr(out_l, self.probe["gt"]))
