@@ -160,6 +160,14 @@ def _run_pipeline(cfg: PipelineConfig, from_stage: str | None, only_stage: str |
     plain = cfg.to_dict()
     (out / "config.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
     runs = PipelineRuns(plain, state, workdir=Path.cwd(), commit=git_commit())
+    try:
+        return _run_stages(cfg, stages, state, runs, from_stage, only_stage, plain)
+    finally:
+        runs.close()  # tracking writes the store refused: sent now, or one line saying where they wait
+
+
+def _run_stages(cfg: PipelineConfig, stages: list[str], state: PipelineState, runs: PipelineRuns,
+                from_stage: str | None, only_stage: str | None, plain: dict[str, Any]) -> dict[str, Any]:
     runs.start_parent()
     start = time.perf_counter()
     for stage in stages:

@@ -95,27 +95,25 @@ class MlflowStepLogger(Logger):
     """Logs a Lightning stage into an existing MLflow run (the stage's child run).
 
     Metrics are buffered and written in batches (flush every ``flush_every`` steps and before
-    every checkpoint, via :class:`FlushBeforeCheckpoint`). On a resumed run, steps that MLflow
-    already holds for a metric are not written again, so a run killed and restarted has no
-    duplicated steps; flushing before each checkpoint means none are missing either.
+    every checkpoint, via :class:`FlushBeforeCheckpoint`). On a resumed run, steps that MLflow (or
+    the tracking journal) already holds for a metric are not written again, so a run killed and
+    restarted has no duplicated steps; flushing before each checkpoint means none are missing either.
 
-    Tracking never ends training: a write that fails (server down, store unwritable) keeps its
-    metrics in the buffer and is retried at the next flush (one warning, then a count); beyond
-    ``max_buffer`` values the oldest are dropped, and what could not be written is reported at
-    the end.
+    Tracking never ends training: with the pipeline's ``client`` (a
+    :class:`~qualiteacher.tracking.journal.JournaledClient`) a write the store refuses waits in the
+    journal, durably, until the store takes it. A plain ``MlflowClient`` (the default) keeps failed
+    writes in memory and retries them at the next flush.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 20, max_buffer: int = 200_000) -> None:
+    def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 20, client: Any = None) -> None:
         super().__init__()
         self._uri = tracking_uri
         self._run_id = run_id
         self._flush_every = flush_every
-        self._max_buffer = max_buffer
-        self._failures = 0      # flushes that failed since the last success
-        self._dropped = 0       # metric values dropped because the buffer was full
+        self._failures = 0      # flushes that failed since the last success (plain client only)
         self._buffer: list[Any] = []
         self._last_step: dict[str, int] = {}
-        self._client: Any = None
+        self._client: Any = client
 
     @property
     def name(self) -> str:
@@ -136,12 +134,16 @@ class MlflowStepLogger(Logger):
 
     def _already_logged(self, key: str) -> int:
         if key not in self._last_step:
-            try:
-                history = self.experiment.get_metric_history(self._run_id, key)
-            except Exception as err:  # noqa: BLE001  tracking never ends training
-                self._warn("reading metric history", err)
-                history = []
-            self._last_step[key] = max((m.step for m in history), default=-1)
+            client = self.experiment
+            if hasattr(client, "metric_last_step"):
+                self._last_step[key] = client.metric_last_step(self._run_id, key)
+            else:
+                try:
+                    history = client.get_metric_history(self._run_id, key)
+                except Exception as err:  # noqa: BLE001  tracking never ends training
+                    self._warn("reading metric history", err)
+                    history = []
+                self._last_step[key] = max((m.step for m in history), default=-1)
         return self._last_step[key]
 
     def _warn(self, what: str, err: BaseException) -> None:
@@ -167,16 +169,12 @@ class MlflowStepLogger(Logger):
 
     @rank_zero_only
     def flush(self) -> None:
-        """Write the buffered metrics to MLflow; on failure keep them for the next flush."""
-        if len(self._buffer) > self._max_buffer:
-            extra = len(self._buffer) - self._max_buffer
-            self._dropped += extra
-            self._buffer = self._buffer[extra:]
+        """Write the buffered metrics (a journaled client keeps what the store refuses)."""
         while self._buffer:
             chunk = self._buffer[:900]
             try:
                 self.experiment.log_batch(self._run_id, metrics=chunk)
-            except Exception as err:  # noqa: BLE001  tracking never ends training
+            except Exception as err:  # noqa: BLE001  a plain client: keep them for the next flush
                 self._warn("metric logging", err)
                 return
             self._buffer = self._buffer[900:]
@@ -205,10 +203,9 @@ class MlflowStepLogger(Logger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         self.flush()
-        lost = len(self._buffer) + self._dropped
-        if lost:
+        if self._buffer:
             log.warning("MLflow: %d metric value(s) of run %s could not be written (store unreachable); "
-                        "the checkpoints hold the trained weights", lost, self._run_id)
+                        "the checkpoints hold the trained weights", len(self._buffer), self._run_id)
 
 
 class FlushBeforeCheckpoint(L.Callback):

@@ -1,4 +1,9 @@
-"""One MLflow parent run per pipeline, one child run per stage, reused on resume."""
+"""One MLflow parent run per pipeline, one child run per stage, reused on resume.
+
+Every write goes through a :class:`~qualiteacher.tracking.journal.JournaledClient`: a store that
+cannot be written mid-run costs a line on stderr, never a metric (``OUT/tracking/journal.jsonl``
+keeps them until the store takes them, at the latest when the pipeline runs again).
+"""
 from __future__ import annotations
 
 import tempfile
@@ -7,7 +12,14 @@ from typing import Any
 
 import yaml
 
-from qualiteacher.tracking.mlflow_logger import _flatten, check_tracking_uri, ensure_experiment, tracking_uri
+from qualiteacher.tracking.journal import JOURNAL_DIR, JournaledClient, TrackingJournal
+from qualiteacher.tracking.mlflow_logger import (
+    TrackingUnavailableError,
+    _flatten,
+    check_tracking_uri,
+    ensure_experiment,
+    tracking_uri,
+)
 
 
 class PipelineRuns:
@@ -19,8 +31,10 @@ class PipelineRuns:
         self.cfg, self.state, self.commit = cfg, state, commit
         self.uri = tracking_uri(workdir)
         check_tracking_uri(self.uri)  # seconds and one clear line, not minutes of retries
-        self.client = MlflowClient(self.uri)
+        journal = TrackingJournal(Path(state.path).parent / JOURNAL_DIR)
+        self.client = JournaledClient(MlflowClient(self.uri), journal, self.uri)
         self.experiment_id = ensure_experiment(self.client, cfg.get("experiment", "qualiteacher"), workdir)
+        self.client.drain()  # writes an earlier run kept while the store could not take them
         self.tags = {"task": cfg["task"], "preset": cfg["preset"], "student": cfg["student"],
                      "git_commit": commit, "mlflow.source.git.commit": commit}
 
@@ -41,8 +55,8 @@ class PipelineRuns:
     def start_parent(self) -> str:
         run_id = self._reopen(self.state.data.get("parent_run_id"))
         if run_id is None:
-            run = self.client.create_run(self.experiment_id, tags=self.tags,
-                                         run_name=f"{self.cfg['task']}-{self.cfg['preset']}")
+            run = self._create_run("the pipeline's run", tags=self.tags,
+                                   run_name=f"{self.cfg['task']}-{self.cfg['preset']}")
             run_id = run.info.run_id
             self.state.data["parent_run_id"] = run_id
             self.state.save()
@@ -60,20 +74,31 @@ class PipelineRuns:
         entry = self.state.stage(stage)
         run_id = self._reopen(entry.get("run_id"))
         if run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=f"{self.cfg['task']}-{stage}",
-                                         tags={**self.tags, "stage": stage, "mlflow.parentRunId": self.parent_id})
+            run = self._create_run(f"the run of stage {stage}", run_name=f"{self.cfg['task']}-{stage}",
+                                   tags={**self.tags, "stage": stage, "mlflow.parentRunId": self.parent_id})
             run_id = run.info.run_id
             entry["run_id"] = run_id
             self.state.save()
         return run_id
 
+    def _create_run(self, what: str, **kwargs: Any) -> Any:
+        from qualiteacher.tracking.journal import error_summary, quiet_store_errors
+
+        try:
+            with quiet_store_errors():
+                return self.client.create_run(self.experiment_id, **kwargs)
+        except Exception as err:  # noqa: BLE001  the store cannot be written: one line, nothing lost
+            raise TrackingUnavailableError(
+                f"MLflow store {self.uri} cannot be written ({error_summary(err)}): {what} was not created, so the "
+                f"pipeline stops here; finished stages are kept and the writes waiting in "
+                f"{self.client.journal.path} are sent when you rerun the same command once the store is "
+                f"writable") from None
+
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Parameters not logged before (one logged earlier is left alone)."""
         from mlflow.entities import Param
 
-        existing = self.client.get_run(run_id).data.params
-        new = [Param(k[:250], str(v)[:6000]) for k, v in params.items() if k[:250] not in existing]
-        for i in range(0, len(new), 90):
-            self.client.log_batch(run_id, params=new[i:i + 90])
+        self.client.log_batch(run_id, params=[Param(k[:250], str(v)[:6000]) for k, v in params.items()])
 
     def log_dict_artifact(self, run_id: str, data: dict[str, Any], name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -101,3 +126,7 @@ class PipelineRuns:
 
     def end_parent(self) -> None:
         self.finish(self.parent_id)
+
+    def close(self) -> int:
+        """Send the writes that wait (one line if some still do); returns how many wait."""
+        return self.client.close()

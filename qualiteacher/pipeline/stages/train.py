@@ -126,7 +126,8 @@ def stage_trainer(stage: str, folder: Path, trainer_args: dict[str, Any], runs: 
                                                                "enable_progress_bar", "log_every_n_steps")}
     args = {k: v for k, v in args.items() if v is not None}
     args.setdefault("enable_model_summary", console.verbosity() == "verbose")
-    logger = MlflowStepLogger(runs.uri, run_id) if runs is not None else False  # None: a DDP worker
+    # the pipeline's journaled client: metrics the store refuses wait in OUT/tracking, none lost
+    logger = MlflowStepLogger(runs.uri, run_id, client=runs.client) if runs is not None else False  # None: a DDP worker
     return L.Trainer(**args, logger=logger, callbacks=callbacks,
                      default_root_dir=str(folder), enable_progress_bar=progress, log_every_n_steps=1)
 
