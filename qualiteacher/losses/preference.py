@@ -1,17 +1,101 @@
-"""DPO-style score-preference losses: a Bradley–Terry reward margin, no reference policy."""
+"""DPO-style score-preference losses: a Bradley–Terry reward margin, no reference policy.
+
+Stage 3 asks two things of this module: which levels to rank this step (:func:`draw_ranked_levels`)
+and the preference term of their rewards (:func:`preference_term`); both follow one
+:class:`PreferenceSettings`. The formulas underneath are pure functions on tensors.
+"""
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
+@dataclass(frozen=True)
+class PreferenceSettings:
+    """METHOD.md §4's score preference (stage 3's ``pref_*``, ``low_levels``, ``top_level``).
+
+    ``mode``: ``pair`` (``λ (L_a + λ₂ L_b)``: the top level against one lower level drawn from
+    ``low_levels``, and against the best pseudo-label) or ``all_pairs`` (every ordered pair of the
+    levels ``low_levels ∪ {top_level}``, the margin growing with the level gap; ``levels_per_step``
+    ranks a random subset of them per image, the top level always in, with an unbiased estimate).
+    """
+
+    mode: Literal["pair", "all_pairs"]
+    beta: float                  # β
+    delta: float                 # δ (all_pairs: the margin of the widest gap)
+    lam: float                   # λ
+    lam2: float                  # λ₂ (pair only)
+    low_levels: tuple[int, ...]  # the levels below the top that are ranked
+    top_level: int
+    levels_per_step: int | None  # all_pairs: levels ranked per image and step (None: all)
+    start_step: int              # the step N it starts at
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("pair", "all_pairs"):
+            raise ValueError(f"pref_mode must be pair or all_pairs, got {self.mode!r}")
+        if self.levels_per_step is not None and self.levels_per_step < 3:
+            raise ValueError(f"pref_levels_per_step must be >= 3 or None, got {self.levels_per_step}")
+        if not all(0 <= q < self.top_level for q in self.low_levels):
+            raise ValueError(f"low_levels {self.low_levels} must lie in [0, top_level={self.top_level})")
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """The levels ``all_pairs`` ranks, ascending (the top level last)."""
+        return tuple(sorted(set(self.low_levels) | {self.top_level}))
+
+    @property
+    def uses_best_pseudo_label(self) -> bool:
+        """Whether :func:`preference_term` needs ``max_k r(PL_k)`` (``L_b``)."""
+        return self.mode == "pair"
+
+
 class PreferenceLoss(NamedTuple):
-    total: Tensor   # λ (L_a + λ₂ L_b)
-    l_a: Tensor     # top level preferred over a lower level
-    l_b: Tensor     # top level preferred over the best pseudo-label
+    total: Tensor   # λ (L_a + λ₂ L_b); all_pairs: λ × the all-pairs loss
+    l_a: Tensor     # top level preferred over a lower level (0 in all_pairs mode)
+    l_b: Tensor     # top level preferred over the best pseudo-label (0 in all_pairs mode)
+
+
+class RankedLevels(NamedTuple):
+    levels: Tensor  # (m, B) the levels each image's outputs are ranked at
+    top: int        # the row of the top level (pair: 0, then the lower level; all_pairs: the last row)
+
+
+def draw_ranked_levels(s: PreferenceSettings, batch: int, generator: torch.Generator | None = None,
+                       device: torch.device | str = "cpu") -> RankedLevels:
+    """The levels the preference term ranks this step, per image."""
+    if s.mode == "pair":
+        top = torch.full((batch,), s.top_level, device=device)
+        return RankedLevels(torch.stack([top, draw_low_levels(batch, s.low_levels, generator, device)]), 0)
+    grid = torch.tensor(s.grid, device=device)
+    levels = grid[:, None].expand(-1, batch)                                       # (L, B)
+    if s.levels_per_step is not None and s.levels_per_step < grid.numel():
+        # a random subset per image, the top level always in (sorted: it is the last row)
+        levels = draw_level_subsets(batch, grid, s.levels_per_step, s.top_level, generator).T  # (m, B)
+    return RankedLevels(levels, levels.shape[0] - 1)
+
+
+def preference_term(s: PreferenceSettings, rewards: Tensor, levels: Tensor,
+                    r_pl_best: Tensor | None = None) -> PreferenceLoss:
+    """``L_pref`` of the rewards (m, B) of the student's outputs at ``levels`` (m, B) from
+    :func:`draw_ranked_levels`; λ is applied here, once. ``pair`` needs ``r_pl_best`` (B,) =
+    ``max_k r(PL_k)``; ``all_pairs`` gives the full loss, or its unbiased estimate when fewer
+    levels than the grid were ranked."""
+    if s.mode == "pair":
+        if r_pl_best is None:
+            raise ValueError("pref_mode 'pair' needs r_pl_best, the best pseudo-label's reward (L_b)")
+        return preference_loss(rewards[0], rewards[1], r_pl_best, s.beta, s.delta, s.lam, s.lam2)
+    per_level = s.delta / max(1, s.top_level - min(s.low_levels))  # the widest gap (top vs lowest) gets δ
+    n_grid = len(s.grid)
+    if levels.shape[0] < n_grid:
+        loss = sampled_all_pairs_preference_loss(rewards.T, levels.T, n_grid, s.top_level, s.beta, per_level)
+    else:
+        loss = all_pairs_preference_loss(rewards.T, levels[:, 0], s.beta, per_level)
+    zero = loss.new_zeros(())
+    return PreferenceLoss(s.lam * loss, zero, zero)
 
 
 def preference_loss(r_top: Tensor, r_low: Tensor, r_pl_best: Tensor, beta: float = 1.0,
