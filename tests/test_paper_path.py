@@ -269,17 +269,17 @@ def _excluding_ensemble_without_exclude() -> Ensemble:
 def test_training_step_compares_rewards_with_rewards(demo_root, monkeypatch):
     import lightning as L
 
-    import qualiteacher.training.stage3 as stage3
+    import qualiteacher.losses.preference as preference
     from qualiteacher.data.datamodule import RestorationDataModule
 
     seen = []
-    real = stage3.preference_loss
+    real = preference.preference_loss
 
     def spy(r_top, r_low, r_pl_best, *args):
         seen.append((r_top.detach(), r_pl_best.detach()))
         return real(r_top, r_low, r_pl_best, *args)
 
-    monkeypatch.setattr(stage3, "preference_loss", spy)
+    monkeypatch.setattr(preference, "preference_loss", spy)
     module = QualiTeacherModule(preset="tiny", ensemble=_excluding_ensemble(), pref_mode="pair",
                                 pref_start_step=0, crop_start_step=0, views=("identity",), n_aug_variants=1,
                                 mask_block=16)

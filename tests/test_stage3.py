@@ -176,7 +176,7 @@ def test_a_non_finite_gradient_skips_the_step_and_is_counted(demo_root, fast_ens
 
 def test_reward_detach_by_name_or_backend_across_tasks() -> None:
     from qualiteacher.iqa.presets import build_ensemble
-    from qualiteacher.training.stage3 import detached_members
+    from qualiteacher.training.stage3_grading import detached_members
 
     entries = ("physical:colourfulness", "physical:haze_density", "offline:niqe")
     assert detached_members(build_ensemble("offline", task="dehaze"), entries, "offline") == {
@@ -195,8 +195,89 @@ def test_demo_preset_reward_detach_fits_every_task(task) -> None:
     import yaml
 
     from qualiteacher.iqa.presets import build_ensemble
-    from qualiteacher.training.stage3 import detached_members
+    from qualiteacher.training.stage3_grading import detached_members
 
     model = yaml.safe_load((Path(__file__).parents[1] / "configs/presets/demo.yaml").read_text())["stage3"]["model"]
     detached = detached_members(build_ensemble("offline", task=task), tuple(model["reward_detach"]), "offline")
     assert {"colourfulness", "niqe"} <= set(detached)
+
+
+# ------------------------------------------------------------------------------ settings groups
+def _flat_arguments() -> set[str]:
+    import inspect
+
+    return set(inspect.signature(QualiTeacherModule.__init__).parameters) - {"self", "ensemble"}
+
+
+def test_every_flat_argument_has_exactly_one_place_in_the_groups():
+    import dataclasses
+
+    from qualiteacher.training.stage3_settings import _GROUPS, FLAT_KEYS
+
+    assert set(FLAT_KEYS) == _flat_arguments()
+    fields = {(g, f.name) for g, cls in _GROUPS.items() for f in dataclasses.fields(cls) if not (g == "" and f.name in _GROUPS)}
+    assert sorted(FLAT_KEYS.values()) == sorted(fields)  # every field fed, none twice
+
+
+def test_the_module_reads_typed_groups_built_from_its_flat_arguments():
+    from torch import nn
+
+    from qualiteacher.training.stage3_settings import Stage3Settings
+
+    module = QualiTeacherModule(preset="tiny", student="unet", ensemble=nn.Identity(), pref_beta=6.0, pref_lambda=2.0,
+                                w_crop=0.3, bank_k=2, views=["identity", "hflip"], betas=[0.8, 0.99], lr=2e-4)
+    s = module.settings
+    assert (s.preference.beta, s.preference.lam, s.weights.crop, s.teacher.bank_k) == (6.0, 2.0, 0.3, 2)
+    assert s.teacher.views == ("identity", "hflip") and s.optim.betas == (0.8, 0.99) and s.optim.lr == 2e-4
+    assert s.student.kind == "unet" and s.top_level == 7
+    flat = s.to_flat()
+    assert set(flat) == _flat_arguments() and Stage3Settings.from_flat(flat) == s  # a round trip
+    # a baseline's groups have what it leaves out switched off, whatever the flat values say
+    mt = QualiTeacherModule(preset="tiny", student="unet", ensemble=nn.Identity(), mode="mean_teacher", w_pref=1.0,
+                            n_aug_variants=2).settings
+    assert (mt.weights.pref, mt.weights.crop, mt.teacher.n_aug_variants) == (0.0, 0.0, 0)
+    assert module.hparams["views"] == ["identity", "hflip"]  # the hyper-parameters stay as given (flat)
+    with pytest.raises(ValueError, match="mode"):
+        QualiTeacherModule(preset="tiny", student="unet", ensemble=nn.Identity(), mode="fancy")
+
+
+def test_lightning_cli_parses_the_flat_keys_into_buildable_settings():
+    from qualiteacher.pipeline.sections import stage_parser
+    from qualiteacher.training.stage3_settings import Stage3Settings
+
+    parser = stage_parser(QualiTeacherModule)
+    data = {"labeled_root": "L"}
+    ns = parser.parse_object({"model": {"pref_beta": 6, "low_levels": [3, 5], "views": ["identity"],
+                                        "reward_detach": ["physical:colourfulness"]}, "data": data})
+    s = Stage3Settings.from_flat({k: v for k, v in ns.model.as_dict().items() if k != "ensemble"})
+    assert s.preference.beta == 6 and s.preference.low_levels == (3, 5) and s.teacher.views == ("identity",)
+    assert s.grading.reward_detach == ("physical:colourfulness",)
+    with pytest.raises(Exception, match="pref_betta"):
+        parser.parse_object({"model": {"pref_betta": 6}, "data": data})
+
+
+def test_load_trained_reads_a_checkpoint_with_flat_hyper_parameters(tmp_path):
+    """A checkpoint written before the settings were grouped: its hyper-parameters are the flat
+    constructor arguments (lists where YAML gave lists, some keys absent: an older version's)."""
+    from torch import nn
+
+    from qualiteacher.training.stage3 import load_trained
+
+    old_flat = {"student": "unet", "preset": "tiny", "cond_mode": "add", "init_from": "/gone/stage2/final.ckpt",
+                "iqa_preset": "offline", "task": "dehaze", "lr": 5e-4, "betas": [0.9, 0.999], "ema_decay": 0.999,
+                "bank_k": 2, "views": ["identity", "hflip", "vflip", "rot90"], "n_aug_variants": 2,
+                "w_pref": 0.5, "pref_mode": "pair", "pref_beta": 6.0, "pref_delta": 0.2, "pref_lambda": 1.0,
+                "pref_lambda2": 0.5, "low_levels": [4, 5, 6], "top_level": 7, "crop_windows": "aligned",
+                "mask_block": 144, "mode": "qualiteacher", "reward_detach": ["physical:colourfulness"]}
+    torch.manual_seed(0)
+    like = QualiTeacherModule(student="unet", preset="tiny", bank_k=2, ensemble=nn.Identity())
+    state = {k: v + 0.01 if k.startswith(("student.", "teacher.")) else v for k, v in like.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": old_flat, "global_step": 7,
+                "pseudo_label_bank": like.bank.state_dict()}, tmp_path / "old.ckpt")
+    module = load_trained(tmp_path / "old.ckpt")
+    s = module.settings
+    assert (s.preference.beta, s.preference.delta, s.weights.pref, s.teacher.bank_k) == (6.0, 0.2, 0.5, 2)
+    assert s.preference.low_levels == (4, 5, 6) and s.optim.betas == (0.9, 0.999) and s.student.init_from is None
+    assert s.grading.reward_detach == ("physical:colourfulness",) and s.grading.task == "dehaze"
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in state.items() if k.startswith(("student.", "teacher.")))
+    assert module.hparams["pref_beta"] == 6.0 and int(module.hparams.get("top_level", 7)) == 7  # read so elsewhere

@@ -120,14 +120,14 @@ def test_conditioning_ablation_asks_only_for_the_top_level(demo_root, fast_ensem
 
 
 def test_mask_and_multiaug_ablations(demo_root, fast_ensemble_factory, monkeypatch):
-    import qualiteacher.training.stage3 as stage3
+    import qualiteacher.training.stage3_grading as stage3_grading
 
     module = _module(fast_ensemble_factory(), **mode_overrides("qualiteacher-mask"))
     _fit(module, demo_root)
     masks = module.bank.gather(list(module.bank.entries))[1]
     assert masks.numel() and bool((masks == 1).all())
     calls = []
-    monkeypatch.setattr(stage3, "multi_augment", lambda *a, **k: calls.append(1) or pytest.fail("multi-aug ran"))
+    monkeypatch.setattr(stage3_grading, "multi_augment", lambda *a, **k: calls.append(1) or pytest.fail("multi-aug ran"))
     _fit(_module(fast_ensemble_factory(), **mode_overrides("qualiteacher-multiaug")), demo_root)
     # the plain Mean Teacher has no multi-augmentation whatever n_aug_variants says
     _fit(_module(fast_ensemble_factory(), **{**mode_overrides("mean_teacher"), "n_aug_variants": 2}), demo_root)

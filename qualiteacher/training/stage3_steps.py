@@ -1,0 +1,169 @@
+"""The pieces of a stage-3 step (METHOD.md §4), as functions of tensors, networks and settings.
+
+``QualiTeacherModule`` strings them together in ``training_step``; ``pipelines/benchmark_stage3.py``
+calls the same pieces in its re-enactment of the released step structure.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import kornia.augmentation as K
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qualiteacher.archs.conditioning import AdaLNModulation, LevelEmbedding
+from qualiteacher.losses.preference import PreferenceLoss, RankedLevels
+from qualiteacher.teacher.bank import PseudoLabelBank
+from qualiteacher.teacher.views import VIEWS, apply_view
+from qualiteacher.training.stage3_grading import Refresh
+from qualiteacher.training.stage3_settings import LossWeights, OptimSettings
+
+
+def strong_photometric(p: float = 0.8) -> nn.Module:
+    """The student's strong photometric augmentation (brightness, contrast, sharpness, blur, posterize)."""
+    return K.AugmentationSequential(
+        K.ColorJitter(0.3, 0.3, 0.3, 0.0, p=p),
+        K.RandomSharpness(sharpness=0.5, p=0.3),
+        K.RandomGaussianBlur((5, 5), (0.1, 1.2), p=0.3),
+        K.RandomPosterize(bits=(5, 8), p=0.2),
+    )
+
+
+class Terms(NamedTuple):
+    """The loss terms of one step (each a scalar); the metrics ``stage3/<name>``."""
+
+    sup: Tensor
+    pl: Tensor
+    pref: PreferenceLoss
+    crop: Tensor
+    aux: Tensor
+
+
+def weighted_total(w: LossWeights, t: Terms) -> Tensor:
+    """``w_sup L_sup + w_pl L_pl + w_pref L_pref + w_crop L_crop + w_aux L_aux``."""
+    return w.sup * t.sup + w.pl * t.pl + w.pref * t.pref.total + w.crop * t.crop + w.aux * t.aux
+
+
+def no_preference(like: Tensor) -> PreferenceLoss:
+    zero = like.new_zeros(())
+    return PreferenceLoss(zero, zero, zero)
+
+
+def supervised_loss(student: nn.Module, labeled: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """``(L_sup, backbone loss)``: L1 of the unconditioned student on the paired synthetic data."""
+    out = student(labeled["lq"], None)
+    return F.l1_loss(out.image, labeled["gt"]), out.aux_loss
+
+
+class BestPseudoLabels(NamedTuple):
+    """The bank's entries of a batch as kept (before the step's geometric view): ``max_k r(PL_k)``."""
+
+    images: Tensor   # (K, 3, H, W)
+    scores: Tensor   # (K,) fused scores recorded by the bank
+    owner: Tensor    # (K,) batch image of each
+
+
+class PseudoLabelBatch(NamedTuple):
+    """The pseudo-label part of a step, in the step's geometric view."""
+
+    x_s: Tensor      # (B, 3, H, W) strong photometric view of the real images: the student's input
+    targets: Tensor  # (N, 3, H, W) the bank's best k of each image, then this step's variants
+    masks: Tensor    # (N, 1, H, W) their reliability masks
+    levels: Tensor   # (N,) their levels under the current level rule
+    owner: Tensor    # (N,) batch image of each target
+    best: BestPseudoLabels
+
+    @property
+    def size(self) -> int:
+        """B, the number of real images."""
+        return self.x_s.shape[0]
+
+
+def pseudo_label_batch(bank: PseudoLabelBank, unlabeled: dict[str, Any], fresh: Refresh | None,
+                       level_of: Callable[[Tensor], Tensor], photometric: nn.Module,
+                       generator: torch.Generator) -> PseudoLabelBatch:
+    """The bank's best k of each unlabeled image plus this step's degraded variants (``fresh``),
+    each at the level its own score gives under the current level rule; one random geometric view
+    for the batch, applied to the input and its targets alike; the student sees the input's strong
+    photometric view."""
+    x_u = unlabeled["lq"]
+    pls, masks, _, scores, owner = bank.gather(list(unlabeled["id"]), device=x_u.device)
+    if owner.numel() == 0:
+        raise RuntimeError("the pseudo-label bank holds nothing for this batch: the ensemble "
+                           "returned no finite score for any candidate")
+    best = BestPseudoLabels(pls, scores, owner)
+    if fresh is not None and fresh.owner.numel():
+        pls, masks = torch.cat([pls, fresh.variants]), torch.cat([masks, fresh.masks])
+        scores, owner = torch.cat([scores, fresh.scores]), torch.cat([owner, fresh.owner])
+    levels = level_of(scores)
+    view = VIEWS[int(torch.randint(len(VIEWS), (1,), generator=generator))]
+    x_u, pls, masks = (apply_view(t, view) for t in (x_u, pls, masks))
+    return PseudoLabelBatch(photometric(x_u).clamp(0, 1), pls, masks, levels, owner, best)
+
+
+class StudentOutputs(NamedTuple):
+    pl: Tensor              # (N, 3, H, W) the student at each target's level
+    ranked: Tensor | None   # (m, B, 3, H, W) the student at the ranked levels (None: no preference part)
+    top: Tensor | None      # (B, 3, H, W) the row of ``ranked`` at the top level (reused by L_crop)
+    aux: Tensor             # backbone loss of the call
+
+
+def conditioned_outputs(student: nn.Module, batch: PseudoLabelBatch, ranked: RankedLevels | None,
+                        top_level: int, condition_on_level: bool = True) -> StudentOutputs:
+    """Every condition of an image in one student forward: the targets' levels, then the ranked
+    levels. ``condition_on_level=False`` asks for the top level throughout (the "-conditioning" ablation)."""
+    x_s = batch.x_s
+    inputs, conds = [x_s[batch.owner]], [batch.levels]
+    if ranked is not None:
+        inputs += [x_s] * ranked.levels.shape[0]
+        conds += list(ranked.levels)
+    cond = torch.cat(conds)
+    if not condition_on_level:
+        cond = torch.full_like(cond, top_level)
+    out = student(torch.cat(inputs), cond)
+    n = batch.owner.numel()
+    if ranked is None:
+        return StudentOutputs(out.image[:n], None, None, out.aux_loss)
+    outs = out.image[n:].view(-1, *x_s.shape)                                     # (m, B, 3, H, W)
+    return StudentOutputs(out.image[:n], outs, outs[ranked.top], out.aux_loss)
+
+
+@torch.no_grad()
+def best_pl_reward(reward: Callable[[Tensor], Tensor], reward_is_fused: bool, best: BestPseudoLabels,
+                   batch: int) -> Tensor:
+    """``max_k r(PL_k)`` per image (B,) on the scale of ``reward``: the fused scores the bank
+    recorded when the reward is the fused score (no member ``exclude``d), else the reward of the
+    bank's pseudo-labels themselves (geometric views leave it unchanged up to borders)."""
+    scores = best.scores if reward_is_fused else reward(best.images)
+    return torch.full((batch,), -1e4, device=best.images.device).scatter_reduce(
+        0, best.owner, scores.float(), reduce="amax")
+
+
+def drop_non_finite_grads_(optimizer: torch.optim.Optimizer) -> bool:
+    """Clear every gradient when one is not finite (a grader's feature at a degenerate output, an
+    overflow): the optimizer then skips its weights. Whether it did."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        return False
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+    return True
+
+
+def build_optimizer(student: nn.Module, o: OptimSettings, max_steps: int) -> Any:
+    """AdamW over the student's trainable weights (the zero-initialised quality conditioning at
+    ``cond_lr_mult × lr``: it starts from nothing), with the ``cosine`` schedule when asked."""
+    cond = {id(p) for m in student.modules() if isinstance(m, (LevelEmbedding, AdaLNModulation)) for p in m.parameters()}
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in cond]},
+              {"params": [p for p in trainable if id(p) in cond], "lr": o.lr * o.cond_lr_mult}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    if o.schedule == "constant":
+        return opt
+    if max_steps <= 0:
+        raise ValueError("lr_schedule 'cosine' decays over trainer.max_steps: set it (> 0)")
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_steps, eta_min=0.0)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
