@@ -21,7 +21,8 @@ class IQPIRResult(NamedTuple):
 
     image: (B, 3, H, W). logits_common, logits_hq: (B, h, w, K). feature: (B, C, h, w) LQ encoder
     output before conditioning (the stage-2 MSE input). latent: (B, C, h, w) straight-through fused
-    latent fed to the decoder (its values are codebook entries).
+    latent fed to the decoder (its values are codebook entries). corrected: (B, 3, H, W) the
+    image-level fusion's affine correction of the input (``None`` without one, or at ``w = 0``).
     """
 
     image: Tensor
@@ -29,6 +30,7 @@ class IQPIRResult(NamedTuple):
     logits_hq: Tensor
     feature: Tensor
     latent: Tensor
+    corrected: Tensor | None = None
 
 
 def straight_through_codes(logits: Tensor, quantizer: VectorQuantizer) -> Tensor:
@@ -121,11 +123,13 @@ class IQPIRNet(nn.Module):
                 return out
 
         image = self.decoder(latent, fuse)
+        corrected = None
         if fused and self.fidelity.image is not None:
             f = self.fidelity.image.factor
-            image = self.fidelity.image(x, skips[f], seen[f], image, w, level).image
+            image, corrected, _ = self.fidelity.image(x, skips[f], seen[f], image, w, level)
+            corrected = corrected[..., :h, :wd]
         image = image[..., :h, :wd]
-        return IQPIRResult(image, logits.common, logits.hq, feature, latent)
+        return IQPIRResult(image, logits.common, logits.hq, feature, latent, corrected)
 
     def prior_frozen(self) -> bool:
         """True when the decoder and codebooks have no trainable parameter."""

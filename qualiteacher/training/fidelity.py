@@ -25,7 +25,9 @@ class FidelityModule(L.LightningModule):
     """Fusion-block training on ``batch["labeled"]`` (``lq``, ``gt``).
 
     Loss: ``w_l1 L1 + w_ssim (1 - SSIM)/2 (+ w_perceptual VGG)`` of ``S(lq, none, w=train_w)``
-    against ``gt``. The released recipe adds a GAN term; it is left out here (our stage-1
+    against ``gt``, plus ``w_affine L1`` of the image-level fusion's affine correction alone (deep
+    supervision: trained only inside the blend, the correction learnt to over-saturate and lean on
+    the colourless decode; on its own it must be a restorer). The released recipe adds a GAN term; it is left out here (our stage-1
     discriminator is available, but at the step counts this stage gets on a CPU it costs fidelity).
     ``stage2_checkpoint`` is loaded in ``setup`` (strict); ``student`` becomes stage 3's init.
     """
@@ -43,6 +45,7 @@ class FidelityModule(L.LightningModule):
         w_ssim: float = 0.5,
         w_perceptual: float = 0.0,
         perceptual_weights: str | None = None,
+        w_affine: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -71,11 +74,15 @@ class FidelityModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         lq, gt = batch["labeled"]["lq"], batch["labeled"]["gt"]
         hp = self.hparams
-        out = self.student(lq, None, w=hp.train_w).image
+        result = self.student.predict(lq, None, w=hp.train_w)
+        out = result.image
         l1 = F.l1_loss(out, gt)
         ssim = kornia.losses.ssim_loss(out.clamp(0, 1), gt, window_size=min(11, min(gt.shape[-2:]) // 2 * 2 - 1))
         total = hp.w_l1 * l1 + hp.w_ssim * ssim
         logs = {"l1": l1, "ssim": ssim}
+        if result.corrected is not None and hp.w_affine > 0:
+            logs["affine_l1"] = F.l1_loss(result.corrected, gt)
+            total = total + hp.w_affine * logs["affine_l1"]
         if self.perceptual is not None:
             logs["perceptual"] = self.perceptual(out, gt)
             total = total + hp.w_perceptual * logs["perceptual"]
