@@ -8,8 +8,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from qualiteacher.iqa import presets
 from qualiteacher.iqa.ensemble import with_reward_modes, without_members
-from qualiteacher.iqa.presets import PRESETS, TASKS, build_ensemble, preset_specs
 from qualiteacher.teacher.bank import PseudoLabelBank
 from qualiteacher.teacher.multiaug import multi_augment
 from qualiteacher.teacher.views import apply_view, invert_view
@@ -23,8 +23,8 @@ def detached_members(ensemble: nn.Module, entries: tuple[str, ...], preset: str)
     task: dehaze's ``haze`` is derain's ``veil``); one that names nothing anywhere is an error."""
     specs = list(ensemble.specs)
     unmatched = [e for e in entries if not any(e in (s.name, s.backend) for s in specs)]
-    if unmatched and preset in PRESETS:
-        known = {x for t in TASKS for s in preset_specs(preset, t) for x in (s.name, s.backend)}
+    if unmatched and preset in presets.PRESETS:
+        known = {x for t in presets.TASKS for s in presets.preset_specs(preset, t) for x in (s.name, s.backend)}
         unmatched = [e for e in unmatched if e not in known]
     if unmatched:
         raise ValueError(f"reward_detach: {unmatched} match no member (members: {[s.name for s in specs]})")
@@ -35,7 +35,7 @@ def training_ensemble(ensemble: nn.Module | None, g: GradingSettings) -> nn.Modu
     """The ensemble stage 3 trains with: ``ensemble`` (built from ``g`` when None) without the
     held-out members, with the detached reward members, frozen, at the members' precision."""
     if ensemble is None:
-        ensemble = build_ensemble(g.preset, task=g.task, weights_dir=g.weights_dir)
+        ensemble = presets.build_ensemble(g.preset, task=g.task, weights_dir=g.weights_dir)
     if g.exclude:
         ensemble = without_members(ensemble, g.exclude)
     if g.reward_detach:
