@@ -11,13 +11,14 @@ from __future__ import annotations
 import inspect
 import math
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from qualiteacher.training.memory import MemoryBudgetError, describe, resolve_budget
-from qualiteacher.training.tiling import tiled_apply
+from qualiteacher.training.tiling import TilePlan, plan_tiles, run_tiles, tiled_apply  # noqa: F401  (tiled_apply: re-exported)
 
 MIN_TILE = 16           # smaller tiles leave the model no context (a grid pattern in the output)
 TILE_TOKENS = 32        # default tiles hold about 32 x 32 positions at the model's coarsest scale ...
@@ -107,27 +108,9 @@ def _per_image(value: float | Tensor | None, b: int, device: torch.device, dtype
     return t.expand(b) if t.numel() == 1 else t
 
 
-@torch.no_grad()
-def restore(model: nn.Module, images: Tensor, level: int | Tensor | None = 7, tile: int | None = None,
-            overlap: int | None = None, max_memory: str | int | None = None, multiple: int | None = None,
-            w: float | Tensor | None = None, tiles_per_batch: int | None = None) -> Tensor:
-    """Restore ``images`` (B, 3, H, W) with a student at quality ``level`` (an int, or a (B,)
-    tensor: one level per image) and, for a student with a fidelity path, fidelity ``w`` (a float
-    or a (B,) tensor; ``None``: the student's default). ``level=None`` runs unconditioned (as the
-    teacher does).
-
-    ``images`` may be uint8 (0..255; the result is uint8) or float in [0, 1] (the result in its
-    dtype), on any device: tiles go to the model's device one batch at a time. ``tile``: None picks
-    :func:`default_tile` (images that fit in one tile run whole), 0 never tiles, an int is the tile
-    side (the training crop size gives what evaluation measured). ``overlap`` defaults to
-    :func:`default_overlap`. ``max_memory`` (bytes or ``"2G"``; None: the machine's default) bounds
-    the image buffers plus the tiles in flight; :class:`~qualiteacher.training.memory.MemoryBudgetError`
-    when even one tile does not fit. :class:`NonFiniteOutputError` when the model outputs NaN/inf.
-    """
-    device = next((p.device for p in model.parameters()), images.device)
-    multiple = multiple or size_multiple(model)
-    budget = resolve_budget(max_memory, device)
-    b, (h, wd) = images.shape[0], images.shape[-2:]
+def _student_fn(model: nn.Module, b: int, level: int | Tensor | None, w: float | Tensor | None,
+                device: torch.device) -> Callable[[Tensor], Tensor]:
+    # tiles -> restored tiles; per-image levels and w repeat over the positions of a batch
     levels = _per_image(level, b, device, torch.long)
     ws = w if w is None or not isinstance(w, Tensor) else _per_image(w, b, device, torch.float32)
 
@@ -143,20 +126,65 @@ def restore(model: nn.Module, images: Tensor, level: int | Tensor | None = 7, ti
                                        "(retrain, or take an earlier checkpoint)")
         return out.clamp(0, 1)
 
+    return fn
+
+
+def _plan(fn: Callable[[Tensor], Tensor], model: nn.Module, images: Tensor, tile: int | None,
+          overlap: int | None, budget: int, multiple: int, tiles_per_batch: int | None,
+          device: torch.device) -> TilePlan:
+    h, wd = images.shape[-2:]
     used = auto_tile(images, tile, model)
     side = math.ceil(max(h, wd) / multiple) * multiple if used is None else used  # None: one tile, the whole image
+    while True:
+        ov = 0 if side >= max(h, wd) else default_overlap(side) if overlap is None else overlap
+        try:
+            return plan_tiles(fn, images, side, ov, budget, multiple, tiles_per_batch, device, key=model)
+        except MemoryBudgetError:  # an automatic tile may shrink until one fits the budget
+            smaller = (side * 3 // 4) // multiple * multiple
+            if tile is not None or smaller < max(MIN_TILE, 2 * multiple, 2 * default_overlap(smaller) + 1):
+                raise
+            side = smaller
+
+
+def plan_restore(model: nn.Module, images: Tensor, tile: int | None = None, overlap: int | None = None,
+                 max_memory: str | int | None = None, tiles_per_batch: int | None = None) -> TilePlan:
+    """How :func:`restore` cuts ``images`` with these settings: the tile grid (an automatic tile
+    shrinks until one batch fits the budget), the overlap and the positions per batch."""
+    device = next((p.device for p in model.parameters()), images.device)
+    budget = resolve_budget(max_memory, device)
+    fn = _student_fn(model, images.shape[0], 7, None, device)
+    with torch.no_grad():
+        return _plan(fn, model, images, tile, overlap, budget, size_multiple(model), tiles_per_batch, device)
+
+
+@torch.no_grad()
+def restore(model: nn.Module, images: Tensor, level: int | Tensor | None = 7, tile: int | None = None,
+            overlap: int | None = None, max_memory: str | int | None = None, multiple: int | None = None,
+            w: float | Tensor | None = None, tiles_per_batch: int | None = None) -> Tensor:
+    """Restore ``images`` (B, 3, H, W) with a student at quality ``level`` (an int, or a (B,)
+    tensor: one level per image) and, for a student with a fidelity path, fidelity ``w`` (a float
+    or a (B,) tensor; ``None``: the student's default). ``level=None`` runs unconditioned (as the
+    teacher does).
+
+    ``images`` may be uint8 (0..255; the result is uint8) or float in [0, 1] (the result in its
+    dtype), on any device: tiles go to the model's device one batch at a time. ``tile``: None picks
+    :func:`default_tile` (images that fit in one tile run whole; the tile shrinks when the budget
+    cannot hold one), 0 never tiles, an int is the tile side (the training crop size gives what
+    evaluation measured). ``overlap`` defaults to :func:`default_overlap`. ``max_memory`` (bytes or
+    ``"2G"``; None: the machine's default) bounds the image buffers plus the tiles in flight;
+    :class:`~qualiteacher.training.memory.MemoryBudgetError` when even one tile does not fit.
+    :class:`NonFiniteOutputError` when the model outputs NaN/inf. :func:`plan_restore` says how
+    an image is cut.
+    """
+    device = next((p.device for p in model.parameters()), images.device)
+    multiple = multiple or size_multiple(model)
+    budget = resolve_budget(max_memory, device)
+    fn = _student_fn(model, images.shape[0], level, w, device)
     was_training = model.training
     model.eval()
     try:
-        while True:
-            ov = 0 if side >= max(h, wd) else default_overlap(side) if overlap is None else overlap
-            try:
-                return tiled_apply(fn, images, side, ov, budget, multiple, tiles_per_batch, device, key=model)
-            except MemoryBudgetError:  # planned before any tile runs: an automatic tile may shrink to fit
-                smaller = (side * 3 // 4) // multiple * multiple
-                if tile is not None or smaller < max(MIN_TILE, 2 * multiple, 2 * default_overlap(smaller) + 1):
-                    raise
-                side = smaller
+        plan = _plan(fn, model, images, tile, overlap, budget, multiple, tiles_per_batch, device)
+        return run_tiles(fn, images, plan, device)
     finally:
         model.train(was_training)
 
