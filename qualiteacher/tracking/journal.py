@@ -90,8 +90,7 @@ class TrackingJournal:
         if op["op"] == "log_artifact":  # a file that may vanish (a temporary one): keep a copy
             src = Path(op["path"])
             if not src.resolve().is_relative_to(self.folder.parent.resolve()):
-                keep = self.folder / "files" / f"{len(self.ops):06d}-{src.name}"
-                keep.parent.mkdir(parents=True, exist_ok=True)
+                keep = self.keep_path(src.name)
                 shutil.copy2(src, keep)
                 op["path"] = str(keep)
         op["seq"] = (self.ops[-1]["seq"] + 1) if self.ops else 0
@@ -100,6 +99,12 @@ class TrackingJournal:
             fh.flush()
             os.fsync(fh.fileno())
         self.ops.append(op)
+
+    def keep_path(self, name: str) -> Path:
+        """A new place for a file the journal keeps (its artifact name unchanged)."""
+        folder = self.folder / "files" / str(time.time_ns())
+        folder.mkdir(parents=True)
+        return folder / name
 
     def mark_done(self, seq: int) -> None:
         self.done.add(seq)
@@ -166,13 +171,11 @@ class JournaledClient:
             from PIL import Image
 
             self._fault(err)
-            self.journal.folder.mkdir(parents=True, exist_ok=True)
             name = Path(artifact_file or "image.png")
-            keep = self.journal.folder / f"image-{time.time_ns()}-{name.name}"
+            keep = self.journal.keep_path(name.name)
             (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))).save(keep)
             parent = str(name.parent) if str(name.parent) != "." else None
-            self.journal.append({"op": "log_artifact", "run": run_id, "path": str(keep), "dir": parent,
-                                 "name": name.name})
+            self.journal.append({"op": "log_artifact", "run": run_id, "path": str(keep), "dir": parent})
 
     def set_terminated(self, run_id: str, status: str = "FINISHED", end_time: int | None = None) -> None:
         self._write({"op": "set_terminated", "run": run_id, "status": status})
@@ -233,16 +236,7 @@ class JournaledClient:
                 for key, _v, _ts, step in rows:
                     held[(op["run"], key)] = max(held[(op["run"], key)], step)
         elif op["op"] == "log_artifact":
-            path = Path(op["path"])
-            if op.get("name") and op["name"] != path.name:  # an image kept under a unique name
-                with contextlib.ExitStack() as stack:
-                    import tempfile
-
-                    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory())) / op["name"]
-                    shutil.copy2(path, tmp)
-                    c.log_artifact(op["run"], str(tmp), op["dir"])
-            else:
-                c.log_artifact(op["run"], str(path), op["dir"])
+            c.log_artifact(op["run"], op["path"], op["dir"])
         elif op["op"] == "set_terminated":
             c.set_terminated(op["run"], op["status"])
         elif op["op"] == "update_run":
