@@ -63,8 +63,13 @@ def fit_tile(size: int, tile: int, overlap: int, multiple: int = 1) -> int:
 
 def plan_grid(h: int, w: int, tile: int, overlap: int, multiple: int = 1) -> TileGrid:
     """The tile grid of an ``h`` x ``w`` image (tiles fitted to each side, :func:`fit_tile`); a
-    side shorter than ``tile`` becomes one tile of that side rounded up to ``multiple``."""
+    side shorter than ``tile`` becomes one tile of that side rounded up to ``multiple``, and the
+    tiles along the other side grow to the same area (a 20000 x 8 strip goes in 8 x 2048 tiles)."""
     th, tw = fit_tile(h, tile, overlap, multiple), fit_tile(w, tile, overlap, multiple)
+    if th < tile and tw == tile:
+        tw = fit_tile(w, max(tile, tile * tile // th // multiple * multiple), overlap, multiple)
+    elif tw < tile and th == tile:
+        th = fit_tile(h, max(tile, tile * tile // tw // multiple * multiple), overlap, multiple)
     return TileGrid((th, tw), axis_starts(h, th, overlap), axis_starts(w, tw, overlap), (h, w))
 
 
