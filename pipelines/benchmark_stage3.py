@@ -38,8 +38,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
+
+from qualiteacher.data.datamodule import RestorationDataModule
+from qualiteacher.data.demo import build_demo
+from qualiteacher.iqa.members import MemberSpec
+from qualiteacher.iqa.presets import ensemble_from_specs, preset_specs
+from qualiteacher.pipeline.resolve import resolve_config
+from qualiteacher.pipeline.sections import stage_section
+from qualiteacher.training.stage3 import QualiTeacherModule
 
 # the benchmark's parts, beside this script (whose folder is on sys.path)
 from benchmark_stage3_phases import PHASES, BackwardSplit, PhaseClock, instrument
@@ -47,25 +57,15 @@ from benchmark_stage3_released import Released
 
 
 # ----------------------------------------------------------------------------------- set-up
-def build_parts(args: argparse.Namespace) -> tuple[Any, Any, list[dict[str, Any]], list[str]]:
-    """The configured stage-3 module, the re-enactment's ensemble when it differs from ours
-    (else None), the benchmark's batches and notes."""
-    from qualiteacher.data.datamodule import RestorationDataModule
-    from qualiteacher.data.demo import build_demo
-    from qualiteacher.iqa.members import MemberSpec
-    from qualiteacher.iqa.presets import ensemble_from_specs, preset_specs
-    from qualiteacher.pipeline.resolve import resolve_config
-    from qualiteacher.pipeline.sections import stage_section
-    from qualiteacher.training.stage3 import QualiTeacherModule
-
-    notes: list[str] = []
+def stage3_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """Stage 3's model arguments as configured, for the full step (after N) with the command's
+    options; ``args.size`` and ``args.batch`` resolved from its data section."""
     overrides = list(args.override)
     if args.student:
         overrides.append(f"student={args.student}")
     cfg = resolve_config(args.task, args.preset, overrides=overrides)
     section = stage_section(cfg, "stage3")
     model = dict(section["model"])
-    data_cfg = dict(section["data"])
     model.update(init_from=None, pref_start_step=0, crop_start_step=0)  # the full step (after N)
     if args.iqa:
         model["iqa_preset"] = args.iqa
@@ -76,9 +76,38 @@ def build_parts(args: argparse.Namespace) -> tuple[Any, Any, list[dict[str, Any]
     if args.precision == "bf16":
         model["iqa_bf16"] = True
     model.setdefault("student", cfg.student)
-    crop = args.size or int(data_cfg.get("crop_size", 64))
-    batch = args.batch or int(data_cfg.get("batch_size", 4))
-    args.size, args.batch = crop, batch  # reported as resolved
+    data_cfg = dict(section["data"])
+    args.size = args.size or int(data_cfg.get("crop_size", 64))   # reported as resolved
+    args.batch = args.batch or int(data_cfg.get("batch_size", 4))
+    return model
+
+
+def benchmark_batches(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``args.warmup + args.steps`` training batches of ``args.data`` (default: demo data built in a
+    temporary folder)."""
+    root = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="qt-bench-"))
+    if not args.data:
+        n = max(8, 2 * args.batch)
+        build_demo(root, seed=0, tasks=(args.task,), size=max(96, args.size), n_labeled=n, n_unlabeled=n,
+                   n_test=1, n_clean=2, progress=False)
+    dm = RestorationDataModule(labeled_root=str(root / args.task / "labeled"),
+                               unlabeled_root=str(root / args.task / "unlabeled"), crop_size=args.size,
+                               batch_size=args.batch, seed=0)
+    dm.setup("fit")
+    batches: list[dict[str, Any]] = []
+    while len(batches) < args.warmup + args.steps:
+        for item in dm.train_dataloader():
+            batches.append(item[0] if isinstance(item, tuple) else item)
+            if len(batches) >= args.warmup + args.steps:
+                break
+    return batches
+
+
+def build_parts(args: argparse.Namespace) -> tuple[Any, Any, list[dict[str, Any]], list[str]]:
+    """The configured stage-3 module, the re-enactment's ensemble when it differs from ours
+    (else None), the benchmark's batches and notes."""
+    notes: list[str] = []
+    model = stage3_arguments(args)
     specs = preset_specs(model["iqa_preset"], model.get("task"))
 
     def make(member_specs: list[MemberSpec]) -> Any:
@@ -100,33 +129,15 @@ def build_parts(args: argparse.Namespace) -> tuple[Any, Any, list[dict[str, Any]
         reference = make(upsampled)
     args.native_niqe = any(s.options.get("native", False) for s in specs if s.backend == "offline:niqe")
     module = QualiTeacherModule(**model, ensemble=make(specs))
-    root = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="qt-bench-"))
-    if not args.data:
-        n = max(8, 2 * batch)
-        build_demo(root, seed=0, tasks=(args.task,), size=max(96, crop), n_labeled=n, n_unlabeled=n,
-                   n_test=1, n_clean=2, progress=False)
-    dm = RestorationDataModule(labeled_root=str(root / args.task / "labeled"),
-                               unlabeled_root=str(root / args.task / "unlabeled"), crop_size=crop,
-                               batch_size=batch, seed=0)
-    dm.setup("fit")
-    batches: list[dict[str, Any]] = []
-    while len(batches) < args.warmup + args.steps:
-        for item in dm.train_dataloader():
-            batches.append(item[0] if isinstance(item, tuple) else item)
-            if len(batches) >= args.warmup + args.steps:
-                break
-    notes.append(f"student {model['student']} preset {model['preset']}, crop {crop} px, batch {batch}, "
-                 f"IQA {model['iqa_preset']} ({', '.join(s.name for s in specs)}; native NIQE "
-                 f"{args.native_niqe}), pref_mode "
-                 f"{model.get('pref_mode', 'pair')}, pref_levels_per_step {model.get('pref_levels_per_step')}, "
-                 f"refresh_every {model.get('refresh_every', 1)}, mask_block {model.get('mask_block', 144)}")
-    return module, reference, batches, notes
+    p = module.settings
+    notes.append(f"student {p.student.kind} preset {p.student.preset}, crop {args.size} px, batch {args.batch}, "
+                 f"IQA {p.grading.preset} ({', '.join(s.name for s in specs)}; native NIQE {args.native_niqe}), "
+                 f"pref_mode {p.preference.mode}, pref_levels_per_step {p.preference.levels_per_step}, "
+                 f"refresh_every {p.teacher.refresh_every}, mask_block {p.grading.mask_block}")
+    return module, reference, benchmark_batches(args), notes
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import lightning as L
-    from torch.utils.data import DataLoader
-
     torch.manual_seed(0)
     device = torch.device(args.device)
     module, reference, batches, notes = build_parts(args)
