@@ -61,8 +61,8 @@ def _airlight(data: Path, task: str) -> str:
 
 
 @torch.no_grad()
-def study(out_dir: Path, data: Path, task: str) -> pd.DataFrame:
-    lq, gt = _load(data / task / "test" / "lq"), _load(data / task / "test" / "gt")
+def study(out_dir: Path, data: Path, task: str, split: str = "test") -> pd.DataFrame:
+    lq, gt = _load(data / task / split / "lq"), _load(data / task / split / "gt")
     module = load_trained(out_dir / "stage3" / "final.ckpt")
     hp = module.hparams
     rows = [_row("input", lq, gt), _row("classical", classical_restorer(task)(lq), gt)]
@@ -115,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("outputs/dehaze"), help="the pipeline's output folder")
     parser.add_argument("--data", type=Path, default=Path("demo_data"))
     parser.add_argument("--task", default="dehaze")
+    parser.add_argument("--split", default="test", help="test, or val to choose settings")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    table = study(args.out, args.data, args.task)
+    table = study(args.out, args.data, args.task, args.split)
     print(_markdown(table))
     note = _airlight(args.data, args.task)
     if note:
