@@ -276,3 +276,20 @@ def test_a_large_photo_is_restored_under_the_budget(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     grown, width = map(int, run.stdout.split())
     assert width == 2000 and grown <= budget, f"peak RSS grew {grown / 2**20:.0f} MiB, budget {budget / 2**20:.0f}"
+
+
+def test_scoring_reads_large_images_in_8_bits_at_a_bounded_size(tmp_path):
+    from qualiteacher.iqa.bounded import fit_side, read_bounded, read_uint8
+
+    arr = (np.random.default_rng(0).random((300, 2400, 3)) * 255).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "wide.png")
+    Image.fromarray(arr[:, :, 0]).save(tmp_path / "grey.png")
+    assert read_uint8(tmp_path / "wide.png").shape == (300, 2400, 3)
+    assert np.array_equal(read_uint8(tmp_path / "wide.png"), arr)
+    small = read_bounded(tmp_path / "wide.png", 1024)
+    assert small.shape == (128, 1024, 3) and small.dtype == np.float32 and 0 <= small.min() <= small.max() <= 1
+    assert read_bounded(tmp_path / "grey.png", 600).shape == (75, 600, 3)
+    assert fit_side(torch.rand(2, 3, 40, 900), 300).shape == (2, 3, 13, 300)
+    with pytest.raises(ValueError):  # a broken file: read_image's error
+        (tmp_path / "bad.png").write_bytes(b"not a png")
+        read_uint8(tmp_path / "bad.png")

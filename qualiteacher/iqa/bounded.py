@@ -55,8 +55,10 @@ def read_uint8(path: str | os.PathLike, max_side: int | None = None, max_pixels:
             eight_bit = im.mode in _EIGHT_BIT and (cap is None or im.size[0] * im.size[1] <= cap)
             if eight_bit:
                 im.load()
-                im = _rgb(ImageOps.exif_transpose(im))
-                return np.array(_shrink(im, max_side))  # writable: torch.from_numpy takes it as is
+                im = ImageOps.exif_transpose(im)
+                if im.mode in ("L", "RGB"):  # shrink first: a grey 60-MP bomb never becomes 4 bytes a pixel
+                    return np.array(_rgb(_shrink(im, max_side)))  # writable: torch.from_numpy takes it as is
+                return np.array(_shrink(_rgb(im), max_side))
     except Exception:  # noqa: BLE001, S110  read_image below names the problem of a file Pillow cannot use
         pass
     # 16-bit / float pixels, an image over the pixel cap, a broken file: read_image's rules and errors
