@@ -194,16 +194,9 @@ def run_study(s: StudySettings) -> StudyResult:
     """Run (or resume) the study ``s``; see the module docstring. Config errors raise ConfigError,
     a folder of another study StudyMismatch, an unknown mode KeyError, before anything trains;
     the study folder is locked while it runs (``pipeline.lock``: a second study there fails at once)."""
-    from qualiteacher.pipeline.state import FolderLock
-
-    with FolderLock(s.out_dir, " ".join(["qualiteacher", *sys.argv[1:]])):  # one study per folder
-        return _run_study(s)
-
-
-def _run_study(s: StudySettings) -> StudyResult:
     from qualiteacher.pipeline.config import ConfigError, PipelineConfig
-    from qualiteacher.pipeline.run import git_commit
     from qualiteacher.pipeline.sections import check_hardware, parse_stage
+    from qualiteacher.pipeline.state import FolderLock
 
     modes = resolve_modes(s.modes, s.variants)
     store = StudyStore(s.out_dir)
@@ -220,6 +213,15 @@ def _run_study(s: StudySettings) -> StudyResult:
             _, ns = parse_stage(PipelineConfig.from_dict(run_config(cfg, store, RunKey(mode, seed), steps, held,
                                                                     s.variants)), "stage3")
             check_hardware("stage3", ns.trainer.as_dict())
+    with FolderLock(store.out, " ".join(["qualiteacher", *sys.argv[1:]])):  # one study per folder from here on
+        return _run_checked(s, store, cfgs, modes, steps, held)
+
+
+def _run_checked(s: StudySettings, store: StudyStore, cfgs: dict[int, dict[str, Any]], modes: list[str],
+                 steps: int, held: str | None) -> StudyResult:
+    from qualiteacher.pipeline.run import git_commit
+
+    base = next(iter(cfgs.values()))
     store.check_settings({"task": s.task, "preset": s.preset, "student": base["student"], "steps": steps,
                           "held_out": held, "data_root": base["data_root"], "configs": list(s.configs),
                           "overrides": list(s.overrides), "variants": dict(s.variants)})
@@ -347,6 +349,7 @@ def _finish(store: StudyStore, keys: list[RunKey], modes: list[str], held: str |
     for path in files.values():
         runs.client.log_artifact(runs.parent_id, str(path), artifact_path="study")
     runs.end_parent()
+    runs.close()  # tracking writes the store refused: sent now, or one line saying where they wait
     print(f"\n{files['table'].read_text()}")
     print(f"[study] files: {', '.join(str(p) for p in files.values())}")
     print(f"[study] MLflow: {runs.uri} (study run {runs.parent_id})")
