@@ -4,8 +4,9 @@
 parameters, tags, artifacts, run status; reads go straight through). A write that fails (a store
 that became read-only, a server that went away, a full disk) is appended to
 ``OUT/tracking/journal.jsonl`` (fsynced) and the run goes on; later writes of the same kind queue
-behind it, so their order is kept. The journal is sent again every ``retry_s`` seconds, at every
-flush (each checkpoint), when the pipeline ends and when it starts again (:meth:`drain`):
+behind it, so their order is kept. The journal is sent again after ``retry_s`` seconds (doubling
+while the store stays faulty, up to 5 min), when the pipeline ends and when it starts again
+(:meth:`JournaledClient.drain`):
 
 * none lost: a journaled write stays until the store took it (artifacts of temporary files are
   copied into ``OUT/tracking/files`` first);
@@ -34,6 +35,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 JOURNAL_DIR = "tracking"
+MAX_RETRY_S = 300.0
 _NOISY_LOGGERS = ("mlflow.store.db.utils", "mlflow.utils.rest_utils", "alembic")
 
 
@@ -72,6 +74,7 @@ class TrackingJournal:
         self._done_path = self.folder / "journal.done"
         self.ops: list[dict[str, Any]] = []
         self.done: set[int] = set()
+        self._waiting: dict[str, int] = {}  # "" (all), channel, "run:<id>" -> pending writes
         if self.path.is_file():
             for line in self.path.read_text().splitlines():
                 try:
@@ -80,6 +83,16 @@ class TrackingJournal:
                     continue
             if self._done_path.is_file():
                 self.done = set(json.loads(self._done_path.read_text() or "[]"))
+        for op in self.pending():
+            self._count(op, 1)
+
+    def _count(self, op: dict[str, Any], change: int) -> None:
+        for key in ("", _channel(op), f"run:{op['run']}"):
+            self._waiting[key] = self._waiting.get(key, 0) + change
+
+    def waiting(self, channel: str = "", run_id: str | None = None) -> int:
+        """How many writes wait (of one channel, or of one run)."""
+        return self._waiting.get(f"run:{run_id}" if run_id else channel, 0)
 
     def pending(self, channel: str | None = None, run_id: str | None = None) -> list[dict[str, Any]]:
         return [op for op in self.ops if op["seq"] not in self.done
@@ -99,6 +112,7 @@ class TrackingJournal:
             fh.flush()
             os.fsync(fh.fileno())
         self.ops.append(op)
+        self._count(op, 1)
 
     def keep_path(self, name: str) -> Path:
         """A new place for a file the journal keeps (its artifact name unchanged)."""
@@ -106,13 +120,14 @@ class TrackingJournal:
         folder.mkdir(parents=True)
         return folder / name
 
-    def mark_done(self, seq: int) -> None:
-        self.done.add(seq)
-        if not self.pending():  # all sent: start afresh
+    def mark_done(self, op: dict[str, Any]) -> None:
+        self.done.add(op["seq"])
+        self._count(op, -1)
+        if not self.waiting():  # all sent: start afresh
             for path in (self.path, self._done_path):
                 path.unlink(missing_ok=True)
             shutil.rmtree(self.folder / "files", ignore_errors=True)
-            self.ops, self.done = [], set()
+            self.ops, self.done, self._waiting = [], set(), {}
             return
         tmp = self._done_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(sorted(self.done)))
@@ -135,6 +150,8 @@ class JournaledClient:
         self._client, self.journal, self.uri, self.retry_s = client, journal, uri, retry_s
         self._faulty = False
         self._last_try = 0.0
+        self._wait_s = retry_s  # doubles after each failed retry (at most MAX_RETRY_S): a server that
+        # went away costs its timeout now and then, not at every step
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
@@ -163,7 +180,7 @@ class JournaledClient:
     def log_image(self, run_id: str, image: Any, artifact_file: str | None = None, **kwargs: Any) -> None:
         try:
             with quiet_store_errors():
-                if self.journal.pending("artifact"):
+                if self.journal.waiting("artifact"):
                     raise RuntimeError("earlier artifacts still wait")
                 self._client.log_image(run_id, image, artifact_file=artifact_file, **kwargs)
         except Exception as err:  # noqa: BLE001  kept as a file, sent with the other artifacts
@@ -196,11 +213,11 @@ class JournaledClient:
     # ------------------------------------------------------------------ the journal
     def _blocked(self, op: dict[str, Any]) -> bool:
         if op["op"] == "set_terminated":  # never FINISHED while a write of the run waits
-            return bool(self.journal.pending(run_id=op["run"]))
-        return bool(self.journal.pending(_channel(op)))
+            return bool(self.journal.waiting(run_id=op["run"]))
+        return bool(self.journal.waiting(_channel(op)))
 
     def _write(self, op: dict[str, Any]) -> None:
-        if self.journal.pending():
+        if self.journal.waiting():
             self.drain(force=False)
         if not self._blocked(op):
             try:
@@ -247,16 +264,17 @@ class JournaledClient:
     def drain(self, force: bool = True) -> int:
         """Send what the journal holds, in order per kind (at most every ``retry_s`` seconds unless
         ``force``); returns how many writes still wait."""
+        if not self.journal.waiting() or (not force and time.monotonic() - self._last_try < self._wait_s):
+            return self.journal.waiting()
         pending = self.journal.pending()
-        if not pending or (not force and time.monotonic() - self._last_try < self.retry_s):
-            return len(pending)
         self._last_try = time.monotonic()
         failed: set[str] = set()
         held: dict[tuple[str, str], int] = {}
         sent = 0
         for op in pending:
             if _channel(op) in failed or (op["op"] == "set_terminated" and any(
-                    p["run"] == op["run"] and p["seq"] < op["seq"] for p in self.journal.pending())):
+                    p["run"] == op["run"] and p["seq"] < op["seq"] and p["seq"] not in self.journal.done
+                    for p in pending)):
                 continue
             try:
                 with quiet_store_errors():
@@ -265,9 +283,10 @@ class JournaledClient:
                 failed.add(_channel(op))
                 self._fault(err)
                 continue
-            self.journal.mark_done(op["seq"])
+            self.journal.mark_done(op)
             sent += 1
-        left = len(self.journal.pending())
+        left = self.journal.waiting()
+        self._wait_s = min(self._wait_s * 2, MAX_RETRY_S) if failed else self.retry_s
         if sent and not failed and self._faulty:
             log.warning("MLflow %s takes writes again: %d kept write(s) sent", self.uri, sent)
             self._faulty = False
