@@ -138,7 +138,8 @@ def _plan(fn: Callable[[Tensor], Tensor], model: nn.Module, images: Tensor, tile
     while True:
         ov = 0 if side >= max(h, wd) else default_overlap(side) if overlap is None else overlap
         try:
-            return plan_tiles(fn, images, side, ov, budget, multiple, tiles_per_batch, device, key=model)
+            return plan_tiles(fn, images, side, ov, budget, multiple, tiles_per_batch, device, key=model,
+                              fit=tile is None)  # a given tile (the training crop) is kept as it is
         except MemoryBudgetError:  # an automatic tile may shrink until one fits the budget
             smaller = (side * 3 // 4) // multiple * multiple
             if tile is not None or smaller < max(MIN_TILE, 2 * multiple, 2 * default_overlap(smaller) + 1):
@@ -168,9 +169,9 @@ def restore(model: nn.Module, images: Tensor, level: int | Tensor | None = 7, ti
 
     ``images`` may be uint8 (0..255; the result is uint8) or float in [0, 1] (the result in its
     dtype), on any device: tiles go to the model's device one batch at a time. ``tile``: None picks
-    :func:`default_tile` (images that fit in one tile run whole; the tile shrinks when the budget
-    cannot hold one), 0 never tiles, an int is the tile side (the training crop size gives what
-    evaluation measured). ``overlap`` defaults to :func:`default_overlap`. ``max_memory`` (bytes or
+    :func:`default_tile`, fitted to the image (images that fit in one tile run whole; the tile
+    shrinks when the budget cannot hold one), 0 never tiles, an int is the tile side, kept exactly
+    (the training crop size gives what evaluation measured). ``overlap`` defaults to :func:`default_overlap`. ``max_memory`` (bytes or
     ``"2G"``; None: the machine's default) bounds the image buffers plus the tiles in flight;
     :class:`~qualiteacher.training.memory.MemoryBudgetError` when even one tile does not fit.
     :class:`NonFiniteOutputError` when the model outputs NaN/inf. :func:`plan_restore` says how

@@ -61,10 +61,14 @@ def fit_tile(size: int, tile: int, overlap: int, multiple: int = 1) -> int:
     return min(tile, math.ceil((size + (n - 1) * overlap) / n / multiple) * multiple)
 
 
-def plan_grid(h: int, w: int, tile: int, overlap: int, multiple: int = 1) -> TileGrid:
-    """The tile grid of an ``h`` x ``w`` image (tiles fitted to each side, :func:`fit_tile`); a
-    side shorter than ``tile`` becomes one tile of that side rounded up to ``multiple``, and the
-    tiles along the other side grow to the same area (a 20000 x 8 strip goes in 8 x 2048 tiles)."""
+def plan_grid(h: int, w: int, tile: int, overlap: int, multiple: int = 1, fit: bool = True) -> TileGrid:
+    """The tile grid of an ``h`` x ``w`` image; a side shorter than ``tile`` becomes one tile of
+    that side rounded up to ``multiple``. With ``fit``, tiles are fitted to each side
+    (:func:`fit_tile`) and, along a short side, grow along the other to the same area (a 20000 x 8
+    strip goes in 8 x 2016 tiles); without, every other tile is ``tile`` px (e.g. the training crop)."""
+    if not fit:
+        th, tw = (min(tile, math.ceil(n / multiple) * multiple) for n in (h, w))
+        return TileGrid((th, tw), axis_starts(h, th, overlap), axis_starts(w, tw, overlap), (h, w))
     th, tw = fit_tile(h, tile, overlap, multiple), fit_tile(w, tile, overlap, multiple)
     if th < tile and tw == tile:
         tw = fit_tile(w, max(tile, tile * tile // th // multiple * multiple), overlap, multiple)
@@ -144,8 +148,9 @@ class TilePlan(NamedTuple):
 def plan_tiles(fn: Callable[[Tensor], Tensor], image: Tensor, tile: int, overlap: int = 16,
                max_memory: int | None = None, multiple: int = 1, tiles_per_batch: int | None = None,
                device: torch.device | str | None = None, key: object | None = None,
-               probe_side: int = PROBE_SIDE) -> TilePlan:
-    """The :class:`TilePlan` of ``image`` (B, C, H, W): tiles of at most ``tile`` px, and as many
+               probe_side: int = PROBE_SIDE, fit: bool = False) -> TilePlan:
+    """The :class:`TilePlan` of ``image`` (B, C, H, W): tiles of ``tile`` px (at most, fitted to
+    the image with ``fit``: see :func:`plan_grid`), and as many
     positions per batch as ``max_memory`` bytes hold beside the image's buffers (``None``: no
     limit but ``tiles_per_batch`` / :data:`MAX_TILES`; on CPU also :data:`CPU_BATCH_PIXELS`);
     :class:`MemoryBudgetError` when one position does not fit. Nothing but the probe runs."""
@@ -153,7 +158,7 @@ def plan_tiles(fn: Callable[[Tensor], Tensor], image: Tensor, tile: int, overlap
         raise ValueError(f"tile ({tile}) must exceed twice the overlap ({overlap})")
     b, c, h, w = image.shape
     device = image.device if device is None else torch.device(device)
-    grid = plan_grid(h, w, tile, overlap, multiple)
+    grid = plan_grid(h, w, tile, overlap, multiple, fit)
     th, tw = grid.tile
     cap = min(tiles_per_batch or MAX_TILES, len(grid.ys) * len(grid.xs))
     if device.type == "cpu":
