@@ -14,7 +14,7 @@ the ideas (our own code, written from the papers' formulas):
   mean chroma from the neutral axis over the radius of the chroma distribution,
   ``K = D / (S + c)`` with ``D = |mean(a, b)|``, ``S = sqrt(var a + var b)``. A strong cast moves
   the whole distribution off grey (large D, unchanged S). Lower = better.
-- ``clipping``: fraction of pixels with a channel clipped at black or white (exposure clipping, a
+- ``clipping``: fraction of pixels with channels clipped at black or white (exposure clipping, a
   standard exposure-quality cue; e.g. the over/under-exposure terms of exposure-fusion quality,
   Mertens et al. 2007). Lower = better.
 """
@@ -53,8 +53,15 @@ def colour_cast(images: Tensor, floor: float = 2.0, side: int = 48) -> Tensor:
     return dist / (spread + floor)
 
 
-def clipping(images: Tensor, margin: float = 0.01, softness: float = 0.004) -> Tensor:
-    """Fraction of pixels whose darkest channel is below ``margin`` or brightest above ``1 - margin``."""
-    low = torch.sigmoid((margin - images.amin(1)) / softness)
-    high = torch.sigmoid((images.amax(1) - (1 - margin)) / softness)
+def clipping(images: Tensor, margin: float = 0.01, softness: float = 0.004, channels: int = 1) -> Tensor:
+    """Fraction of pixels with at least ``channels`` channels below ``margin`` or above ``1 - margin``.
+
+    ``channels=1`` also counts saturated colours (a vivid orange has blue near 0), so desaturating
+    a vivid photo lowers it; ``channels=2`` counts clipping proper (the offline preset's choice).
+    """
+    if not 1 <= channels <= 3:
+        raise ValueError(f"clipping: channels must be 1, 2 or 3, got {channels}")
+    s = images.sort(1).values  # (B, 3, H, W), ascending per pixel
+    low = torch.sigmoid((margin - s[:, channels - 1]) / softness)
+    high = torch.sigmoid((s[:, 3 - channels] - (1 - margin)) / softness)
     return (low + high).clamp(max=1).flatten(1).mean(1)

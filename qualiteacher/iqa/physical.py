@@ -14,6 +14,9 @@ thresholds are sigmoids, the histogram is a soft histogram). Raw scales and dire
 - ``blockiness``: JPEG 8-px grid strength (best grid phase against the others), lower = better.
 - ``colourfulness``, ``colour_cast``, ``clipping``: global colour and exposure statistics that catch
   destroyed outputs (grey-out, wrong white balance, clipped or posterized values); see image_stats.py.
+- ``chroma_spread``, ``chroma_tint``, ``chroma_noise``, ``hue_naturalness``: colour kept, colour
+  collapsed into a tint, colour invented at the pixel level, colour turned to unnatural hues;
+  see colour.py.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qualiteacher.iqa.colour import chroma_noise, chroma_spread, chroma_tint, hue_naturalness
 from qualiteacher.iqa.image_stats import clipping, colour_cast, colourfulness
 
 _LUMA = (0.299, 0.587, 0.114)
@@ -114,22 +118,23 @@ def rain_streak_density(images: Tensor, max_angle: float = 40.0, steps: int = 9)
 
 
 def snow_flake_density(
-    images: Tensor, blob_fraction: float = 0.06, threshold: float = 0.08, bright: float = 0.7, softness: float = 0.02
+    images: Tensor, blob_fraction: float = 0.06, threshold: float = 0.08, bright: float = 0.7, softness: float = 0.02,
+    saturation: float = 0.2,
 ) -> Tensor:
     """Fraction of pixels in small bright white blobs.
 
     A pixel counts (softly, via sigmoids) when its white top-hat (luma minus the morphological
     opening with a square of side ``blob_fraction * min(H, W)``, at least 3 px) exceeds
-    ``threshold``, its luma exceeds ``bright`` and its saturation is low.
+    ``threshold``, its luma exceeds ``bright`` and its saturation (max - min channel) is below
+    ``saturation`` (0.2 by default; the offline preset uses 0.4, so a brown tint cannot hide flakes).
     """
     y = luminance(images)
     k = max(3, round(blob_fraction * min(y.shape[-2:]))) | 1
     tophat = y - _max_pool(_min_pool(y, k), k)
-    saturation = images.amax(1, keepdim=True) - images.amin(1, keepdim=True)
     flake = (
         torch.sigmoid((tophat - threshold) / softness)
         * torch.sigmoid((y - bright) / softness)
-        * torch.sigmoid((0.2 - saturation) / softness)
+        * torch.sigmoid((saturation - (images.amax(1, keepdim=True) - images.amin(1, keepdim=True))) / softness)
     )
     return flake.mean((1, 2, 3))
 
@@ -168,6 +173,10 @@ PHYSICAL_METRICS: dict[str, Callable[..., Tensor]] = {
     "colourfulness": colourfulness,
     "colour_cast": colour_cast,
     "clipping": clipping,
+    "chroma_spread": chroma_spread,
+    "chroma_tint": chroma_tint,
+    "chroma_noise": chroma_noise,
+    "hue_naturalness": hue_naturalness,
 }
 
 
