@@ -74,7 +74,7 @@ def _iqa_audit(args: argparse.Namespace) -> int:
 
     try:
         return audit_command(args.preset, args.task, args.images, args.out, args.size, args.seed,
-                             args.random_weights, args.weights_dir, args.strict)
+                             args.random_weights, args.weights_dir, args.strict, args.demo_data)
     except (OSError, ValueError) as err:  # bad preset, folder or size: one line, exit 2
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -238,7 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     aud = iqa_sub.add_parser("audit", help="does an ensemble rank degraded and destroyed images below clean ones?")
     aud.add_argument("--preset", default="offline", help="IQA preset name or a YAML file of members")
     aud.add_argument("--task", required=True, choices=TASKS)
-    aud.add_argument("--images", default=None, help="folder of your own clean photos (default: bundled photos)")
+    aud.add_argument("--images", default=None, help="folder of your own clean photos (default: bundled photos, "
+                     "split into tune and report photos)")
+    aud.add_argument("--demo-data", default="demo_data",
+                     help="demo data folder whose test / val ground truth joins the bundled photos (if it exists)")
     aud.add_argument("--out", default="iqa_audit", help="report folder (CSV, Markdown, figure)")
     aud.add_argument("--size", type=int, default=96, help="side of the square crops in pixels")
     aud.add_argument("--seed", type=int, default=0)

@@ -11,8 +11,11 @@ its clean source teaches destruction. The audit measures, on clean images:
   the destroyed image scores strictly **below** the source, per member and fused, and the list of
   the pairs that fail.
 
-Default images: crops of clean photos that ship with installed packages (``AUDIT_PHOTOS``), none of
-them used to fit a preset (the offline NIQE is fitted on ``offline.NIQE_FIT_PHOTOS``);
+Default images: crops of clean photos that ship with installed packages, split by photo into a
+``tune`` set (weights and ranges are chosen there) and a ``report`` set (only measured), plus the
+demo data's own ground truth when a demo folder is at hand (``audit_photos.py``); none of them was
+used to fit a member (the offline NIQE is fitted on ``offline.NIQE_FIT_PHOTOS``). The audit runs
+on both and prints them side by side: a report figure far below the tune figure is overfitting.
 ``folder_images`` takes the user's own clean photos. Writing the report: ``audit_report.py``.
 """
 
@@ -30,17 +33,16 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from qualiteacher.iqa.audit_photos import AUDIT_CROPS, AUDIT_SOURCES, Split, catalogue_photos, demo_gt_photos
 from qualiteacher.iqa.destruction import DESTRUCTIONS
 from qualiteacher.iqa.ensemble import Ensemble, EnsembleScores
 
-AUDIT_PHOTOS: tuple[str, ...] = ("chelsea", "rocket", "grace_hopper", "motorcycle", "immunohistochemistry")
-# (centre y, centre x, side as a fraction of the shorter side): the whole centre square and two zooms
-AUDIT_CROPS: tuple[tuple[float, float, float], ...] = ((0.5, 0.5, 1.0), (0.35, 0.3, 0.6), (0.65, 0.7, 0.6))
 UNTRAINED = "untrained_student"
 FUSED = "fused"
 GENERIC_LADDERS: tuple[str, ...] = ("blur", "noise", "jpeg")
-MIN_PASS_FRACTION = 0.95
-MIN_LADDER_RHO = 0.9
+MIN_PASS_FRACTION = 0.95  # over all pairs
+MIN_KIND_PASS_FRACTION = 0.9  # for every destruction
+MIN_LADDER_RHO = 0.9  # for every ladder
 
 
 class AuditImages(NamedTuple):
@@ -85,38 +87,46 @@ def _stack(images: list[np.ndarray], names: list[str]) -> AuditImages:
 
 
 def bundled_photo(name: str) -> np.ndarray | None:
-    """A clean photo shipped with an installed package as uint8 RGB (the demo's sources):
-    ``skimage.data.<name>``, ``motorcycle`` (the left stereo view), ``grace_hopper`` (matplotlib)."""
+    """A clean photo shipped with an installed package as uint8 RGB: a key of
+    ``audit_photos.AUDIT_SOURCES`` or ``skimage.data.<name>``; None when its package is missing."""
     import skimage.data
 
-    if name == "grace_hopper":
-        from qualiteacher.data.demo import grace_hopper_path
+    from qualiteacher.iqa.audit_photos import photo_path, read_photo
 
-        path = grace_hopper_path()
-        if path is None:
-            return None
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    image = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
-    image = np.asarray(image)
+    if name in AUDIT_SOURCES:
+        path = photo_path(name)
+        return None if path is None else read_photo(path)
+    image = np.asarray(getattr(skimage.data, name)())
     return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
 
 
-def default_images(size: int = 96, photos: Sequence[str] = AUDIT_PHOTOS) -> AuditImages:
-    """Crops of the bundled clean photos (scikit-image, matplotlib); never the NIQE fit photos."""
+def default_images(size: int = 96, split: Split | None = "report", photos: Sequence[str] | None = None,
+                   demo_root: str | Path | None = None, task: str | None = None,
+                   crops: Sequence[tuple[float, float, float]] = AUDIT_CROPS) -> AuditImages:
+    """Crops of the bundled clean photos: the catalogue's ``split`` side (``photos`` names them
+    instead), plus the demo data's ground truth of ``task`` under ``demo_root`` (same split, one
+    crop each: they are crops already). Never the NIQE fit photos."""
     from qualiteacher.iqa.offline import NIQE_FIT_PHOTOS
 
-    clash = set(photos) & set(NIQE_FIT_PHOTOS)
-    if clash:
-        raise ValueError(f"audit photos {sorted(clash)} were used to fit the offline NIQE: choose others")
+    if photos is not None:
+        clash = set(photos) & set(NIQE_FIT_PHOTOS)
+        if clash:
+            raise ValueError(f"audit photos {sorted(clash)} were used to fit the offline NIQE: choose others")
+        found = {name: bundled_photo(name) for name in photos}
+        chosen = {name: img for name, img in found.items() if img is not None}
+    else:
+        chosen = catalogue_photos(split)
     images, names = [], []
-    for name in photos:
-        photo = bundled_photo(name)
-        if photo is None:  # grace_hopper needs matplotlib
-            continue
-        for j, crop in enumerate(square_crops(photo, size)):
+    for name, photo in chosen.items():
+        for j, crop in enumerate(square_crops(photo, size, crops)):
             images.append(crop)
             names.append(f"{name}#{j}")
+    if demo_root is not None and task is not None and photos is None:
+        for name, photo in demo_gt_photos(demo_root, task, split).items():
+            images.append(square_crops(photo, size, [(0.5, 0.5, 1.0)])[0])
+            names.append(f"{name}#0")
+    if not images:
+        raise ValueError(f"no audit photo found (split {split!r}): are scikit-image and matplotlib installed?")
     return _stack(images, names)
 
 
@@ -242,13 +252,31 @@ def run_audit(ensemble: Ensemble, task: str, images: AuditImages, preset: str = 
     return AuditResult(ladder, summary, pairs, pass_fractions(pairs), failing_pairs(pairs), meta)
 
 
-def verdict(result: AuditResult, min_pass: float = MIN_PASS_FRACTION, min_rho: float = MIN_LADDER_RHO) -> tuple[bool, str]:
-    """Whether the fused score passes: pass fraction >= ``min_pass`` over all pairs and the task
-    ladder's rho >= ``min_rho``; with a one-line reason."""
-    frac = float(result.pass_table.loc["all", FUSED])
-    task = result.meta["task"]
-    rho = float(result.ladder_summary.loc[task, FUSED]) if task in result.ladder_summary.index else math.nan
-    ok = frac >= min_pass and (math.isnan(rho) or rho >= min_rho)
+def verdict(result: AuditResult, min_pass: float = MIN_PASS_FRACTION, min_kind: float = MIN_KIND_PASS_FRACTION,
+            min_rho: float = MIN_LADDER_RHO) -> tuple[bool, str]:
+    """Whether the fused score passes: pass fraction >= ``min_pass`` over all pairs and >=
+    ``min_kind`` for every destruction, and every ladder's rho (the task's, blur, noise, JPEG) >=
+    ``min_rho``; with a one-line reason."""
+    fused = result.pass_table[FUSED]
+    frac = float(fused.loc["all"])
+    kinds = fused.drop("all")
+    worst_kind = str(kinds.idxmin()) if len(kinds) else "-"
+    ladders = result.ladder_summary[FUSED] if len(result.ladder_summary) else pd.Series(dtype=float)
+    worst_ladder = str(ladders.idxmin()) if len(ladders) else "-"
+    rho = float(ladders.min()) if len(ladders) else math.nan
+    ok = frac >= min_pass and (not len(kinds) or float(kinds.min()) >= min_kind) and (math.isnan(rho) or rho >= min_rho)
     text = (f"fused ranks destroyed below source in {frac:.1%} of {result.meta['pairs']} pairs "
-            f"(need >= {min_pass:.0%}); {task} ladder rho {rho:.2f} (need >= {min_rho})")
+            f"(need >= {min_pass:.0%}); worst destruction {worst_kind} {float(kinds.min()):.0%} (need >= "
+            f"{min_kind:.0%}); worst ladder {worst_ladder} rho {rho:.2f} (need >= {min_rho})")
     return ok, text
+
+
+def overfit_table(tune: AuditResult, report: AuditResult) -> pd.DataFrame:
+    """The overfit check: fused pass fraction per destruction (and ``all``) and fused ladder rho per
+    kind (``rho <kind>``), tune photos next to report photos, and report minus tune."""
+    def column(result: AuditResult) -> pd.Series:
+        ladders = result.ladder_summary[FUSED] if len(result.ladder_summary) else pd.Series(dtype=float)
+        return pd.concat([result.pass_table[FUSED], ladders.rename(lambda k: f"rho {k}")])
+
+    table = pd.DataFrame({"tune": column(tune), "report": column(report)})
+    return table.assign(gap=table["report"] - table["tune"])

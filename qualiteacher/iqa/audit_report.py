@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qualiteacher.iqa.audit import FUSED, AuditResult, verdict
+from qualiteacher.iqa.audit import FUSED, AuditResult, overfit_table, verdict
 
 RANDOM_WEIGHTS_BANNER = (
     "**RANDOM WEIGHTS: THESE SCORES ARE MEANINGLESS.** The members were built with random "
@@ -25,8 +25,9 @@ def _table(df: pd.DataFrame, index_name: str) -> str:
     return markdown_table(df.astype(float), digits=2, bold_best=False)
 
 
-def audit_markdown(result: AuditResult) -> str:
-    """The report: verdict, pass fractions, ladder rhos, failing pairs, member errors, timing."""
+def audit_markdown(result: AuditResult, tune: AuditResult | None = None) -> str:
+    """The report: verdict, the overfit check (with ``tune``), pass fractions, ladder rhos, failing
+    pairs, member errors, timing. ``result`` is the report set's audit."""
     meta = result.meta
     ok, line = verdict(result)
     out = [f"# IQA ensemble audit: preset `{meta['preset']}`, task `{meta['task']}`", ""]
@@ -36,8 +37,14 @@ def audit_markdown(result: AuditResult) -> str:
             out += [f"> Members on stand-in weights: {', '.join(meta['random_members'])}.", ""]
     out += [f"**{'PASS' if ok else 'FAIL'}**: {line}.", "",
             f"{meta['images']} clean images at {meta['size']} px, {meta['pairs']} destruction pairs, "
-            f"seed {meta['seed']}; the audit took {meta['seconds']} s.", "",
-            "## Destruction pairs", "",
+            f"seed {meta['seed']}; the audit took {meta['seconds']} s.", ""]
+    if tune is not None:
+        out += ["## Overfit check: tune photos vs report photos", "",
+                f"Weights are chosen on the tune photos ({tune.meta['images']} images); the verdict is "
+                f"the report photos' ({meta['images']} images). Fused pass fraction per destruction and "
+                "fused ladder rho; a report figure far below its tune figure is overfitting:", "",
+                _table(overfit_table(tune, result), "fused"), ""]
+    out += ["## Destruction pairs (report photos)" if tune is not None else "## Destruction pairs", "",
             "Fraction of pairs where the destroyed image scores **below** its clean source "
             "(1 = always; members normalised to [0, 1], higher = better):", "",
             _table(result.pass_table, "destruction"), "",
@@ -98,18 +105,23 @@ def audit_figure(result: AuditResult, path: Path) -> Path:
     return path
 
 
-def write_audit(result: AuditResult, out_dir: str | Path) -> list[Path]:
+def write_audit(result: AuditResult, out_dir: str | Path, tune: AuditResult | None = None) -> list[Path]:
     """``audit_<preset>_<task>`` + ``.md``, ``.png``, ``_pass.csv``, ``_ladders.csv``, ``_pairs.csv``,
-    ``_failures.csv`` in ``out_dir``; logged to the active MLflow run, if any."""
+    ``_failures.csv`` (and ``_overfit.csv`` with ``tune``; the pairs of both sets, column ``set``)
+    in ``out_dir``; logged to the active MLflow run, if any. ``result`` is the report set's audit."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = result.meta
     stem = f"audit_{Path(str(meta['preset'])).stem}_{meta['task']}"
     paths = [out / f"{stem}.md", out / f"{stem}.png"]
-    paths[0].write_text(audit_markdown(result))
+    paths[0].write_text(audit_markdown(result, tune))
     audit_figure(result, paths[1])
-    for suffix, df, index in (("pass", result.pass_table, True), ("ladders", result.ladders, False),
-                              ("pairs", result.pairs, False), ("failures", result.failures, False)):
+    pairs = result.pairs.assign(set="report")
+    tables = [("pass", result.pass_table, True), ("ladders", result.ladders, False)]
+    if tune is not None:
+        pairs = pd.concat([tune.pairs.assign(set="tune"), pairs], ignore_index=True)
+        tables.append(("overfit", overfit_table(tune, result), True))
+    for suffix, df, index in (*tables, ("pairs", pairs, False), ("failures", result.failures, False)):
         path = out / f"{stem}_{suffix}.csv"
         df.to_csv(path, index=index)
         paths.append(path)
@@ -134,9 +146,11 @@ def _log_mlflow(result: AuditResult, paths: list[Path]) -> None:
 
 def audit_command(preset: str, task: str, images: str | None = None, out: str = "iqa_audit", size: int = 96,
                   seed: int = 0, random_weights: bool = False, weights_dir: str | None = None,
-                  strict: bool = False) -> int:
+                  strict: bool = False, demo_root: str | None = None) -> int:
     """``qualiteacher iqa audit``: build the ensemble (a preset name or a YAML file of members),
-    audit it, write the report, print the verdict. Returns 1 when ``strict`` and the verdict fails."""
+    audit it on the tune and the report photos (``images``: the user's photos, all reported),
+    write the report, print the overfit check and the verdict (report photos). Returns 1 when
+    ``strict`` and the verdict fails."""
     from qualiteacher.iqa.audit import default_images, folder_images, run_audit
     from qualiteacher.iqa.presets import ensemble_from_specs, list_iqa_presets, preset_specs
 
@@ -154,16 +168,27 @@ def audit_command(preset: str, task: str, images: str | None = None, out: str = 
         ensemble = ensemble_from_specs(specs, task, weights_dir, random_weights=True)
     else:
         ensemble = ensemble_from_specs(specs, task, weights_dir)
-    audit_images = folder_images(images, size) if images else default_images(size)
-    result = run_audit(ensemble, task, audit_images, preset=preset, seed=seed, random_weights=random_weights)
-    paths = write_audit(result, out)
+    if images:
+        sets = {"report": folder_images(images, size)}
+    else:
+        demo = demo_root if demo_root and Path(demo_root).is_dir() else None
+        sets = {split: default_images(size, split, demo_root=demo, task=task) for split in ("tune", "report")}
+    results = {name: run_audit(ensemble, task, imgs, preset=preset, seed=seed, random_weights=random_weights)
+               for name, imgs in sets.items()}
+    result, tune = results["report"], results.get("tune")
+    paths = write_audit(result, out, tune)
     ok, line = verdict(result)
     if result.meta["random_weights"]:
         print(f"WARNING: {RANDOM_WEIGHTS_BANNER}".replace("**", ""))
     print(result.pass_table.round(2).to_string())
     if len(result.ladder_summary):
         print(result.ladder_summary.round(2).to_string())
-    print(f"{'PASS' if ok else 'FAIL'}: {line}; {len(result.failures)} failing pair(s); "
-          f"{result.meta['seconds']} s")
+    if tune is not None:
+        print(f"overfit check: fused, tune photos ({tune.meta['images']} images) vs report photos "
+              f"({result.meta['images']} images)")
+        print(overfit_table(tune, result).round(3).to_string())
+    seconds = sum(r.meta["seconds"] for r in results.values())
+    print(f"{'PASS' if ok else 'FAIL'} (report photos): {line}; {len(result.failures)} failing pair(s); "
+          f"{seconds:.1f} s")
     print(f"report: {paths[0]} (and {len(paths) - 1} more files in {paths[0].parent})")
     return 1 if strict and not ok else 0
