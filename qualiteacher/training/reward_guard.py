@@ -7,8 +7,11 @@ score and the full-reference PSNR on the labeled pairs are logged. When the fuse
 while a *witness* falls, probe after probe, for ``patience`` consecutive probes, the guard warns
 once: the student is learning something the ensemble pays for and the other measures call worse.
 Witnesses are the members the reward's gradient cannot follow (``reward_mode`` ``detach`` or
-``exclude``; PIQE in the offline preset) and the PSNR. The decision is the pure function
-:func:`hacking_alarm`.
+``exclude``; PIQE in the offline preset), the PSNR and two colour measures
+(:func:`colour_correlation`: the output's opponent chroma against the ground truth's on the labeled
+pairs, ``colour``, and against the input's on the unlabeled images, ``colour_input``): a student
+that throws colour away, tints it or paints chroma speckle lowers them. The decision is the pure
+function :func:`hacking_alarm`.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import torch
 from torch import Tensor
 
 PSNR = "psnr"
+COLOUR = "colour"
+COLOUR_INPUT = "colour_input"
 
 
 class Probe(NamedTuple):
@@ -59,6 +64,21 @@ def psnr(x: Tensor, y: Tensor) -> Tensor:
     """Mean PSNR (dB) over a batch of images in [0, 1]."""
     mse = (x.float() - y.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
     return (10 * torch.log10(1 / mse)).mean()
+
+
+def colour_correlation(x: Tensor, y: Tensor) -> Tensor:
+    """Mean Pearson correlation over a batch (B, 3, H, W) of the opponent chroma channels
+    (``R - G``, ``(R + G) / 2 - B``) of ``x`` and ``y``, pixel by pixel: 1 = the same colours up
+    to scale, 0 = unrelated; a channel without variation counts 0."""
+    def opp(z: Tensor) -> Tensor:
+        r, g, b = z.float().unbind(1)
+        c = torch.stack([r - g, 0.5 * (r + g) - b], 1).flatten(2)  # (B, 2, HW)
+        return c - c.mean(2, keepdim=True)
+
+    a, b = opp(x), opp(y)
+    cov = (a * b).mean(2)
+    scale = (a.pow(2).mean(2) * b.pow(2).mean(2)).sqrt()
+    return torch.where(scale > 1e-10, cov / scale.clamp_min(1e-10), torch.zeros_like(cov)).mean()
 
 
 class RewardGuard(L.Callback):
@@ -105,9 +125,12 @@ class RewardGuard(L.Callback):
         fused = torch.cat([s.fused for s in scores]).nanmean()
         members = {n: torch.cat([s.normalized[n] for s in scores]).nanmean() for n in scores[0].normalized}
         value = float(psnr(out_l, self.probe["gt"]))
+        colour = {COLOUR: float(colour_correlation(out_l, self.probe["gt"])),
+                  COLOUR_INPUT: float(colour_correlation(out_u, self.probe["unlabeled"]))}
         witnesses = [s.name for s in ensemble.specs if s.reward_mode != "grad"]
-        measures = {**{n: float(members[n]) for n in witnesses}, PSNR: value}
+        measures = {**{n: float(members[n]) for n in witnesses}, PSNR: value, **colour}
         logged = {"reward_guard/fused": float(fused), "reward_guard/psnr": value,
+                  **{f"reward_guard/{n}": v for n, v in colour.items()},
                   **{f"reward_guard/{n}": float(v) for n, v in members.items()}}
         return Probe(step, float(fused), measures), logged
 
