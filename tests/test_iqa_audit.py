@@ -19,7 +19,7 @@ from qualiteacher.iqa.audit import (
     square_crops,
 )
 from qualiteacher.iqa.destruction import DESTRUCTIONS, destroy, list_destructions
-from qualiteacher.training.reward_guard import PSNR, Probe, RewardGuard, hacking_alarm
+from qualiteacher.training.reward_guard import COLOUR, PSNR, Probe, RewardGuard, colour_correlation, hacking_alarm
 
 
 def _images(b: int = 2, h: int = 40, w: int = 52) -> torch.Tensor:
@@ -38,11 +38,12 @@ def test_destruction_is_deterministic_keeps_size_and_changes_the_image(kind: str
     assert a.min() >= 0 and a.max() <= 1
     assert (a - x).abs().amax() > 0.05
     single = torch.cat([DESTRUCTIONS[kind](x[i : i + 1], 3) for i in range(2)])
-    if kind != "noise_texture":  # the noise draw covers the whole batch
-        assert torch.allclose(single, a, atol=1e-6)
+    if kind not in ("noise_texture", "hue_rotation"):  # one noise draw / one angle per image of the batch
+        assert torch.allclose(single, a, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["colour_cast", "noise_texture"])
+@pytest.mark.parametrize("kind", ["colour_cast", "noise_texture", "hue_rotation", "tile_seams", "chroma_noise",
+                                  "chroma_speckle", "codebook_mosaic"])
 def test_random_destructions_follow_the_seed(kind: str) -> None:
     x = _images()
     assert not torch.equal(destroy(x, kind, seed=0), destroy(x, kind, seed=1))
@@ -60,6 +61,12 @@ def test_destruction_examples() -> None:
     flat = destroy(x, "constant")
     assert torch.allclose(flat, x.mean((2, 3), keepdim=True).expand_as(x))
     assert destroy(x, "heavy_blur").std() < x.std()
+    half = destroy(x, "desaturate")
+    luma = torch.tensor([0.299, 0.587, 0.114])[None, :, None, None]
+    assert torch.allclose((half * luma).sum(1), (x * luma).sum(1), atol=1e-5)  # luma kept, chroma halved
+    speckled = destroy(x, "chroma_speckle")
+    assert 0.01 < ((speckled - x).abs().amax(1) > 0.05).float().mean() < 0.2  # a few pixels, strongly
+    assert destroy(x, "crush_blacks").eq(0).float().mean() > 0.05 and destroy(x, "overexpose").eq(1).any()
     with pytest.raises(KeyError, match="unknown destruction"):
         destroy(x, "melt")
 
@@ -105,7 +112,7 @@ def test_scoring_survives_an_ensemble_that_raises(fast_ensemble_factory, monkeyp
 
 def test_default_images_never_use_the_niqe_fit_photos() -> None:
     images = default_images(32, photos=("chelsea",))
-    assert images.images.shape == (3, 3, 32, 32) and images.names == ["chelsea#0", "chelsea#1", "chelsea#2"]
+    assert images.images.shape == (4, 3, 32, 32) and images.names == [f"chelsea#{i}" for i in range(4)]
     with pytest.raises(ValueError, match="NIQE"):
         default_images(32, photos=("chelsea", "astronaut"))
 
@@ -116,10 +123,10 @@ def test_folder_images_skip_bad_files(tmp_path: Path) -> None:
     write_image(tmp_path / "one.png", np.random.default_rng(0).random((50, 70, 3)).astype(np.float32))
     (tmp_path / "broken.png").write_bytes(b"not an image")
     images = folder_images(tmp_path, 32)
-    assert isinstance(images, AuditImages) and images.images.shape == (3, 3, 32, 32)
+    assert isinstance(images, AuditImages) and images.images.shape == (4, 3, 32, 32)
     assert all(n.startswith("one#") for n in images.names)
     crops = square_crops(np.zeros((20, 30, 3), np.uint8), 16)
-    assert len(crops) == 3 and crops[0].shape == (16, 16, 3)
+    assert len(crops) == 4 and crops[0].shape == (16, 16, 3)
     with pytest.raises(NotADirectoryError):
         folder_images(tmp_path / "missing", 32)
 
@@ -172,6 +179,21 @@ def test_guard_is_quiet_on_healthy_sequences(fused: list[float], witness: list[f
     assert hacking_alarm(_history(fused, witness), patience=3) is None
 
 
+def test_colour_correlation_on_hand_made_images() -> None:
+    x = _images(2, 32, 32)
+    grey = destroy(x, "greyout")
+    assert colour_correlation(x, x) == pytest.approx(1.0, abs=1e-5)
+    assert colour_correlation(x, 0.5 * x + 0.2) == pytest.approx(1.0, abs=1e-4)  # scale and offset: same colours
+    assert colour_correlation(grey, x) == 0.0  # no chroma at all counts 0
+    assert colour_correlation(destroy(x, "hue_rotation"), x) < 0.5 < colour_correlation(destroy(x, "desaturate"), x)
+
+
+def test_guard_alarms_when_colour_falls_while_fused_rises() -> None:
+    history = [Probe(i, 0.5 + 0.01 * i, {PSNR: 20.0, COLOUR: 0.9 - 0.1 * i}) for i in range(4)]
+    message = hacking_alarm(history, patience=3)
+    assert message and "colour 0.900 -> 0.600" in message
+
+
 def test_guard_watches_psnr_too() -> None:
     history = [Probe(i, 0.5 + 0.01 * i, {PSNR: 20.0 - i}) for i in range(5)]
     assert "psnr" in hacking_alarm(history, patience=4)
@@ -193,7 +215,8 @@ def test_reward_guard_callback_logs_and_warns_once(fast_ensemble_factory) -> Non
         guard.on_train_batch_end(trainer, module, None, batch, step)
     assert [s for _, s in logged] == [2, 4] and guard.probe["unlabeled"].shape[0] == 2
     metrics = logged[0][0]
-    assert {"reward_guard/fused", "reward_guard/psnr", "reward_guard/piqe", "reward_guard/alarm"} <= set(metrics)
+    assert {"reward_guard/fused", "reward_guard/psnr", "reward_guard/piqe", "reward_guard/alarm",
+            "reward_guard/colour", "reward_guard/colour_input"} <= set(metrics)
     assert math.isfinite(metrics["reward_guard/fused"]) and metrics["reward_guard/alarm"] == 0.0
 
     # a scripted hacking run: the guard warns once, then keeps logging the alarm flag

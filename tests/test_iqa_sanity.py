@@ -31,4 +31,4 @@ def test_offline_preset_orders_degradation_ladders(task: str, photos, qt_home: P
     print(f"\n[{task}] mean Spearman rho (1 = score falls with strength)\n{summary.round(2).to_string()}")
     assert set(summary.index) == {task, *GENERIC_KINDS}
     fused = summary["fused"]
-    assert (fused >= MIN_MEAN_RHO).all(), f"fused rho below {MIN_MEAN_RHO}:\n{fused}"
+    assert (fused >= MIN_MEAN_RHO - 1e-9).all(), f"fused rho below {MIN_MEAN_RHO}:\n{fused}"  # 1e-9: a mean of 0.7, 1, 1
