@@ -177,7 +177,9 @@ def test_every_mode_config_validates_and_supervised_gets_no_unlabeled_root(tmp_p
         assert (ns.data.unlabeled_root is None) == (mode in ("supervised", "oracle"))
         # the unlabeled photos' ground truth is the oracle's alone
         assert ("oracle" in str(ns.data.labeled_root)) == (mode == "oracle")
-        assert "oracle" not in json.dumps({k: v for k, v in rcfg.items() if k != "stage3"}, default=str)
+        oracle_root = str(demo_root / "oracle")  # no other section (warm-up, eval) reads the oracle's pairs
+        assert oracle_root not in json.dumps({k: v for k, v in rcfg.items() if k != "stage3"}, default=str)
+        assert (oracle_root in json.dumps(rcfg["stage3"], default=str)) == (mode == "oracle")
 
 
 def test_summary_is_mean_and_std_over_seeds():

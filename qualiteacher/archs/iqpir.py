@@ -49,8 +49,8 @@ class IQPIRNet(nn.Module):
     (unconditioned); ``w`` the fidelity weight (float or (B,) tensor; ``None``: ``default_w``):
     ``w = 0`` decodes the codebook prior alone, ``w = 1`` fuses the LQ encoder's (detached)
     features at full strength (METHOD.md §5). Inputs of any size are replicate-padded to a multiple
-    of the encoder's downscale and the output is cropped back. ``aux_loss`` is a zero tensor: the
-    code-prediction losses need ground-truth codes and live in stage 2, and stage 3 trains this net
+    of the encoder's downscale (at least twice it) and the output is cropped back. ``aux_loss`` is
+    a zero tensor: the code-prediction losses need ground-truth codes and live in stage 2, and stage 3 trains this net
     through the straight-through path with its own losses.
 
     Build with :func:`qualiteacher.archs.presets.build_iqpir`; load the stage-1 prior (encoder copy,
@@ -97,7 +97,9 @@ class IQPIRNet(nn.Module):
             raise ValueError(f"IQPIRNet expects images (B, 3, H, W), got {tuple(x.shape)}")
         w = self.default_w if w is None else w
         h, wd = x.shape[-2:]
-        pad_h, pad_w = -h % self.downscale, -wd % self.downscale
+        # at least two cells at the coarsest scale: its group norms need more than one value a group
+        pad_h = max(-h % self.downscale, 2 * self.downscale - h)
+        pad_w = max(-wd % self.downscale, 2 * self.downscale - wd)
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         fused = self.has_fidelity and not is_zero(w)

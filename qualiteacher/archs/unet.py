@@ -62,7 +62,9 @@ class ConditionedUNet(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.conv_in.in_channels:
             raise ValueError(f"ConditionedUNet expects (B, {self.conv_in.in_channels}, H, W), got {tuple(x.shape)}")
         h, wd = x.shape[-2:]
-        pad_h, pad_w = -h % self.downscale, -wd % self.downscale
+        # at least two cells at the coarsest scale: its group norms need more than one value a group
+        pad_h = max(-h % self.downscale, 2 * self.downscale - h)
+        pad_w = max(-wd % self.downscale, 2 * self.downscale - wd)
         inp = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
         feat = self.conv_in(inp)
         skips = []

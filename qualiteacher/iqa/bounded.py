@@ -28,15 +28,17 @@ _WHITE = (255, 255, 255, 255)
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """``(height, width)`` from the file's header (nothing decoded); the EXIF rotation is not
     applied (the pixel count is the same). ``ImageReadError`` when the file is not an image."""
-    from qualiteacher.data.io import ImageReadError
+    from qualiteacher.data.io import ImageReadError, read_image
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 return im.size[1], im.size[0]
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageReadError(path, str(err) or type(err).__name__) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        pass
+    read_image(path)  # not an image: read_image names the problem (missing, empty, not an image ...)
+    raise ImageReadError(path, "unreadable image header")  # pragma: no cover  (read, yet no header)
 
 
 def read_uint8(path: str | os.PathLike, max_side: int | None = None, max_pixels: int | None = -1) -> np.ndarray:
