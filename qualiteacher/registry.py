@@ -37,7 +37,7 @@ WEIGHTS_FILE = "weights.pt"
 DATA_DIR = "student"
 FORMAT = "qualiteacher-student/1"
 # hyper-parameters of the stage-3 module that describe how the student is built
-_BUILD_KEYS = ("student", "preset", "cond_mode", "adain", "fidelity_w")
+_BUILD_KEYS = ("student", "preset", "cond_mode", "adain", "fidelity_w", "fusion_prior")
 
 
 def student_spec(hparams: dict[str, Any]) -> dict[str, Any]:

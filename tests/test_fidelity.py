@@ -176,3 +176,47 @@ def test_fidelity_stage_trains_only_the_fusion_blocks(tmp_path):
 
 def _load(net):
     return copy.deepcopy(net).eval()
+
+
+def test_image_fusion_with_a_prior_starts_halfway_to_the_classical_restorer():
+    # with a prior the affine map starts on x + 0.5 (p - x), p the classical restorer's output
+    from qualiteacher.classical import classical_restorer
+
+    net = _net(prior="dcp")
+    gt = torch.rand(2, 3, 32, 32)
+    x = 0.5 * gt + 0.5 * 0.8  # thin grey haze
+    with torch.no_grad():
+        out = net(x, None, w=1.0).image
+        blocks_only = copy.deepcopy(net)
+        blocks_only.fidelity.image = None
+        decoded = blocks_only(x, None, w=1.0).image
+        p = classical_restorer("dcp")(x)
+    assert not torch.allclose(p, x, atol=1e-2)  # the prior does something here
+    assert torch.allclose(out, 0.5 * decoded + 0.5 * (0.5 * x + 0.5 * p), atol=1e-5)
+    assert net.fidelity.image.stem[0].in_channels == 6 and net.fidelity.image.head.out_channels == 14
+    with pytest.raises(ValueError, match="unknown classical restorer"):
+        build_iqpir("tiny", prior="no_such_method")
+
+
+def test_fidelity_stage_with_a_prior_starts_from_a_stage2_checkpoint_without_one(tmp_path):
+    # stage 2 never trains the fusion: its fusion weights (of another shape here) are not read
+    torch.manual_seed(0)
+    stage2 = build_iqpir("tiny")
+    torch.save({"state_dict": {f"student.{k}": v for k, v in stage2.state_dict().items()}}, tmp_path / "s2.ckpt")
+    module = FidelityModule(preset="tiny", stage2_checkpoint=str(tmp_path / "s2.ckpt"), fusion_prior="lime")
+    module.setup("fit")
+    own, before = module.student.state_dict(), stage2.state_dict()
+    assert all(torch.equal(own[k], before[k]) for k in own if not k.startswith("fidelity."))
+    assert own["fidelity.image.stem.0.weight"].shape[1] == 6
+
+
+def test_stage3_checkpoint_with_a_prior_restores_with_it(tmp_path):
+    from test_safety import write_stage3_checkpoint
+
+    from qualiteacher.training.restore import load_for_inference
+
+    path = write_stage3_checkpoint(tmp_path / "s3.ckpt", student="iqpir", fusion_prior="dcp")
+    trained = load_for_inference(path)
+    assert trained.student.fidelity.image.prior == "dcp"
+    with torch.no_grad():
+        assert trained.student.eval()(torch.rand(1, 3, 24, 40), None).image.shape == (1, 3, 24, 40)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from qualiteacher.archs.conditioning import LevelEmbedding
 from qualiteacher.archs.vqae import ResBlock
+from qualiteacher.classical import classical_restorer
 
 
 def _conv_pair(ch: int) -> nn.Sequential:
@@ -82,27 +83,41 @@ class ImageFusion(nn.Module):
     ``g = 0.5``. The colour of the output therefore starts as the colour of its input, which the
     codebook prior (a few hundred codes learnt from few photos) cannot carry; ``w = 0`` still
     gives the pure prior. With ``n_levels`` a zero-initialised level embedding conditions it.
+
+    ``prior`` names a classical restorer (``qualiteacher.classical``, e.g. ``dcp`` for haze, ``lime``
+    for low light). Its output ``p`` (computed from the LQ image, no gradient) is a second input of
+    the stem, and the affine map is applied to ``x + a * (p - x)`` with a per-pixel share ``a``
+    (a 14th channel, 0.5 at initialisation) instead of ``x``: the network learns where to trust
+    the prior, which knows nothing of the training domain (synthetic haze is grey and thin; real
+    haze is dense and tinted) and so transfers where a map learnt from synthetic pairs does not.
     """
 
     def __init__(self, factor: int, enc_channels: int, dec_channels: int, width: int = 24,
-                 n_levels: int | None = None) -> None:
+                 n_levels: int | None = None, prior: str | None = None) -> None:
         super().__init__()
         self.factor = factor
-        stem: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.SiLU()]
+        self.prior = prior or None
+        if self.prior is not None:
+            self.prior_fn = classical_restorer(self.prior)  # checked here: an unknown name fails at build
+        stem: list[nn.Module] = [nn.Conv2d(6 if self.prior else 3, width, 3, padding=1), nn.SiLU()]
         for _ in range(max(factor.bit_length() - 1, 0)):  # log2(factor) stride-2 steps
             stem += [nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU()]
         self.stem = nn.Sequential(*stem)
         self.block = ResBlock(width + enc_channels + dec_channels, width)
         self.context = nn.Linear(width, width)
         self.level_embedding = LevelEmbedding(n_levels, width) if n_levels else None
-        self.head = nn.Conv2d(width, 13, 3, padding=1)
+        self.head = nn.Conv2d(width, 14 if self.prior else 13, 3, padding=1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: Tensor, enc: Tensor, dec: Tensor, decoded: Tensor, w: float | Tensor,
                 level: Tensor | None = None) -> ImageFusionResult:
         size = enc.shape[-2:]
-        stem = self.stem(x)
+        prior = None
+        if self.prior is not None:
+            with torch.no_grad():
+                prior = self.prior_fn(x.float()).to(x.dtype)
+        stem = self.stem(x if prior is None else torch.cat([x, prior], dim=1))
         if stem.shape[-2:] != size:  # odd sizes: the encoder rounds differently
             stem = torch.nn.functional.interpolate(stem, size=size, mode="bilinear", align_corners=False)
         h = self.block(torch.cat([stem, enc, dec], dim=1))  # (B, width, H/f, W/f)
@@ -112,8 +127,9 @@ class ImageFusion(nn.Module):
         coeffs = torch.nn.functional.interpolate(self.head(torch.nn.functional.silu(h)), size=x.shape[-2:],
                                                  mode="bilinear", align_corners=False)  # (B, 13, H, W)
         b, _, hh, ww = x.shape
+        base = x if prior is None else x + torch.sigmoid(coeffs[:, 13:14]) * (prior - x)
         matrix = coeffs[:, :9].view(b, 3, 3, hh, ww) + torch.eye(3, device=x.device, dtype=x.dtype)[None, :, :, None, None]
-        corrected = torch.einsum("bijhw,bjhw->bihw", matrix, x) + coeffs[:, 9:12]
+        corrected = torch.einsum("bijhw,bjhw->bihw", matrix, base) + coeffs[:, 9:12]
         gate = torch.sigmoid(coeffs[:, 12:13])
         image = decoded + fidelity_weight(w, b, decoded) * gate * (corrected - decoded)
         return ImageFusionResult(image, corrected, gate)
@@ -128,7 +144,7 @@ class FidelityPath(nn.Module):
     """
 
     def __init__(self, scales: tuple[int, ...], channels: Mapping[int, int], n_levels: int | None = None,
-                 adain: bool = False, image_fusion: bool = False) -> None:
+                 adain: bool = False, image_fusion: bool = False, prior: str | None = None) -> None:
         super().__init__()
         unknown = [s for s in scales if s not in channels]
         if unknown:
@@ -139,7 +155,8 @@ class FidelityPath(nn.Module):
         # the image-level fusion reads the coarsest fused scale (the widest context)
         coarsest = max(self.scales) if self.scales else 1
         self.image: ImageFusion | None = (
-            ImageFusion(coarsest, channels[coarsest], channels[coarsest], n_levels=n_levels) if image_fusion and self.scales else None
+            ImageFusion(coarsest, channels[coarsest], channels[coarsest], n_levels=n_levels, prior=prior)
+            if image_fusion and self.scales else None
         )
 
     def fuse(self, factor: int, dec: Tensor, skips: Mapping[int, Tensor], w: float | Tensor,

@@ -113,20 +113,25 @@ def build_autoencoder(preset: str, fusion: Fusion = "add", hq_threshold: float =
     return VQAutoencoder(_encoder(p), decoder, _codebook(p, fusion, hq_threshold))
 
 
-def build_fidelity(p: ArchPreset, adain: bool = False, level_conditioned: bool = True) -> FidelityPath | None:
-    """Fusion blocks at the preset's ``fidelity_scales`` (None when it has none)."""
+def build_fidelity(p: ArchPreset, adain: bool = False, level_conditioned: bool = True,
+                   prior: str | None = None) -> FidelityPath | None:
+    """Fusion blocks at the preset's ``fidelity_scales`` (None when it has none); ``prior``: the
+    classical restorer the image-level fusion reads beside the LQ image (``ImageFusion``)."""
     if not p.fidelity_scales:
         return None
     widths = {2 ** i: p.base_channels * m for i, m in enumerate(p.channel_mults)}
-    return FidelityPath(p.fidelity_scales, widths, p.n_levels if level_conditioned else None, adain, p.image_fusion)
+    return FidelityPath(p.fidelity_scales, widths, p.n_levels if level_conditioned else None, adain, p.image_fusion,
+                        prior)
 
 
 def build_iqpir(preset: str, cond_mode: CondMode = "add", fusion: Fusion = "add", hq_threshold: float = 0.70,
-                adain: bool = False, default_w: float = 1.0, fidelity_conditioned: bool = True) -> IQPIRNet:
+                adain: bool = False, default_w: float = 1.0, fidelity_conditioned: bool = True,
+                prior: str | None = None) -> IQPIRNet:
     """IQPIR student of the given size (random weights; see ``init_from_stage1``).
 
-    ``adain``, ``default_w`` and ``fidelity_conditioned`` (a zero-initialised level embedding in
-    each fusion block) configure the fidelity path when the preset has ``fidelity_scales``."""
+    ``adain``, ``default_w``, ``fidelity_conditioned`` (a zero-initialised level embedding in
+    each fusion block) and ``prior`` (a classical restorer read by the image-level fusion)
+    configure the fidelity path when the preset has ``fidelity_scales``."""
     p = get_preset(preset)
     conditioning = QualityConditioning(cond_mode, p.n_levels, p.latent_channels, p.tf_dim)
     transformer = CodeTransformer(
@@ -135,7 +140,7 @@ def build_iqpir(preset: str, cond_mode: CondMode = "add", fusion: Fusion = "add"
     )
     ae = build_autoencoder(preset, fusion, hq_threshold)
     return IQPIRNet(_encoder(p), transformer, conditioning, ae.codebook, ae.decoder,
-                    build_fidelity(p, adain, fidelity_conditioned), default_w)
+                    build_fidelity(p, adain, fidelity_conditioned, prior), default_w)
 
 
 def build_unet(preset: str) -> ConditionedUNet:

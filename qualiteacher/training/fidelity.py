@@ -46,10 +46,11 @@ class FidelityModule(L.LightningModule):
         w_perceptual: float = 0.0,
         perceptual_weights: str | None = None,
         w_affine: float = 1.0,
+        fusion_prior: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.student: IQPIRNet = build_iqpir(preset, cond_mode, adain=adain)
+        self.student: IQPIRNet = build_iqpir(preset, cond_mode, adain=adain, prior=fusion_prior)
         if not self.student.has_fidelity:
             raise ValueError(f"architecture preset {preset!r} has no fidelity_scales: nothing to train")
         self.perceptual: torch.nn.Module | None = None
@@ -63,7 +64,8 @@ class FidelityModule(L.LightningModule):
         if not self.initialised and stage == "fit":
             if self.hparams.stage2_checkpoint is None:
                 raise ValueError("FidelityModule needs the stage-2 student: pass stage2_checkpoint=<stage-2 .ckpt>")
-            load_student_weights(self.student, self.hparams.stage2_checkpoint, allow_missing=("fidelity.",))
+            # stage 2 never trains the fidelity path: its (initial) fusion weights are not read
+            load_student_weights(self.student, self.hparams.stage2_checkpoint, keep_own=("fidelity.",))
             self.initialised = True
         freeze_all_but_fidelity_(self.student)
         set_conditioning_trainable_(self.student, False)  # the blocks' level embeddings: unused until stage 3

@@ -72,7 +72,9 @@ class QualiTeacherModule(L.LightningModule):
         init_from: checkpoint of the warmed-up student (the fidelity stage for IQPIR, the warm-up
             for the U-Net); loaded in ``setup``.
         fidelity_w: IQPIR's fidelity weight ``w`` the student trains and runs at (its default at
-            inference); adain: AdaIN colour re-normalisation of the quantised latent.
+            inference); adain: AdaIN colour re-normalisation of the quantised latent;
+            fusion_prior: the classical restorer (``dcp``, ``lime`` ...) the image-level fusion
+            reads beside the LQ image (must match the warm-up's ``fusion_prior``).
         iqa_preset / task / iqa_weights_dir: the IQA ensemble (frozen, never checkpointed).
         ema_decay: teacher EMA decay ``d``. bank_k: candidates kept per unlabeled image.
         bank_dir: folder of the pseudo-label bank's entries (one file per kept candidate; the
@@ -125,6 +127,7 @@ class QualiTeacherModule(L.LightningModule):
         init_from: str | None = None,
         fidelity_w: float = 1.0,
         adain: bool = False,
+        fusion_prior: str | None = None,
         iqa_preset: str = "offline",
         task: str | None = None,
         iqa_weights_dir: str | None = None,
@@ -178,7 +181,8 @@ class QualiTeacherModule(L.LightningModule):
         self.save_hyperparameters(ignore=["ensemble"])
         self.settings = s = Stage3Settings.from_flat(self.hparams)  # validates every value
         self.student = build_student(s.student.kind, s.student.preset, s.student.cond_mode,
-                                     adain=s.student.adain, fidelity_w=s.student.fidelity_w)
+                                     adain=s.student.adain, fidelity_w=s.student.fidelity_w,
+                                     fusion_prior=s.student.prior)
         self.teacher = make_teacher(self.student)
         self.ensemble = ensemble  # built in setup() when not given
         store = DiskStore(s.teacher.bank_dir, s.teacher.bank_cache) if s.teacher.bank_dir else None

@@ -29,6 +29,7 @@ class StudentSettings:
     init_from: str | None                # the warmed-up student, loaded in setup
     fidelity_w: float
     adain: bool
+    prior: str | None                    # fusion_prior: the classical restorer the image fusion reads
     compile: bool                        # compile_student
     strong_aug_p: float                  # probability of the strong photometric view's colour jitter
 
@@ -157,6 +158,7 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
     "mode": ("", "mode"), "seed": ("", "seed"), "condition_on_level": ("", "condition_on_level"),
     "student": ("student", "kind"), "preset": ("student", "preset"), "cond_mode": ("student", "cond_mode"),
     "init_from": ("student", "init_from"), "fidelity_w": ("student", "fidelity_w"), "adain": ("student", "adain"),
+    "fusion_prior": ("student", "prior"),
     "compile_student": ("student", "compile"), "strong_aug_p": ("student", "strong_aug_p"),
     "iqa_preset": ("grading", "preset"), "task": ("grading", "task"), "iqa_weights_dir": ("grading", "weights_dir"),
     "iqa_exclude": ("grading", "exclude"), "reward_detach": ("grading", "reward_detach"),

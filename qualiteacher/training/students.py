@@ -8,13 +8,14 @@ from torch import nn
 
 
 def build_student(kind: str, preset: str, cond_mode: str = "add", adain: bool = False,
-                  fidelity_w: float = 1.0) -> nn.Module:
+                  fidelity_w: float = 1.0, fusion_prior: str | None = None) -> nn.Module:
     """``iqpir`` (codebook student with the discrete quality path and, when the preset has fusion
-    scales, the fidelity path at default ``fidelity_w``) or ``unet`` (plug-in conditioned U-Net)."""
+    scales, the fidelity path at default ``fidelity_w``, its image-level fusion reading the
+    classical restorer ``fusion_prior``) or ``unet`` (plug-in conditioned U-Net)."""
     from qualiteacher.archs.presets import build_iqpir, build_unet
 
     if kind == "iqpir":
-        return build_iqpir(preset, cond_mode=cond_mode, adain=adain, default_w=fidelity_w)
+        return build_iqpir(preset, cond_mode=cond_mode, adain=adain, default_w=fidelity_w, prior=fusion_prior)
     if kind == "unet":
         return build_unet(preset)
     raise ValueError(f"unknown student {kind!r}; choose 'iqpir' or 'unet'")
@@ -34,16 +35,18 @@ def read_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_student_weights(student: nn.Module, path: str | Path, prefix: str = "student.",
-                         allow_missing: tuple[str, ...] = ()) -> None:
+                         allow_missing: tuple[str, ...] = (), keep_own: tuple[str, ...] = ()) -> None:
     """Load the ``student.*`` weights of a stage checkpoint into ``student`` (strict, except that
-    weights under the ``allow_missing`` prefixes may be absent: they keep their current values)."""
+    weights under the ``allow_missing`` prefixes may be absent and those under ``keep_own`` are
+    not read: both keep their current values)."""
     state = read_checkpoint_state(path)
-    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    sub = {k[len(prefix):]: v for k, v in state.items()
+           if k.startswith(prefix) and not (keep_own and k[len(prefix):].startswith(keep_own))}
     if not sub:
         raise ValueError(f"{path} holds no '{prefix}*' weights: is it a stage-2 / warm-up checkpoint?")
     own = student.state_dict()
     for k in own:
-        if k not in sub and k.startswith(allow_missing):
+        if k not in sub and k.startswith(allow_missing + keep_own):
             sub[k] = own[k]
     missing, unexpected = sorted(set(own) - set(sub)), sorted(set(sub) - set(own))
     if missing and all(k.startswith("fidelity.") for k in missing):
