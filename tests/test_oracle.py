@@ -30,3 +30,18 @@ def test_only_the_oracle_mode_gets_the_oracle_folder(demo_root, tmp_path):
     assert mode_data_overrides("oracle", str(demo_root), "dehaze")["labeled_root"] == f"{demo_root}/oracle/dehaze"
     with pytest.raises(FileNotFoundError, match="ground truth"):
         mode_data_overrides("oracle", str(tmp_path), "dehaze")
+
+
+def test_a_study_on_data_not_built_yet_checks_the_oracle_folder_once_the_data_exists(tmp_path):
+    # the study builds the demo data (oracle pairs included) after validating its settings
+    from qualiteacher.study.runner import StudySettings, run_config, seed_config
+    from qualiteacher.study.store import RunKey, StudyStore
+
+    store = StudyStore(tmp_path / "study")
+    fresh = tmp_path / "not_built"
+    cfg = seed_config(StudySettings(preset="tiny", data_root=str(fresh)), store, seed=0)
+    rcfg = run_config(cfg, store, RunKey("oracle", 0), steps=2, held_out=None)
+    assert rcfg["stage3"]["data"]["labeled_root"] == f"{fresh}/oracle/dehaze"
+    (fresh / "dehaze" / "labeled").mkdir(parents=True)  # data there, but no oracle pairs: refused
+    with pytest.raises(FileNotFoundError, match="ground truth"):
+        run_config(cfg, store, RunKey("oracle", 0), steps=2, held_out=None)

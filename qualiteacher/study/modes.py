@@ -73,16 +73,16 @@ def is_conditioned(model_args: Mapping[str, Any]) -> bool:
     return model_args.get("mode", "qualiteacher") == "qualiteacher" and bool(model_args.get("condition_on_level", True))
 
 
-def mode_data_overrides(name: str, data_root: str, task: str) -> dict[str, Any]:
+def mode_data_overrides(name: str, data_root: str, task: str, check: bool = True) -> dict[str, Any]:
     """The stage-3 data overrides of mode ``name`` (empty for most): the oracle's paired folder of
-    the unlabeled photos' ground truth. A missing folder is a clear error (the demo data writes it;
-    for your own data, put the real pairs under DATA/oracle/TASK/{lq,gt})."""
+    the unlabeled photos' ground truth. With ``check``, a missing folder is a clear error (the demo
+    data writes it; for your own data, put the real pairs under DATA/oracle/TASK/{lq,gt})."""
     from pathlib import Path
 
     out = {k: v.format(data_root=data_root, task=task) if isinstance(v, str) else v
            for k, v in MODE_DATA.get(name, {}).items()}
     root = out.get("labeled_root")
-    if root is not None and not Path(root).is_dir():
+    if check and root is not None and not Path(root).is_dir():
         raise FileNotFoundError(f"mode {name!r} needs the unlabeled photos' ground truth in {root}/{{lq,gt}} "
                                 f"(the demo data writes it: rebuild it with `qualiteacher data demo --overwrite`)")
     return out

@@ -96,7 +96,9 @@ def run_config(seed_cfg: dict[str, Any], store: StudyStore, key: RunKey, steps: 
     stage3.setdefault("trainer", {})["max_steps"] = steps
     if stage3["model"].get("mode") == "supervised":
         stage3["data"]["unlabeled_root"] = None  # the baseline never reads unlabeled data
-    stage3["data"].update(mode_data_overrides(key.mode, str(cfg["data_root"]), str(cfg["task"])))
+    # data not built yet (the study builds the demo data first, oracle pairs included): checked later
+    built = (Path(str(cfg["data_root"])) / str(cfg["task"]) / "labeled").is_dir()
+    stage3["data"].update(mode_data_overrides(key.mode, str(cfg["data_root"]), str(cfg["task"]), check=built))
     return cfg
 
 
