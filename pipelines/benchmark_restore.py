@@ -93,7 +93,9 @@ def child(spec: dict) -> dict:
     if spec["checkpoint"]:
         net, source = load_for_inference(spec["checkpoint"]).student, spec["checkpoint"]
     else:
-        net, source = build_student("iqpir", spec["model"]), f"{spec['model']} preset, random weights"
+        prior = spec.get("fusion_prior") or None
+        net = build_student("iqpir", spec["model"], fusion_prior=prior)
+        source = f"{spec['model']} preset, random weights" + (f", fusion prior {prior}" if prior else "")
     net = net.to(device).eval()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -166,11 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tile", type=int, default=None, help="tile side (default: the architecture's)")
     p.add_argument("--tiles-per-batch", type=int, default=None, help="at most this many tiles per batch")
     p.add_argument("--max-memory", default=None, help="memory budget (default: the machine's, as restore)")
+    p.add_argument("--fusion-prior", default="dcp",
+                   help="classical restorer in the random-weight models' image fusion (default dcp, the dehaze "
+                        "configuration's; 'none': without)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
     p.add_argument("--flops", action="store_true", help="also count the FLOPs per second (one tile counted)")
     p.add_argument("--json-out", default=None, help="also write the JSON here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.fusion_prior = None if args.fusion_prior in ("none", "") else args.fusion_prior
     if args.child:
         print(json.dumps(child(json.loads(args.child))), flush=True)
         return 0
@@ -190,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                 for device in devices:
                     spec = {"model": model, "checkpoint": ckpt, "device": device, "photo": str(photo),
                             "tile": args.tile, "tiles_per_batch": args.tiles_per_batch,
-                            "max_memory": args.max_memory, "bf16": args.bf16, "flops": args.flops}
+                            "max_memory": args.max_memory, "bf16": args.bf16, "flops": args.flops,
+                            "fusion_prior": args.fusion_prior}
                     run = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
                                          capture_output=True, text=True, check=False)
                     if run.returncode != 0:
