@@ -2,7 +2,6 @@
 score its outputs, loaded from a stage-3 checkpoint or from the MLflow model registry."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -98,22 +97,12 @@ def registry_metadata(model_uri: str, tracking_uri: str) -> dict[str, Any]:
     return meta
 
 
-def _load_registered_module(model_uri: str) -> Any:
-    # qualiteacher.registry (safe, non-pickle registered format) when this install has it
-    if importlib.util.find_spec("qualiteacher.registry") is not None:
-        from qualiteacher.registry import load_registered
-
-        return load_registered(model_uri)
-    import mlflow.pytorch
-
-    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
-
-
 def load_registry_model(model_uri: str, tracking_uri: str | None = None) -> AppModel:
     """A registered student (``models:/qualiteacher-dehaze/latest``) from the MLflow registry at
     ``tracking_uri`` (default: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db`` here)."""
     import mlflow
 
+    from qualiteacher.registry import load_registered
     from qualiteacher.tracking.mlflow_logger import tracking_uri as default_uri
 
     _split_model_uri(model_uri)  # a wrong kind of URI first
@@ -125,7 +114,7 @@ def load_registry_model(model_uri: str, tracking_uri: str | None = None) -> AppM
     mlflow.set_tracking_uri(uri)
     try:
         meta = registry_metadata(model_uri, uri)
-        loaded = _load_registered_module(model_uri)
+        loaded = load_registered(model_uri)
     except ModelLoadError:
         raise
     except Exception as err:  # MLflow's RestException and friends: say which registry was asked

@@ -21,7 +21,6 @@ thresholds are sigmoids, the histogram is a soft histogram). Raw scales and dire
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -83,20 +82,6 @@ def soft_entropy(images: Tensor, bins: int = 64) -> Tensor:
     hist = hist.scatter_add(1, lo.long(), 1 - frac).scatter_add(1, lo.long() + 1, frac)
     hist = hist / y.shape[1]
     return -(hist * torch.log2(hist.clamp_min(1e-12))).sum(1)
-
-
-def _line_kernels(length: int, angles_deg: tuple[float, ...]) -> Tensor:
-    """(A, 1, L, L) unit-sum line kernels; angle 0 = vertical line."""
-    r = (length - 1) / 2
-    ax = torch.arange(length, dtype=torch.float32) - r
-    yy, xx = torch.meshgrid(ax, ax, indexing="ij")
-    out = []
-    for a in angles_deg:
-        t = math.radians(a)
-        dist = (xx * math.cos(t) + yy * math.sin(t)).abs()  # distance to the line through the centre
-        k = torch.clamp(1 - dist, min=0) * (xx * -math.sin(t) + yy * math.cos(t)).abs().le(r)
-        out.append(k / k.sum())
-    return torch.stack(out)[:, None]
 
 
 def rain_streak_density(images: Tensor, max_angle: float = 40.0, steps: int = 9) -> Tensor:

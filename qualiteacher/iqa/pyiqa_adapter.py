@@ -190,12 +190,6 @@ def metric_available(metric: str) -> tuple[bool, str]:
     return True, ""
 
 
-def default_weight_url(metric: str) -> str | None:
-    """URL of the file ``weights_path`` replaces for ``metric`` (None when it has none)."""
-    file = _primary(metric)
-    return None if file is None else _download_url(file)
-
-
 def default_weight_file(metric: str) -> str | None:
     """File name of the file ``weights_path`` replaces for ``metric`` (None when it has none)."""
     file = _primary(metric)
@@ -320,14 +314,6 @@ def resolve_metric_kwargs(
         if file.kwarg is not None:
             kwargs[file.kwarg] = str(local)
     return kwargs
-
-
-def resolve_weights(member: str, metric: str, weights_path: str | None, allow_download: bool) -> str | None:
-    """Local path of the weights of a pyiqa metric (its keyword file), downloading them if allowed."""
-    kwargs = resolve_metric_kwargs(member, metric, weights_path, allow_download)
-    primary = _primary(metric)
-    key = primary.kwarg if primary is not None else "pretrained_model_path"
-    return kwargs.get(key)
 
 
 @contextmanager
