@@ -17,6 +17,7 @@ clean images and writes the ``.mat`` pyiqa's NIQE loads.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 from pathlib import Path
@@ -26,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from qualiteacher.iqa.fast_features import solve_shape
 
 NIQE_FIT_PHOTOS: tuple[str, ...] = ("astronaut", "coffee", "camera", "brick", "grass", "gravel")
 BRISQUE_SVR_FILE = "brisque_svr_livepkg.pth"
@@ -117,29 +120,11 @@ def _blur_same(x: Tensor, g: Tensor) -> Tensor:
     return F.conv2d(x, g.view(1, 1, 1, -1), padding=(0, r))
 
 
-def _phi(alpha: Tensor) -> Tensor:
-    return torch.exp(2 * torch.lgamma(2 / alpha) - torch.lgamma(1 / alpha) - torch.lgamma(3 / alpha))
-
-
 def _solve_alpha(r_big: Tensor, iters: int = 60) -> Tensor:
-    """Solve phi(alpha) = R (phi increasing, range (0, 0.75)) by bisection; implicit gradient."""
-    r_big_d = r_big.detach().clamp(1e-6, 0.7499)
-    lo = torch.full_like(r_big_d, -6.0)  # log alpha
-    hi = torch.full_like(r_big_d, 6.0)
-    with torch.no_grad():
-        for _ in range(iters):
-            mid = (lo + hi) / 2
-            above = _phi(mid.exp()) > r_big_d
-            hi = torch.where(above, mid, hi)
-            lo = torch.where(above, lo, mid)
-    alpha0 = ((lo + hi) / 2).exp()
-    if not r_big.requires_grad:
-        return alpha0
-    # one Newton step with a detached slope: value unchanged, d alpha / d R = 1 / phi'(alpha)
-    a = alpha0.detach().requires_grad_(True)
-    with torch.enable_grad():
-        slope = torch.autograd.grad(_phi(a).sum(), a)[0]
-    return alpha0 + (r_big - r_big.detach()) / slope
+    """Solve phi(alpha) = R for alpha in [e^-6, e^6] (``fast_features.solve_shape``); R is clamped
+    to (1e-6, 0.7499) in value only, so its gradient passes as the brisque package's fit implies."""
+    r_clamped = r_big + (r_big.detach().clamp(1e-6, 0.7499) - r_big.detach())
+    return solve_shape(r_clamped, math.exp(-6), math.exp(6), iters=iters)
 
 
 def _aggd_features(x: Tensor, with_mean: bool) -> list[Tensor]:
