@@ -11,7 +11,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-TASKS = ("dehaze", "derain", "desnow", "lowlight")
+from qualiteacher.tasks import TASKS
+
 _MAX_PIXELS_HELP = ("skip images with more pixels than this, read from the file header before decoding "
                     "(default: $QUALITEACHER_MAX_PIXELS or 64 million; 0: no cap)")
 _MAX_MEMORY_HELP = ("memory for the images and the tiles in flight, e.g. 2G or 512M (default: a quarter of "

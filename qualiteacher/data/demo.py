@@ -36,8 +36,8 @@ from PIL import Image
 
 from qualiteacher.data.degradations import DEGRADATIONS, depth_proxy, get_degradation, params_to_dict
 from qualiteacher.data.io import write_image
+from qualiteacher.tasks import TASKS
 
-TASKS: tuple[str, ...] = ("dehaze", "derain", "desnow", "lowlight")
 TASK_OFFSETS: dict[str, int] = {"dehaze": 1, "derain": 2, "desnow": 3, "lowlight": 4}
 CLEAN_OFFSET = 1000
 HELD_OUT_PHOTOS: tuple[str, ...] = ("rocket", "chelsea")

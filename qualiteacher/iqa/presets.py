@@ -37,11 +37,11 @@ from torch import nn
 
 from qualiteacher.iqa.ensemble import Ensemble, load_specs_yaml
 from qualiteacher.iqa.members import MemberSpec
+from qualiteacher.tasks import TASKS
 
 if TYPE_CHECKING:
     import pandas as pd
 
-TASKS: tuple[str, ...] = ("dehaze", "derain", "desnow", "lowlight")
 RANDOM_IQA_ENV = "QUALITEACHER_RANDOM_IQA"
 RANDOM_IQA_SEED = 0
 MEANINGLESS = "MEANINGLESS (random IQA weights, QUALITEACHER_RANDOM_IQA=1)"

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-TASKS = ("dehaze", "derain", "desnow", "lowlight")
+from qualiteacher.tasks import TASKS
+
 TRAINING_STAGES = ("stage1", "stage2", "fidelity", "stage3")
 STAGES = ("data", "stage1", "stage2", "fidelity", "stage3", "eval", "register")
 SECTION_KEYS = ("model", "data", "trainer")
