@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import sys
 import time
@@ -19,12 +18,13 @@ import warnings
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 
-Verbosity = Literal["quiet", "normal", "verbose"]
+# say, Verbosity and verbosity live in qualiteacher.say (every layer may print); re-exported here
+from qualiteacher.say import Verbosity, main_process, say, set_verbosity, verbosity  # noqa: F401
 
 STAGE_PURPOSE: dict[str, str] = {
     "data": "demo data (built if missing) and the quality grades of the labeled clean images",
@@ -64,26 +64,13 @@ _QUIET_INFO_LOGGERS = ("lightning.pytorch", "lightning.fabric", "mlflow.store.db
 
 
 class _State:
-    verbosity: Verbosity = "normal"
     numbers: dict[str, str] = {}
     started: dict[str, float] = {}
 
 
-def _main_process() -> bool:
-    # DDP worker processes re-run the command: only the main one talks
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
-
-
-def say(text: str, level: Verbosity = "normal") -> None:
-    """Print ``text`` when the verbosity is at least ``level``."""
-    order = ("quiet", "normal", "verbose")
-    if _main_process() and order.index(_State.verbosity) >= order.index(level):
-        print(text, flush=True)
-
-
 def setup(verbosity: Verbosity = "normal") -> None:
     """Set the verbosity: logger levels of the chatty libraries and the known-harmless warnings."""
-    _State.verbosity = verbosity
+    set_verbosity(verbosity)
     _State.numbers, _State.started = {}, {}
     level = logging.INFO if verbosity == "verbose" else logging.WARNING
     for name in _QUIET_INFO_LOGGERS:  # info lines only ("GPU available", tips, table creation): warnings pass
@@ -93,14 +80,10 @@ def setup(verbosity: Verbosity = "normal") -> None:
             warnings.filterwarnings("ignore", message=pattern)
 
 
-def verbosity() -> Verbosity:
-    return _State.verbosity
-
-
 def show_progress(enabled: bool = True) -> bool:
     """Progress bars: on unless the config turns them off (``enabled``: its ``progress``), the
     console is quiet or the output is not a terminal (a log file gets the stage lines only)."""
-    return enabled and _State.verbosity != "quiet" and sys.stdout.isatty()
+    return enabled and verbosity() != "quiet" and sys.stdout.isatty()
 
 
 @contextlib.contextmanager
@@ -114,7 +97,7 @@ def fit_warnings(model: L.LightningModule, data: Any, val_used: bool = False) ->
     harmless = not is_overridden("validation_step", model) and (getattr(data, "val_root", None) is None
                                                                  or val_used)
     with warnings.catch_warnings():
-        if harmless and _State.verbosity != "verbose":
+        if harmless and verbosity() != "verbose":
             warnings.filterwarnings("ignore", message=VAL_WITHOUT_STEP)
         yield
 

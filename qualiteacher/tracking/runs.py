@@ -64,7 +64,7 @@ class PipelineRuns:
                                                if k not in ("stage1", "stage2", "fidelity", "stage3")}).items()}
             self.log_params(run_id, flat)
             self.log_dict_artifact(run_id, self.cfg, "config.yaml")
-        from qualiteacher.console import say
+        from qualiteacher.say import say
 
         say(f"[mlflow] tracking at {self.uri} · parent run {run_id}")
         return run_id
