@@ -72,10 +72,12 @@ def _iqa_fit_niqe(args: argparse.Namespace) -> int:
 
 def _iqa_audit(args: argparse.Namespace) -> int:
     from qualiteacher.iqa.audit_report import audit_command
+    from qualiteacher.training.students import untrained_student_outputs
 
     try:
         return audit_command(args.preset, args.task, args.images, args.out, args.size, args.seed,
-                             args.random_weights, args.weights_dir, args.strict, args.demo_data)
+                             args.random_weights, args.weights_dir, args.strict, args.demo_data,
+                             student_outputs=untrained_student_outputs)
     except (OSError, ValueError) as err:  # bad preset, folder or size: one line, exit 2
         print(f"error: {err}", file=sys.stderr)
         return 2

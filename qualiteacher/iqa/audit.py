@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -174,15 +174,9 @@ def _score_one(ensemble: Ensemble, image: Tensor) -> EnsembleScores:
         return EnsembleScores({}, {s.name: nan for s in ensemble.specs}, nan, torch.full((1,), -1))
 
 
-def untrained_student_outputs(images: Tensor, seed: int = 0) -> Tensor:
-    """The unconditioned output of a random-init ``iqpir`` student (``tiny`` preset)."""
-    from qualiteacher.training.restore import restore
-    from qualiteacher.training.students import build_student
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = build_student("iqpir", "tiny")
-    return restore(net, images, level=None).clamp(0, 1)
+# (images (B, 3, H, W) in [0, 1], seed) -> a student's outputs; the caller passes one in (the CLI:
+# ``training.students.untrained_student_outputs``), as restoring is a training-layer job
+StudentOutputs = Callable[[Tensor, int], Tensor]
 
 
 # ----------------------------------------------------------------------------------------- tables
@@ -218,8 +212,10 @@ def failing_pairs(pairs: pd.DataFrame, scorer: str = FUSED) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------------ audit
 def run_audit(ensemble: Ensemble, task: str, images: AuditImages, preset: str = "?", seed: int = 0,
-              random_weights: bool = False, ladders: bool = True) -> AuditResult:
-    """Ladders and destruction pairs of ``ensemble`` on ``images`` (see the module doc)."""
+              random_weights: bool = False, ladders: bool = True,
+              student_outputs: StudentOutputs | None = None) -> AuditResult:
+    """Ladders and destruction pairs of ``ensemble`` on ``images`` (see the module doc);
+    ``student_outputs`` adds the untrained student's pairs (row ``untrained_student``)."""
     from qualiteacher.iqa.sanity import ladder_summary, ladder_table
 
     start = time.perf_counter()
@@ -230,7 +226,8 @@ def run_audit(ensemble: Ensemble, task: str, images: AuditImages, preset: str = 
     errors = {f"source/{k}": v for k, v in src.errors.items() if v}
     parts = []
     outputs = {kind: fn(x, seed) for kind, fn in DESTRUCTIONS.items()}
-    outputs[UNTRAINED] = untrained_student_outputs(x, seed)
+    if student_outputs is not None:
+        outputs[UNTRAINED] = student_outputs(x, seed)
     for kind, y in outputs.items():
         changed = (y - x).flatten(1).abs().amax(1).gt(1 / 512).numpy()  # a grey photo is its own grey-out
         got = score_images(ensemble, y)

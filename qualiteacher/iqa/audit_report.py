@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qualiteacher.iqa.audit import FUSED, AuditResult, overfit_table, verdict
+from qualiteacher.iqa.audit import FUSED, AuditResult, StudentOutputs, overfit_table, verdict
 
 RANDOM_WEIGHTS_BANNER = (
     "**RANDOM WEIGHTS: THESE SCORES ARE MEANINGLESS.** The members were built with random "
@@ -146,11 +146,13 @@ def _log_mlflow(result: AuditResult, paths: list[Path]) -> None:
 
 def audit_command(preset: str, task: str, images: str | None = None, out: str = "iqa_audit", size: int = 96,
                   seed: int = 0, random_weights: bool = False, weights_dir: str | None = None,
-                  strict: bool = False, demo_root: str | None = None) -> int:
+                  strict: bool = False, demo_root: str | None = None,
+                  student_outputs: StudentOutputs | None = None) -> int:
     """``qualiteacher iqa audit``: build the ensemble (a preset name or a YAML file of members),
     audit it on the tune and the report photos (``images``: the user's photos, all reported),
     write the report, print the overfit check and the verdict (report photos). Returns 1 when
-    ``strict`` and the verdict fails."""
+    ``strict`` and the verdict fails. ``student_outputs``: the untrained student's outputs
+    (``training.students.untrained_student_outputs`` from the CLI)."""
     from qualiteacher.iqa.audit import default_images, folder_images, run_audit
     from qualiteacher.iqa.presets import ensemble_from_specs, list_iqa_presets, preset_specs
 
@@ -173,7 +175,8 @@ def audit_command(preset: str, task: str, images: str | None = None, out: str = 
     else:
         demo = demo_root if demo_root and Path(demo_root).is_dir() else None
         sets = {split: default_images(size, split, demo_root=demo, task=task) for split in ("tune", "report")}
-    results = {name: run_audit(ensemble, task, imgs, preset=preset, seed=seed, random_weights=random_weights)
+    results = {name: run_audit(ensemble, task, imgs, preset=preset, seed=seed, random_weights=random_weights,
+                                   student_outputs=student_outputs)
                for name, imgs in sets.items()}
     result, tune = results["report"], results.get("tune")
     paths = write_audit(result, out, tune)

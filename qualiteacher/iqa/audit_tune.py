@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from scipy.stats import spearmanr
 
-from qualiteacher.iqa.audit import UNTRAINED, AuditImages, untrained_student_outputs
+from qualiteacher.iqa.audit import UNTRAINED, AuditImages, StudentOutputs
 from qualiteacher.iqa.destruction import DESTRUCTIONS
 from qualiteacher.iqa.ensemble import Ensemble
 from qualiteacher.iqa.guards import fuse_available
@@ -37,13 +37,15 @@ def _ladder_batch(image: np.ndarray, kind: str, seed: int) -> np.ndarray:
 
 
 def raw_scores(ensemble: Ensemble, images: AuditImages, split: str, ladder_kinds: Sequence[str],
-               seed: int = 0, batch: int = 64) -> pd.DataFrame:
+               seed: int = 0, batch: int = 64, student_outputs: StudentOutputs | None = None) -> pd.DataFrame:
     """Raw member scores (long table: split, image, case, strength, changed, member, raw) of the
-    sources, every destruction, the untrained student and the ``ladder_kinds`` ladders."""
+    sources, every destruction, the untrained student (``student_outputs``, when given) and the
+    ``ladder_kinds`` ladders."""
     x = images.images
     cases: list[tuple[str, float, torch.Tensor, np.ndarray]] = [(SOURCE, 0.0, x, np.ones(len(x), bool))]
     outputs = {kind: fn(x, seed) for kind, fn in DESTRUCTIONS.items()}
-    outputs[UNTRAINED] = untrained_student_outputs(x, seed)
+    if student_outputs is not None:
+        outputs[UNTRAINED] = student_outputs(x, seed)
     for kind, y in outputs.items():
         cases.append((kind, 1.0, y, (y - x).flatten(1).abs().amax(1).gt(1 / 512).numpy()))
     arrays = [im.permute(1, 2, 0).numpy() for im in x]

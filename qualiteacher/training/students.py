@@ -21,6 +21,17 @@ def build_student(kind: str, preset: str, cond_mode: str = "add", adain: bool = 
     raise ValueError(f"unknown student {kind!r}; choose 'iqpir' or 'unet'")
 
 
+def untrained_student_outputs(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The unconditioned output of a random-init ``iqpir`` student (``tiny`` preset): the IQA
+    audit's ``untrained_student`` pairs (``iqa.audit.run_audit(student_outputs=...)``)."""
+    from qualiteacher.training.restore import restore
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build_student("iqpir", "tiny")
+    return restore(net, images, level=None).clamp(0, 1)
+
+
 def read_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The ``state_dict`` of a Lightning checkpoint (or a bare state dict), read safely
     (``weights_only``: tensors and plain data only; see ``qualiteacher.checkpoints``), with
