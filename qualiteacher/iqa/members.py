@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping
 
 import torch
 from torch import Tensor
+
+from qualiteacher.downloads import downloads_allowed  # noqa: F401  (re-exported: iqa and eval import it here)
 
 NUM_LEVELS = 8
 TOP_LEVEL_SCORE = 0.7
@@ -31,12 +32,6 @@ class MissingWeightsError(FileNotFoundError):
             f"  {hint}"
         )
         super().__init__(message)
-
-
-def downloads_allowed() -> bool:
-    """False when ``QUALITEACHER_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to 1/true/yes."""
-    flags = (os.environ.get("QUALITEACHER_OFFLINE", ""), os.environ.get("HF_HUB_OFFLINE", ""))
-    return not any(f.strip().lower() in ("1", "true", "yes") for f in flags)
 
 
 @dataclass(frozen=True)

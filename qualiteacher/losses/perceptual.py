@@ -25,7 +25,7 @@ def load_vgg16_features(path: str | Path | None, allow_download: bool | None, la
     """VGG16 feature layers ``0..last_index`` with ImageNet weights from ``path`` (full VGG16 or
     features-only state dict), else torchvision's cache, else a download if allowed (``None``:
     unless ``QUALITEACHER_OFFLINE`` / ``HF_HUB_OFFLINE`` is set)."""
-    from qualiteacher.iqa.members import downloads_allowed
+    from qualiteacher.downloads import downloads_allowed
 
     file = Path(path) if path is not None else default_vgg16_path()
     allow_download = downloads_allowed() if allow_download is None else allow_download
