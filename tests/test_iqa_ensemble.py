@@ -157,9 +157,30 @@ def test_download_failure_becomes_missing_weights_error(tmp_path: Path, monkeypa
     monkeypatch.delenv("QUALITEACHER_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(du, "download_url_to_file", no_network)
+    # the host answers (as on a machine with network) but the download itself fails
+    import qualiteacher.iqa.pyiqa_adapter as adapter
+
+    monkeypatch.setattr(adapter, "host_reachable", lambda url: (True, ""))
     with pytest.raises(MissingWeightsError, match="brisque_svm_weights.pth") as info:
         ensemble_from_specs([_pyiqa_brisque_spec()])
     assert "URLError" in str(info.value)
+
+
+def test_unreachable_host_becomes_missing_weights_error_without_a_download(tmp_path: Path, monkeypatch) -> None:
+    import pyiqa.utils.download_util as du
+
+    import qualiteacher.iqa.pyiqa_adapter as adapter
+
+    def must_not_download(*args, **kwargs):
+        raise AssertionError("no download may be tried when the host does not answer")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("QUALITEACHER_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(du, "download_url_to_file", must_not_download)
+    monkeypatch.setattr(adapter, "host_reachable", lambda url: (False, "example.invalid is not reachable"))
+    with pytest.raises(MissingWeightsError, match="not reachable"):
+        ensemble_from_specs([_pyiqa_brisque_spec()])
 
 
 def test_weights_dir_supplies_pyiqa_files(tmp_path: Path, monkeypatch) -> None:
