@@ -9,14 +9,15 @@ statistics of the LQ feature (keeps colour and illumination).
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from qualiteacher.archs.conditioning import LevelEmbedding
 from qualiteacher.archs.vqae import ResBlock
-from qualiteacher.classical import classical_restorer
+from qualiteacher.classical import classical_method
 
 
 def _conv_pair(ch: int) -> nn.Sequential:
@@ -71,6 +72,16 @@ class ImageFusionResult(NamedTuple):
     gate: Tensor
 
 
+class ImageContext(NamedTuple):
+    """What the image-level fusion reads of a whole image, per image: the classical prior's
+    statistics (``{"airlight": (B, 3)}`` for ``dcp``; empty for a local prior) and the mean hidden
+    feature ``vector`` (B, width). A tile restored with its image's context is restored as part of
+    that image (see :func:`qualiteacher.archs.context.image_context`)."""
+
+    prior: dict[str, Tensor]
+    vector: Tensor
+
+
 class ImageFusion(nn.Module):
     """Image-level fidelity: a locally affine correction of the LQ image, blended with the decode.
 
@@ -90,6 +101,12 @@ class ImageFusion(nn.Module):
     (a 14th channel, 0.5 at initialisation) instead of ``x``: the network learns where to trust
     the prior, which knows nothing of the training domain (synthetic haze is grey and thin; real
     haze is dense and tinted) and so transfers where a map learnt from synthetic pairs does not.
+
+    Two inputs are statistics of the whole image: the global context vector and the prior's own
+    (the dark channel prior's airlight). Restoring in tiles, each tile would measure its own and
+    the tiles would disagree (a hazy tile and a clear one get different airlights: blocks in the
+    output). :func:`~qualiteacher.archs.context.image_context` measures them once on the whole image (``recording``) and
+    fixes them (``fixed``) for the tiles; neither is a weight (nothing enters the state dict).
     """
 
     def __init__(self, factor: int, enc_channels: int, dec_channels: int, width: int = 24,
@@ -98,7 +115,11 @@ class ImageFusion(nn.Module):
         self.factor = factor
         self.prior = prior or None
         if self.prior is not None:
-            self.prior_fn = classical_restorer(self.prior)  # checked here: an unknown name fails at build
+            method = classical_method(self.prior)  # checked here: an unknown name fails at build
+            self.prior_fn, self.prior_statistics = method.fn, method.statistics
+        self.recording = False                  # store the context of the next forward in `recorded`
+        self.recorded: ImageContext | None = None
+        self.fixed: ImageContext | None = None  # the whole image's context, used instead of the batch's
         stem: list[nn.Module] = [nn.Conv2d(6 if self.prior else 3, width, 3, padding=1), nn.SiLU()]
         for _ in range(max(factor.bit_length() - 1, 0)):  # log2(factor) stride-2 steps
             stem += [nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU()]
@@ -113,15 +134,28 @@ class ImageFusion(nn.Module):
     def forward(self, x: Tensor, enc: Tensor, dec: Tensor, decoded: Tensor, w: float | Tensor,
                 level: Tensor | None = None) -> ImageFusionResult:
         size = enc.shape[-2:]
-        prior = None
+        fixed, reps = self.fixed, 1
+        if fixed is not None:
+            if x.shape[0] % fixed.vector.shape[0]:
+                raise ValueError(f"a fixed image context of {fixed.vector.shape[0]} image(s) cannot serve a batch "
+                                 f"of {x.shape[0]}")
+            reps = x.shape[0] // fixed.vector.shape[0]  # tiles arrive position after position
+        prior, stats = None, {}
         if self.prior is not None:
             with torch.no_grad():
-                prior = self.prior_fn(x.float()).to(x.dtype)
+                if fixed is not None:
+                    stats = {k: v.repeat(reps, *[1] * (v.ndim - 1)) for k, v in fixed.prior.items()}
+                elif self.prior_statistics is not None:
+                    stats = self.prior_statistics(x.float())
+                prior = self.prior_fn(x.float(), **stats).to(x.dtype)
         stem = self.stem(x if prior is None else torch.cat([x, prior], dim=1))
         if stem.shape[-2:] != size:  # odd sizes: the encoder rounds differently
             stem = torch.nn.functional.interpolate(stem, size=size, mode="bilinear", align_corners=False)
         h = self.block(torch.cat([stem, enc, dec], dim=1))  # (B, width, H/f, W/f)
-        h = h + self.context(h.mean((-2, -1)))[..., None, None]  # global: airlight, exposure
+        vector = h.mean((-2, -1)) if fixed is None else fixed.vector.to(h.dtype).repeat(reps, 1)
+        if self.recording:
+            self.recorded = ImageContext({k: v.detach() for k, v in stats.items()}, vector.detach())
+        h = h + self.context(vector)[..., None, None]  # global: airlight, exposure
         if self.level_embedding is not None:
             h = self.level_embedding(h, level)
         coeffs = torch.nn.functional.interpolate(self.head(torch.nn.functional.silu(h)), size=x.shape[-2:],

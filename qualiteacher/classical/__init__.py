@@ -8,10 +8,11 @@ from qualiteacher.classical.catalogue import (
     CLASSICAL,
     DEFAULT_CLASSICAL,
     ClassicalMethod,
+    classical_method,
     classical_restorer,
     default_classical,
     list_classical,
 )
 
-__all__ = ["CLASSICAL", "DEFAULT_CLASSICAL", "ClassicalMethod", "classical_restorer", "default_classical",
+__all__ = ["CLASSICAL", "DEFAULT_CLASSICAL", "ClassicalMethod", "classical_method", "classical_restorer", "default_classical",
            "list_classical"]

@@ -7,34 +7,49 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from qualiteacher.classical.clahe import clahe
-from qualiteacher.classical.dark_channel import dark_channel_prior
-from qualiteacher.classical.gamma import gamma_to_mean
+from qualiteacher.classical.dark_channel import airlight_of, dark_channel_prior
+from qualiteacher.classical.gamma import gamma_for_mean, gamma_to_mean
 from qualiteacher.classical.lime import lime
-from qualiteacher.classical.streaks import streaks_and_veil, suppress_streaks
+from qualiteacher.classical.streaks import (
+    streaks_and_veil,
+    suppress_streaks,
+    veil_airlight,
+)
 
 # a classical restorer: (B, 3, H, W) in [0, 1] -> the same shape in [0, 1], on the input's device
-ClassicalFn = Callable[[Tensor], Tensor]
+ClassicalFn = Callable[..., Tensor]
+# its image-level statistics: (B, 3, H, W) -> {keyword of fn: (B, ...) tensor}
+Statistics = Callable[[Tensor], dict[str, Tensor]]
 
 
 @dataclass(frozen=True)
 class ClassicalMethod:
+    """A classical restorer. ``statistics``, for a method that reads a statistic of the whole image
+    (the airlight of the dark channel prior, the gamma of a mean), computes it, to be passed back
+    to ``fn`` as keywords: a tile is then restored as part of its image (the statistic measured
+    once on a downscaled copy of the whole), not as an image of its own."""
+
     name: str
     task: str          # the degradation it is made for (any image can be given to any method)
     fn: ClassicalFn
     summary: str
+    statistics: Statistics | None = None
 
 
 CLASSICAL: dict[str, ClassicalMethod] = {m.name: m for m in (
     ClassicalMethod("dcp", "dehaze", dark_channel_prior,
-                    "dark channel prior (He et al. 2009), guided-filter refined transmission"),
-    ClassicalMethod("gamma", "lowlight", gamma_to_mean, "one gamma curve per image, mean to 0.45"),
+                    "dark channel prior (He et al. 2009), guided-filter refined transmission",
+                    lambda x: {"airlight": airlight_of(x)}),
+    ClassicalMethod("gamma", "lowlight", gamma_to_mean, "one gamma curve per image, mean to 0.45",
+                    lambda x: {"gamma": gamma_for_mean(x)}),
     ClassicalMethod("clahe", "lowlight", clahe, "CLAHE of the HSV value channel (hue kept)"),
     ClassicalMethod("lime", "lowlight", lime,
                     "illumination map in the spirit of LIME (max of RGB, guided-filter refined, gamma 0.8)"),
     ClassicalMethod("tophat", "derain", suppress_streaks,
                     "achromatic white top-hat of a flat 3-px opening, soft-thresholded"),
     ClassicalMethod("tophat_dcp", "derain", streaks_and_veil,
-                    "streaks by the achromatic top-hat, then the veil by the dark channel prior"),
+                    "streaks by the achromatic top-hat, then the veil by the dark channel prior",
+                    lambda x: {"airlight": veil_airlight(x)}),
 )}
 
 # each task's default classical baseline: the best of its methods on the demo's val split (PSNR and
@@ -57,6 +72,12 @@ def classical_restorer(name: str) -> ClassicalFn:
         raise ValueError(f"unknown classical restorer {name!r}: choose one of {', '.join(list_classical())} "
                          f"or a task ({', '.join(DEFAULT_CLASSICAL)})")
     return CLASSICAL[name].fn
+
+
+def classical_method(name: str) -> ClassicalMethod:
+    """The :class:`ClassicalMethod` ``name`` (a task name gives that task's default)."""
+    classical_restorer(name)  # the error for an unknown name
+    return CLASSICAL[DEFAULT_CLASSICAL.get(name, name)]
 
 
 def default_classical(task: str) -> str:

@@ -40,19 +40,29 @@ def transmission(images: Tensor, airlight: Tensor, patch: int, omega: float = 0.
     return 1.0 - omega * dark_channel(normalised, patch)
 
 
+def airlight_of(images: Tensor, patch: int | None = None) -> Tensor:
+    """``(B, 3)``: the airlight `dark_channel_prior` estimates for ``images`` (B, 3, H, W). A
+    statistic of the whole image: a tile of it is restored with the airlight of its image (taken
+    from a downscaled copy, see `qualiteacher.training.restore`), not with one of its own."""
+    patch = patch or fit_window(PATCH, min(images.shape[-2:]))
+    return estimate_airlight(images, dark_channel(images, patch))
+
+
 def dark_channel_prior(images: Tensor, patch: int | None = None, omega: float = 0.95, t_min: float = 0.1,
-                       radius: int | None = None, eps: float = 1e-3) -> Tensor:
+                       radius: int | None = None, eps: float = 1e-3, airlight: Tensor | None = None) -> Tensor:
     """Dehaze RGB ``images`` ``(B, 3, H, W)`` in [0, 1]; the result in [0, 1].
 
     ``patch``: the dark channel's window (default 15; smaller on images under 96 px, `fit_window`).
     The coarse transmission is refined by a guided filter (`kornia.filters.guided_blur`) guided by
     the grey image, window ``2 * radius + 1`` (default radius: 4 patches) and ``eps``,
-    clamped at ``t_min``; then ``J = (I - A) / t + A``.
+    clamped at ``t_min``; then ``J = (I - A) / t + A``. ``airlight`` (B, 3): the airlight to use
+    (e.g. its image's, for a tile: `airlight_of`); None estimates it from ``images``.
     """
     patch = patch or fit_window(PATCH, min(images.shape[-2:]))
     radius = radius if radius is not None else 4 * patch
-    dark = dark_channel(images, patch)
-    airlight = estimate_airlight(images, dark)[:, :, None, None]        # (B, 3, 1, 1)
+    if airlight is None:
+        airlight = estimate_airlight(images, dark_channel(images, patch))
+    airlight = airlight.to(images.dtype)[:, :, None, None]              # (B, 3, 1, 1)
     coarse = transmission(images, airlight[:, :, 0, 0], patch, omega)
     radius = min(radius, (min(images.shape[-2:]) - 1) // 2)  # the window fits the image
     grey = kornia.color.rgb_to_grayscale(images)

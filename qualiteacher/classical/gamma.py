@@ -26,7 +26,8 @@ def gamma_for_mean(images: Tensor, target: float = TARGET_MEAN, steps: int = 30,
     return ((lo + hi) / 2).exp()
 
 
-def gamma_to_mean(images: Tensor, target: float = TARGET_MEAN) -> Tensor:
-    """Brighten (or darken) ``(B, 3, H, W)`` images in [0, 1] by the gamma of `gamma_for_mean`."""
-    g = gamma_for_mean(images, target)
+def gamma_to_mean(images: Tensor, target: float = TARGET_MEAN, gamma: Tensor | None = None) -> Tensor:
+    """Brighten (or darken) ``(B, 3, H, W)`` images in [0, 1] by the gamma of `gamma_for_mean`
+    (``gamma`` (B,): the gamma to use, e.g. a tile's image's; None computes it from ``images``)."""
+    g = gamma_for_mean(images, target) if gamma is None else gamma.to(images.dtype)
     return images.clamp_min(0.0).pow(g[:, None, None, None]).clamp(0.0, 1.0)

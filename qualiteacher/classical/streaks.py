@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from qualiteacher.classical.dark_channel import dark_channel_prior
+from qualiteacher.classical.dark_channel import airlight_of, dark_channel_prior
 from qualiteacher.classical.filters import opening
 
 WINDOW = 3        # opening window: the demo's streaks are 1-3 px wide (5 px erased texture on val)
@@ -31,7 +31,14 @@ def suppress_streaks(images: Tensor, size: int = WINDOW, threshold: float = THRE
     return (images - (white_tophat(images, size) - threshold).clamp_min(0.0)).clamp(0.0, 1.0)
 
 
-def streaks_and_veil(images: Tensor, size: int = WINDOW, threshold: float = THRESHOLD) -> Tensor:
+def streaks_and_veil(images: Tensor, size: int = WINDOW, threshold: float = THRESHOLD,
+                     airlight: Tensor | None = None) -> Tensor:
     """`suppress_streaks`, then the veil removed by `dark_channel_prior` (streaks first: white
-    streaks would otherwise pass for the haziest pixels, the airlight)."""
-    return dark_channel_prior(suppress_streaks(images, size, threshold))
+    streaks would otherwise pass for the haziest pixels, the airlight). ``airlight`` (B, 3): the
+    veil's airlight (`veil_airlight` of the whole image, for a tile); None estimates it here."""
+    return dark_channel_prior(suppress_streaks(images, size, threshold), airlight=airlight)
+
+
+def veil_airlight(images: Tensor, size: int = WINDOW, threshold: float = THRESHOLD) -> Tensor:
+    """``(B, 3)``: the airlight `streaks_and_veil` estimates for ``images`` (after the streaks)."""
+    return airlight_of(suppress_streaks(images, size, threshold))
