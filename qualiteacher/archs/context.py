@@ -5,9 +5,10 @@ whole image: a global context vector (the mean of its hidden feature) and its cl
 own (the dark channel prior's airlight). Run on tiles, each tile measures its own: a hazy tile and
 a clear one get different airlights and the restored image shows blocks, one per tile (a 480-px
 hazy photo in 128-px tiles came out 14.4 dB from the same photo restored whole).
-:func:`image_context` measures them once, on a copy of the whole image downscaled to one tile (a
-"context pass"), and every forward in its block uses them for the tiles of the same images (21.3
-dB). Nothing of it is a weight.
+:func:`image_context` measures them once, on a copy of the whole image downscaled to a few tiles
+(a "context pass", :func:`qualiteacher.training.restore.context_image`), and every forward in its
+block uses them for the tiles of the same images (24.3 dB with a 256-px context). Nothing of it is
+a weight.
 
 What stays per tile: the attention over a tile's tokens and the group norms' statistics. Fixing
 the group norms to the context pass's statistics was measured and rejected: statistics of the
