@@ -28,12 +28,15 @@ from qualiteacher.archs.fidelity import ImageFusion
 
 
 @contextmanager
-def image_context(model: nn.Module, images: Tensor, run: Callable[[Tensor], object]) -> Iterator[bool]:
+def image_context(model: nn.Module, images: Tensor, run: Callable[[Tensor], object],
+                  prior_images: Tensor | None = None) -> Iterator[bool]:
     """Within the block, the image fusions of ``model`` use the context of ``images`` (B, 3, h, w):
     ``run(images)`` (a forward of the model on a downscaled copy of the whole images) records it,
     and it stays fixed until the block ends, for forwards on batches of tiles of the same B images,
-    position after position (``n * B`` tiles). Yields False, fixing nothing, for a model without an
-    image fusion or whose forward did not reach it (``w = 0``)."""
+    position after position (``n * B`` tiles). ``prior_images``: the same images at a larger size,
+    on which the classical prior's statistics are measured instead (they cost no attention, and
+    an airlight taken at a few hundred pixels misses small bright haze). Yields False, fixing
+    nothing, for a model without an image fusion or whose forward did not reach it (``w = 0``)."""
     fusions = [m for m in model.modules() if isinstance(m, ImageFusion)]
     if not fusions:
         yield False
@@ -43,8 +46,11 @@ def image_context(model: nn.Module, images: Tensor, run: Callable[[Tensor], obje
             m.recording, m.recorded, m.fixed = True, None, None
         with torch.no_grad():
             run(images)
-        for m in fusions:
-            m.recording, m.fixed = False, m.recorded
+            for m in fusions:
+                fixed = m.recorded
+                if fixed is not None and prior_images is not None and m.prior_statistics is not None:
+                    fixed = fixed._replace(prior=m.prior_statistics(prior_images.float()))
+                m.recording, m.fixed = False, fixed
         yield any(m.fixed is not None for m in fusions)
     finally:
         for m in fusions:

@@ -114,6 +114,7 @@ class ImageFusion(nn.Module):
         super().__init__()
         self.factor = factor
         self.prior = prior or None
+        self.prior_fn, self.prior_statistics = None, None
         if self.prior is not None:
             method = classical_method(self.prior)  # checked here: an unknown name fails at build
             self.prior_fn, self.prior_statistics = method.fn, method.statistics

@@ -25,6 +25,7 @@ from qualiteacher.training.memory import MemoryBudgetError, describe, resolve_bu
 from qualiteacher.training.tiling import TilePlan, plan_tiles, run_tiles, tiled_apply  # noqa: F401  (tiled_apply: re-exported)
 
 CONTEXT_TILES = 2       # the context pass sees the whole image at up to 2 tile sides (attention: 4^2 a tile's cost)
+PRIOR_SIDE = 1024       # ... and the classical prior's statistics (no attention: cheap) at up to 1024 px
 MIN_TILE = 16           # smaller tiles leave the model no context (a grid pattern in the output)
 TILE_TOKENS = 32        # default tiles hold about 32 x 32 positions at the model's coarsest scale ...
 TILE_RANGE = (128, 512)  # ... within these sides (attention over a tile costs its number of positions)
@@ -194,7 +195,8 @@ def restore(model: nn.Module, images: Tensor, level: int | Tensor | None = 7, ti
             return run_tiles(fn, images, plan, device)
         th, tw = plan.grid.tile  # the context pass: at most one batch of tiles' pixels (the budget) ...
         side = min(math.isqrt(plan.positions * th * tw), CONTEXT_TILES * max(th, tw))  # ... and 2 tile sides
-        with image_context(model, context_image(images, side, multiple, device), fn):
+        with image_context(model, context_image(images, side, multiple, device), fn,
+                           context_image(images, PRIOR_SIDE, 1, device)):
             return run_tiles(fn, images, plan, device)
     finally:
         model.train(was_training)
