@@ -85,7 +85,7 @@ def child(spec: dict) -> dict:
     from qualiteacher.data.io import write_image
     from qualiteacher.iqa.bounded import read_uint8
     from qualiteacher.training.memory import resolve_budget
-    from qualiteacher.training.restore import load_for_inference, plan_restore, restore
+    from qualiteacher.training.restore import inference_ready, load_for_inference, plan_restore, restore
     from qualiteacher.training.students import build_student
 
     torch.manual_seed(0)
@@ -96,7 +96,7 @@ def child(spec: dict) -> dict:
         prior = spec.get("fusion_prior") or None
         net = build_student("iqpir", spec["model"], fusion_prior=prior)
         source = f"{spec['model']} preset, random weights" + (f", fusion prior {prior}" if prior else "")
-    net = net.to(device).eval()
+    net = inference_ready(net.to(device))  # what the loaders give a user
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base = _rss_mib("VmRSS")

@@ -80,7 +80,7 @@ def load_student_folder(folder: str | Path) -> nn.Module:
         checkpoint_state,
         read_checkpoint,
     )
-    from qualiteacher.training.restore import check_weights_finite
+    from qualiteacher.training.restore import check_weights_finite, inference_ready
     from qualiteacher.training.students import build_student
 
     folder = Path(folder)
@@ -113,7 +113,7 @@ def load_student_folder(folder: str | Path) -> nn.Module:
         student.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise CheckpointError(weights, f"weights do not fit the student: {str(err).splitlines()[-1].strip()}") from None
-    return student.eval()
+    return inference_ready(student)
 
 
 def model_signature() -> Any:

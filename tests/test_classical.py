@@ -12,7 +12,7 @@ import torch
 from qualiteacher.classical import CLASSICAL, DEFAULT_CLASSICAL, classical_restorer, default_classical, list_classical
 from qualiteacher.classical.clahe import clahe
 from qualiteacher.classical.dark_channel import dark_channel, dark_channel_prior, estimate_airlight, transmission
-from qualiteacher.classical.filters import fit_window
+from qualiteacher.classical.filters import fit_window, max_filter, min_filter
 from qualiteacher.classical.gamma import gamma_for_mean, gamma_to_mean
 from qualiteacher.classical.lime import lime
 from qualiteacher.classical.streaks import suppress_streaks
@@ -129,3 +129,13 @@ def test_every_classical_restorer_is_batched(name: str) -> None:
     one_by_one = torch.cat([fn(images[i:i + 1]) for i in range(images.shape[0])])
     assert torch.allclose(out, one_by_one, atol=1e-5)
     assert fn(torch.rand(1, 3, 24, 37)).shape == (1, 3, 24, 37)  # small, odd sizes
+
+
+@pytest.mark.parametrize("size", [1, 3, 15, 31])
+def test_separable_window_filters_equal_the_square_window(size: int) -> None:
+    x = torch.rand(2, 3, 37, 29, generator=torch.Generator().manual_seed(size))
+    p = size // 2
+    square = torch.nn.functional.max_pool2d(torch.nn.functional.pad(x, (p, p, p, p), mode="replicate"), size, stride=1)
+    assert torch.equal(max_filter(x, size), square)
+    assert torch.equal(min_filter(x, size), -torch.nn.functional.max_pool2d(
+        torch.nn.functional.pad(-x, (p, p, p, p), mode="replicate"), size, stride=1))

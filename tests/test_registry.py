@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qualiteacher.registry import load_registered, log_student, pinned_requirements
-from qualiteacher.training.restore import restore
+from qualiteacher.training.restore import inference_ready, restore
 
 
 @pytest.fixture()
@@ -46,6 +46,8 @@ def test_registered_student_restores_like_the_checkpoint(tmp_path, store, studen
     assert torch.load(local / "data" / "student" / "weights.pt", weights_only=True)  # tensors only
 
     x = torch.rand(2, 3, 40, 36)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in loaded.parameters() if p.ndim == 4)
+    inference_ready(module.student)  # what `load_for_inference` gives: the same layout, the same bits
     for level in (0, 7):
         assert torch.equal(restore(loaded, x, level=level), restore(module.student, x, level=level))
     # the generic MLflow way: pyfunc with the signature's tensors image, level, w
