@@ -116,3 +116,75 @@ def test_the_context_image_is_the_whole_image_downscaled_within_the_side():
     assert (small.mean() - u8.float().mean() / 255).abs() < 0.01
     # fits already: only rounded to the multiple
     assert context_image(u8.float() / 255, 512, 8, torch.device("cpu")).shape == (2, 3, 304, 200)
+
+
+def _spy_airlights(net):
+    """Record the airlight every forward's dark channel prior is given."""
+    seen, fusion = [], net.fidelity.image
+    fn = fusion.prior_fn
+
+    def spy(x, **stats):
+        seen.append(stats["airlight"].clone())
+        return fn(x, **stats)
+
+    fusion.prior_fn = spy
+    return seen
+
+
+def test_a_training_crop_takes_the_airlight_of_its_whole_image_and_keeps_its_own_context_vector():
+    from qualiteacher.archs.context import fixed_prior_statistics, prior_statistics, select_statistics
+    from qualiteacher.classical.dark_channel import airlight_of
+
+    net = _net_with_a_trained_looking_fusion()
+    whole = torch.cat([_hazy_half(64, 128), _hazy_half(64, 128).flip(-1)])      # 2 images
+    crops = whole[..., 16:48, 96:128].clone()                                   # the clear end of each
+    stats = prior_statistics(net, whole)
+    assert torch.allclose(stats["airlight"], airlight_of(whole))
+    assert not torch.allclose(airlight_of(crops), stats["airlight"], atol=1e-2)  # a crop alone is biased
+    seen = _spy_airlights(net)
+    with torch.no_grad():
+        own = net(crops, None).image
+        with fixed_prior_statistics(net, stats):
+            given = net(crops, None).image
+            net(torch.cat([crops, crops]), None)                                 # two views, position after position
+            rows = torch.tensor([1, 1, 0])
+        with fixed_prior_statistics(net, select_statistics(stats, rows)):
+            net(crops[rows], None)                                               # a batch built by indexing
+        after = net(crops, None).image
+    assert torch.allclose(seen[0], airlight_of(crops)) and torch.allclose(seen[1], stats["airlight"])
+    assert torch.allclose(seen[2], stats["airlight"].repeat(2, 1))
+    assert torch.allclose(seen[3], stats["airlight"][rows])
+    assert torch.allclose(seen[4], airlight_of(crops))                          # nothing stays fixed after the block
+    assert not torch.allclose(own, given, atol=1e-3) and torch.equal(after, own)
+    assert net.fidelity.image.fixed is None
+    with fixed_prior_statistics(net, None):                                      # None: each batch its own
+        assert net.fidelity.image.fixed is None
+
+
+def test_the_prior_statistics_of_a_fusion_without_them_are_none():
+    from qualiteacher.archs.context import prior_statistics
+
+    assert prior_statistics(build_iqpir("tiny", prior="lime"), torch.rand(1, 3, 32, 32)) is None  # local only
+    assert prior_statistics(build_iqpir("tiny"), torch.rand(1, 3, 32, 32)) is None
+
+
+def test_crops_carry_their_whole_image_and_a_clean_pair_the_clean_image(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from qualiteacher.data.datamodule import CropDataset, whole_image_view
+    from qualiteacher.data.records import ImageRecord
+
+    rng = np.random.default_rng(0)
+    lq, gt = (rng.integers(0, 256, (80, 64, 3), dtype=np.uint8) for _ in range(2))
+    Image.fromarray(lq).save(tmp_path / "lq.png")
+    Image.fromarray(gt).save(tmp_path / "gt.png")
+    record = ImageRecord(id="a", lq=tmp_path / "lq.png", gt=tmp_path / "gt.png")
+    item = CropDataset([record], 32, paired=True, context_side=48)[0]
+    assert item["lq"].shape == (3, 32, 32) and item["context"].shape == (3, 48, 48)
+    assert torch.allclose(item["context"], whole_image_view(lq.astype(np.float32) / 255, 48), atol=1e-6)
+    clean = CropDataset([record], 32, paired=True, context_side=48, clean_pairs=1.0)[0]
+    assert torch.allclose(clean["context"], whole_image_view(gt.astype(np.float32) / 255, 48), atol=1e-6)
+    assert "context" not in CropDataset([record], 32, paired=True)[0]
+    unpaired = CropDataset([record], 32, paired=False, context_side=48)[0]
+    assert torch.allclose(unpaired["context"], item["context"])

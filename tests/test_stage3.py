@@ -31,9 +31,11 @@ class Capture(Logger):
         pass
 
 
-def _fit(module, demo_root, steps, tmp_path=None, ckpt=None, logger=None, task="dehaze", callbacks=()):
+def _fit(module, demo_root, steps, tmp_path=None, ckpt=None, logger=None, task="dehaze", callbacks=(),
+         context_side=None):
     dm = RestorationDataModule(labeled_root=str(demo_root / task / "labeled"),
-                               unlabeled_root=str(demo_root / task / "unlabeled"), crop_size=32, batch_size=2)
+                               unlabeled_root=str(demo_root / task / "unlabeled"), crop_size=32, batch_size=2,
+                               context_side=context_side)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=logger or False, log_every_n_steps=1,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path, callbacks=list(callbacks))
@@ -68,6 +70,35 @@ def test_short_run_with_offline_ensemble_logs_every_term(demo_root):
     assert 0 < len(module.bank) and all(len(v) <= 3 for v in module.bank.entries.values())
     assert any(not torch.equal(a, b) for a, b in zip(teacher_before, module.teacher.parameters()))
     assert not module.teacher.training and not any(p.requires_grad for p in module.teacher.parameters())
+
+
+@pytest.mark.parametrize("mode", ["qualiteacher", "mean_teacher", "supervised"])
+def test_every_training_forward_reads_the_airlight_of_the_whole_image(demo_root, fast_ensemble_factory, mode):
+    """With ``context_side`` every forward of student and teacher on crops (supervised, pseudo-label,
+    preference, consistency, refresh) uses its images' whole-image airlight, not the crop's own."""
+    from qualiteacher.archs.fidelity import ImageFusion
+
+    module = _module(fast_ensemble_factory(), fusion_prior="dcp", mode=mode, pref_start_step=0, crop_start_step=0)
+    calls = {"student": [], "teacher": []}
+    for name in calls:
+        fusion = next(m for m in getattr(module, name).modules() if isinstance(m, ImageFusion))
+        forward = fusion.forward
+
+        def spy(x, *args, _fusion=fusion, _forward=forward, _seen=calls[name], **kw):
+            if torch.is_grad_enabled() or _seen is calls["teacher"]:  # training forwards (not the reward guard's probes)
+                fixed = _fusion.fixed
+                _seen.append(fixed is not None and fixed.vector is None and x.shape[0] % fixed.prior["airlight"].shape[0] == 0)
+            return _forward(x, *args, **kw)
+
+        fusion.forward = spy
+    _fit(module, demo_root, 2, context_side=64)
+    assert calls["student"] and all(calls["student"]), calls["student"]
+    if mode != "supervised":
+        assert calls["teacher"] and all(calls["teacher"]), calls["teacher"]
+    for name in calls:
+        calls[name].clear()
+    _fit(module, demo_root, 3)                                # no context: each crop its own, as before
+    assert calls["student"] and not any(calls["student"])
 
 
 @pytest.mark.parametrize("mode", ["all_pairs", "pair"])

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from qualiteacher.archs.fidelity import ImageFusion
+from qualiteacher.archs.fidelity import ImageContext, ImageFusion
 
 
 @contextmanager
@@ -55,3 +55,41 @@ def image_context(model: nn.Module, images: Tensor, run: Callable[[Tensor], obje
     finally:
         for m in fusions:
             m.recording, m.recorded, m.fixed = False, None, None
+
+
+def prior_statistics(model: nn.Module, images: Tensor) -> dict[str, Tensor] | None:
+    """The image-level statistics (per image of ``images``, (B, 3, H, W) in [0, 1]) of the classical
+    prior that ``model``'s image fusion reads: ``{"airlight": (B, 3)}`` for ``dcp``; None for a model
+    without an image fusion or whose prior has none (``lime``: local only)."""
+    for m in model.modules():
+        if isinstance(m, ImageFusion) and m.prior_statistics is not None:
+            with torch.no_grad():
+                return {k: v.detach() for k, v in m.prior_statistics(images.float()).items()}
+    return None
+
+
+def select_statistics(stats: dict[str, Tensor] | None, rows: Tensor) -> dict[str, Tensor] | None:
+    """The statistics of the batch images ``rows`` (an index tensor): a batch built by indexing."""
+    return None if stats is None else {k: v[rows] for k, v in stats.items()}
+
+
+@contextmanager
+def fixed_prior_statistics(model: nn.Module, stats: dict[str, Tensor] | None) -> Iterator[None]:
+    """Within the block the classical prior of ``model``'s image fusions uses ``stats`` (per image,
+    from :func:`prior_statistics` of the whole images; a batch of ``n * B`` repeats them position
+    after position) instead of measuring its input, while the context vector stays each batch's
+    own: a training crop gets the airlight of its image, as a tile of that image does at inference
+    (:func:`image_context`). Per-crop airlights are biased (a crop without sky takes a bright wall
+    for the airlight), and a fusion trained on them met other airlights at inference. ``stats``
+    None or empty: nothing changes. Gradients flow as usual (the statistics are constants)."""
+    fusions = [m for m in model.modules() if isinstance(m, ImageFusion) and m.prior_statistics is not None]
+    if not stats or not fusions:
+        yield
+        return
+    try:
+        for m in fusions:
+            m.fixed = ImageContext(stats, None)
+        yield
+    finally:
+        for m in fusions:
+            m.fixed = None

@@ -75,11 +75,12 @@ class ImageFusionResult(NamedTuple):
 class ImageContext(NamedTuple):
     """What the image-level fusion reads of a whole image, per image: the classical prior's
     statistics (``{"airlight": (B, 3)}`` for ``dcp``; empty for a local prior) and the mean hidden
-    feature ``vector`` (B, width). A tile restored with its image's context is restored as part of
-    that image (see :func:`qualiteacher.archs.context.image_context`)."""
+    feature ``vector`` (B, width; None: each batch's own). A tile restored with its image's context
+    is restored as part of that image (see :func:`qualiteacher.archs.context.image_context`); a
+    training crop gets its image's prior statistics (:func:`~qualiteacher.archs.context.fixed_prior_statistics`)."""
 
     prior: dict[str, Tensor]
-    vector: Tensor
+    vector: Tensor | None
 
 
 class ImageFusion(nn.Module):
@@ -137,10 +138,10 @@ class ImageFusion(nn.Module):
         size = enc.shape[-2:]
         fixed, reps = self.fixed, 1
         if fixed is not None:
-            if x.shape[0] % fixed.vector.shape[0]:
-                raise ValueError(f"a fixed image context of {fixed.vector.shape[0]} image(s) cannot serve a batch "
-                                 f"of {x.shape[0]}")
-            reps = x.shape[0] // fixed.vector.shape[0]  # tiles arrive position after position
+            n = fixed.vector.shape[0] if fixed.vector is not None else next(iter(fixed.prior.values())).shape[0]
+            if x.shape[0] % n:
+                raise ValueError(f"a fixed image context of {n} image(s) cannot serve a batch of {x.shape[0]}")
+            reps = x.shape[0] // n  # tiles arrive position after position
         prior, stats = None, {}
         if self.prior is not None:
             with torch.no_grad():
@@ -153,7 +154,7 @@ class ImageFusion(nn.Module):
         if stem.shape[-2:] != size:  # odd sizes: the encoder rounds differently
             stem = torch.nn.functional.interpolate(stem, size=size, mode="bilinear", align_corners=False)
         h = self.block(torch.cat([stem, enc, dec], dim=1))  # (B, width, H/f, W/f)
-        vector = h.mean((-2, -1)) if fixed is None else fixed.vector.to(h.dtype).repeat(reps, 1)
+        vector = h.mean((-2, -1)) if fixed is None or fixed.vector is None else fixed.vector.to(h.dtype).repeat(reps, 1)
         if self.recording:
             self.recorded = ImageContext({k: v.detach() for k, v in stats.items()}, vector.detach())
         h = h + self.context(vector)[..., None, None]  # global: airlight, exposure

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import albumentations as A
+import cv2
 import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
@@ -99,11 +100,23 @@ def _read_pair(record: ImageRecord, with_gt: bool) -> tuple[np.ndarray, np.ndarr
     return lq, gt
 
 
+def whole_image_view(image: np.ndarray, side: int) -> torch.Tensor:
+    """The whole ``image`` (H, W, 3) resized to ``side`` x ``side`` (area-averaged when smaller):
+    what a training crop's image-level statistics are measured on (``context``)."""
+    h, w = image.shape[:2]
+    inter = cv2.INTER_AREA if side < max(h, w) else cv2.INTER_LINEAR
+    return to_tensor(cv2.resize(np.ascontiguousarray(image), (side, side), interpolation=inter))
+
+
 class CropDataset(Dataset):
     """Training crops of ``records``: ``{"lq", "gt", "quality", "id"}`` if ``paired``, else ``{"lq", "id"}``.
 
     ``quality``: one fused score per record (NaN where unknown). Augmentation is reproducible: the
     albumentations pipeline is seeded with ``seed`` here and reseeded per DataLoader worker.
+    ``context_side``: each item also holds ``context``, its whole LQ image at ``context_side`` x
+    ``context_side`` (:func:`whole_image_view`), on which training measures the image-level
+    statistics of the fusion's classical prior (the airlight), as inference measures them on the
+    whole photo for each of its tiles.
     """
 
     def __init__(
@@ -118,12 +131,13 @@ class CropDataset(Dataset):
         skip_log: SkipLog | None = None,
         random_crop: bool = True,
         clean_pairs: float = 0.0,
+        context_side: int | None = None,
     ) -> None:
         if quality is not None and len(quality) != len(records):
             raise ValueError(f"{len(quality)} quality values for {len(records)} records")
         if not 0.0 <= clean_pairs <= 1.0:
             raise ValueError(f"clean_pairs must lie in [0, 1], got {clean_pairs}")
-        self.clean_pairs = clean_pairs
+        self.clean_pairs, self.context_side = clean_pairs, context_side
         self._clean_rng = np.random.default_rng(seed)
         self.records = list(records)
         self.crop_size, self.paired, self.small_images = crop_size, paired, small_images
@@ -152,16 +166,24 @@ class CropDataset(Dataset):
         record = self.records[index]
         lq, gt = _read_pair(record, self.paired)
         lq = _check_small(lq, self.crop_size, self.small_images, record.lq)
+        context = {}
         if not self.paired:
-            return {"lq": to_tensor(self.transform(image=lq)["image"]), "id": record.id}
-        out = self.transform(image=lq, gt=_check_small(gt, self.crop_size, "pad", record.lq))
+            if self.context_side:
+                context["context"] = whole_image_view(lq, self.context_side)
+            return {"lq": to_tensor(self.transform(image=lq)["image"]), "id": record.id, **context}
+        gt = _check_small(gt, self.crop_size, "pad", record.lq)
+        out = self.transform(image=lq, gt=gt)
         if self.clean_pairs and self._clean_rng.random() < self.clean_pairs:
             out["image"] = out["gt"]  # a clean -> clean pair: restoring must leave a clean photo as it is
+            lq = gt
+        if self.context_side:
+            context["context"] = whole_image_view(lq, self.context_side)
         return {
             "lq": to_tensor(out["image"]),
             "gt": to_tensor(out["gt"]),
             "quality": torch.tensor(self.quality[index], dtype=torch.float32),
             "id": record.id,
+            **context,
         }
 
 
@@ -300,6 +322,9 @@ class RestorationDataModule(pl.LightningDataModule):
         val_multiple: validation sides are centre-cropped to a multiple of this.
         clean_pairs: fraction of labeled pairs served as ``gt -> gt`` (the clean image as its own
             input): "do no harm", a clean or lightly degraded photo must come back as it went in.
+        context_side: training items also hold ``context``, their whole LQ image at this side
+            (``CropDataset``): a fusion prior's image statistics measured on the whole image, as at
+            inference. None: each crop's own.
 
     Skipped files go to the process' default `SkipLog` (``self.skip_log``, `get_skip_log()`);
     DataLoader workers keep their own copies.
@@ -328,13 +353,15 @@ class RestorationDataModule(pl.LightningDataModule):
         val_crop_size: int | None = None,
         val_multiple: int = 8,
         clean_pairs: float = 0.0,
+        context_side: int | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= clean_pairs <= 1.0:
             raise ValueError(f"clean_pairs must lie in [0, 1], got {clean_pairs}")
         for name, value in (("crop_size", crop_size), ("batch_size", batch_size),
                             ("unlabeled_batch_size", unlabeled_batch_size),
-                            ("val_crop_size", val_crop_size), ("val_multiple", val_multiple)):
+                            ("val_crop_size", val_crop_size), ("val_multiple", val_multiple),
+                            ("context_side", context_side)):
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
         if num_workers < 0:
@@ -359,7 +386,7 @@ class RestorationDataModule(pl.LightningDataModule):
         self.quality_table, self.augment = quality_table, augment
         self.unlabeled_fixed_view = unlabeled_fixed_view
         self.val_crop_size, self.val_multiple = val_crop_size, val_multiple
-        self.clean_pairs = clean_pairs
+        self.clean_pairs, self.context_side = clean_pairs, context_side
         self.skip_log = get_skip_log()  # the process' default log: run drivers print its summary
         self.datasets: dict[str, Dataset] = {}
 
@@ -378,12 +405,13 @@ class RestorationDataModule(pl.LightningDataModule):
             self.datasets["labeled"] = CropDataset(
                 labeled, self.crop_size, paired=True, quality=quality, augment=self.augment,
                 small_images=self.small_images, seed=self.seed, skip_log=self.skip_log,
-                clean_pairs=self.clean_pairs)
+                clean_pairs=self.clean_pairs, context_side=self.context_side)
             if self.unlabeled_root is not None:
                 self.datasets["unlabeled"] = CropDataset(
                     self._read("unlabeled", self.unlabeled_root), self.crop_size, paired=False,
                     augment=self.augment and not self.unlabeled_fixed_view, small_images=self.small_images,
-                    seed=self.seed + 1, skip_log=self.skip_log, random_crop=not self.unlabeled_fixed_view)
+                    seed=self.seed + 1, skip_log=self.skip_log, random_crop=not self.unlabeled_fixed_view,
+                    context_side=self.context_side)
         if stage in (None, "fit", "validate") and self.val_root is not None and "val" not in self.datasets:
             records = self._read("val", self.val_root)
             self.datasets["val"] = EvalDataset(

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qualiteacher.archs.conditioning import CondMode
+from qualiteacher.archs.context import fixed_prior_statistics, prior_statistics
 from qualiteacher.archs.iqpir import IQPIRNet, freeze_all_but_fidelity_
 from qualiteacher.archs.presets import build_iqpir
 from qualiteacher.training.distributed import set_conditioning_trainable_
@@ -75,6 +76,12 @@ class FidelityModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         lq, gt = batch["labeled"]["lq"], batch["labeled"]["gt"]
+        hp = self.hparams
+        whole = batch["labeled"].get("context")  # the whole images: the fusion prior's statistics
+        with fixed_prior_statistics(self.student, None if whole is None else prior_statistics(self.student, whole)):
+            return self._step(lq, gt)
+
+    def _step(self, lq: Tensor, gt: Tensor) -> Tensor:
         hp = self.hparams
         result = self.student.predict(lq, None, w=hp.train_w)
         out = result.image

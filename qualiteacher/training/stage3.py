@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from qualiteacher.archs.context import fixed_prior_statistics, prior_statistics, select_statistics
 from qualiteacher.archs.iqpir import freeze_prior_
 from qualiteacher.losses.consistency import crop_consistency_loss, crop_windows
 from qualiteacher.losses.preference import PreferenceLoss, RankedLevels, draw_ranked_levels, preference_term
@@ -254,22 +255,23 @@ class QualiTeacherModule(L.LightningModule):
         if s.mode == "mean_teacher":
             return self.mean_teacher_step(batch)
         fresh = self._refresh_if_due(batch["unlabeled"])   # teacher -> graded candidates -> bank (best k)
-        l_sup, aux = supervised_loss(self.student, batch["labeled"])              # L_sup, paired data
+        l_sup, aux = supervised_loss(self.student, batch["labeled"], self._statistics(batch["labeled"]))  # L_sup
         pl = self._pseudo_label_batch(batch["unlabeled"], fresh)   # targets and their levels, input x_s
         ranked = self._ranked_levels(pl.x_s) if s.preference_on(step) else None  # the levels L_pref ranks
         out = conditioned_outputs(self.student, pl, ranked, s.top_level, s.condition_on_level)  # one forward
         l_pl = pseudo_label_loss(out.pl, pl.targets, pl.masks, pl.owner, pl.size)
         pref = self._preference(out, ranked, pl) if ranked is not None else no_preference(pl.x_s)
-        l_crop = self._crop_consistency(pl.x_s, out.top) if s.consistency_on(step) else pl.x_s.new_zeros(())
+        l_crop = self._crop_consistency(pl.x_s, out.top, pl.stats) if s.consistency_on(step) else pl.x_s.new_zeros(())
         return self._log_step(Terms(l_sup, l_pl, pref, l_crop, aux + out.aux), fresh, pl.size)
 
     def mean_teacher_step(self, batch: dict[str, dict[str, Any]]) -> Tensor:
         """Plain Mean Teacher: the bank's pseudo-labels (views only), the student unconditioned."""
         unlabeled = batch["unlabeled"]
         fresh = self._refresh_if_due(unlabeled)
-        l_sup, aux = supervised_loss(self.student, batch["labeled"])
+        l_sup, aux = supervised_loss(self.student, batch["labeled"], self._statistics(batch["labeled"]))
         pl = self._pseudo_label_batch(unlabeled, fresh)
-        out = self.student(pl.x_s[pl.owner], None)                                 # unconditioned
+        with fixed_prior_statistics(self.student, select_statistics(pl.stats, pl.owner)):
+            out = self.student(pl.x_s[pl.owner], None)                             # unconditioned
         l_pl = pseudo_label_loss(out.image, pl.targets, pl.masks, pl.owner, pl.size)
         zero = pl.x_s.new_zeros(())
         return self._log_step(Terms(l_sup, l_pl, no_preference(zero), zero, aux + out.aux_loss), fresh, pl.size)
@@ -277,7 +279,7 @@ class QualiTeacherModule(L.LightningModule):
     def supervised_step(self, batch: dict[str, dict[str, Any]]) -> Tensor:
         """``L_sup`` on the paired data, nothing else (the unlabeled batch is never read)."""
         labeled = batch["labeled"]
-        l_sup, aux = supervised_loss(self.student, labeled)
+        l_sup, aux = supervised_loss(self.student, labeled, self._statistics(labeled))
         total = self.settings.weights.sup * l_sup + self.settings.weights.aux * aux
         return self._log({"stage3/total": total, "stage3/sup": l_sup, "stage3/aux": aux}, labeled["lq"].shape[0])
 
@@ -307,8 +309,14 @@ class QualiTeacherModule(L.LightningModule):
     def _refresh_if_due(self, unlabeled: dict[str, Any]) -> Refresh | None:
         ids = list(unlabeled["id"])
         if self.global_step % self.settings.teacher.refresh_every == 0 or not all(i in self.bank for i in ids):
-            return self.refresh_pseudo_labels(unlabeled["lq"], ids)
+            with fixed_prior_statistics(self.teacher, self._statistics(unlabeled)):  # the teacher's views: V x B
+                return self.refresh_pseudo_labels(unlabeled["lq"], ids)
         return None
+
+    def _statistics(self, part: dict[str, Any]) -> dict[str, Tensor] | None:
+        # the fusion prior's statistics of the whole images of a batch part (its "context"), or None
+        whole = part.get("context")
+        return None if whole is None else prior_statistics(self.student, whole)
 
     def _masks(self, images: Tensor, fused: Tensor) -> Tensor:
         return reliability_masks(self.ensemble, images, fused, self.settings.grading.mask_block)
@@ -321,7 +329,8 @@ class QualiTeacherModule(L.LightningModule):
             self.ensemble.fit_levels_(pool)
 
     def _pseudo_label_batch(self, unlabeled: dict[str, Any], fresh: Refresh | None) -> PseudoLabelBatch:
-        return pseudo_label_batch(self.bank, unlabeled, fresh, self.ensemble.level_of, self.photometric, self._gen)
+        return pseudo_label_batch(self.bank, unlabeled, fresh, self.ensemble.level_of, self.photometric, self._gen,
+                                  lambda whole: prior_statistics(self.student, whole))
 
     def _bank_level_histogram(self) -> list[int]:
         # levels under the current rule (the quantile thresholds move as the pool fills)
@@ -344,14 +353,15 @@ class QualiTeacherModule(L.LightningModule):
     def _best_pl_reward(self, pls: Tensor, scores: Tensor, owner: Tensor, b: int) -> Tensor:
         return best_pl_reward(self._reward, self.ensemble.reward_is_fused, BestPseudoLabels(pls, scores, owner), b)
 
-    def _crop_consistency(self, x_s: Tensor, top: Tensor | None) -> Tensor:
+    def _crop_consistency(self, x_s: Tensor, top: Tensor | None, stats: dict[str, Tensor] | None = None) -> Tensor:
         # top: S(x_s, top level) when the preference part computed it, else computed here
         mult = self.student.size_multiple  # windows the student runs on without padding
         win_out, win_in = crop_windows(self.settings.consistency, *x_s.shape[-2:], mult, self._gen)
         top_level = torch.full((x_s.shape[0],), self.settings.top_level, device=x_s.device)
-        if top is None:
-            top = self.student(x_s, top_level).image
-        of_crop = self.student(win_in(x_s), top_level).image
+        with fixed_prior_statistics(self.student, stats):  # a window is part of the same image
+            if top is None:
+                top = self.student(x_s, top_level).image
+            of_crop = self.student(win_in(x_s), top_level).image
         return crop_consistency_loss(self._reward(win_out(top)), self._reward(of_crop))
 
     # ------------------------------------------------------------------ checkpoints

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qualiteacher.archs.conditioning import AdaLNModulation, LevelEmbedding
+from qualiteacher.archs.context import fixed_prior_statistics, select_statistics
 from qualiteacher.losses.preference import PreferenceLoss, RankedLevels
 from qualiteacher.teacher.bank import PseudoLabelBank
 from qualiteacher.teacher.views import VIEWS, apply_view
@@ -51,9 +52,12 @@ def no_preference(like: Tensor) -> PreferenceLoss:
     return PreferenceLoss(zero, zero, zero)
 
 
-def supervised_loss(student: nn.Module, labeled: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    """``(L_sup, backbone loss)``: L1 of the unconditioned student on the paired synthetic data."""
-    out = student(labeled["lq"], None)
+def supervised_loss(student: nn.Module, labeled: dict[str, Any],
+                    stats: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """``(L_sup, backbone loss)``: L1 of the unconditioned student on the paired synthetic data
+    (``stats``: the fusion prior's statistics of the whole images, per crop)."""
+    with fixed_prior_statistics(student, stats):
+        out = student(labeled["lq"], None)
     return F.l1_loss(out.image, labeled["gt"]), out.aux_loss
 
 
@@ -74,6 +78,7 @@ class PseudoLabelBatch(NamedTuple):
     levels: Tensor   # (N,) their levels under the current level rule
     owner: Tensor    # (N,) batch image of each target
     best: BestPseudoLabels
+    stats: dict[str, Tensor] | None = None  # the fusion prior's statistics of the whole images, in x_s's view
 
     @property
     def size(self) -> int:
@@ -83,11 +88,14 @@ class PseudoLabelBatch(NamedTuple):
 
 def pseudo_label_batch(bank: PseudoLabelBank, unlabeled: dict[str, Any], fresh: Refresh | None,
                        level_of: Callable[[Tensor], Tensor], photometric: nn.Module,
-                       generator: torch.Generator) -> PseudoLabelBatch:
+                       generator: torch.Generator,
+                       statistics: Callable[[Tensor], dict[str, Tensor] | None] | None = None) -> PseudoLabelBatch:
     """The bank's best k of each unlabeled image plus this step's degraded variants (``fresh``),
     each at the level its own score gives under the current level rule; one random geometric view
     for the batch, applied to the input and its targets alike; the student sees the input's strong
-    photometric view."""
+    photometric view. With ``unlabeled["context"]`` (the whole images) and ``statistics`` (the
+    fusion prior's, :func:`~qualiteacher.archs.context.prior_statistics`), the whole images get the
+    same photometric view (kornia's parameters reused) and their statistics come with the batch."""
     x_u = unlabeled["lq"]
     pls, masks, _, scores, owner = bank.gather(list(unlabeled["id"]), device=x_u.device)
     if owner.numel() == 0:
@@ -100,7 +108,12 @@ def pseudo_label_batch(bank: PseudoLabelBank, unlabeled: dict[str, Any], fresh: 
     levels = level_of(scores)
     view = VIEWS[int(torch.randint(len(VIEWS), (1,), generator=generator))]
     x_u, pls, masks = (apply_view(t, view) for t in (x_u, pls, masks))
-    return PseudoLabelBatch(photometric(x_u).clamp(0, 1), pls, masks, levels, owner, best)
+    x_s = photometric(x_u).clamp(0, 1)
+    stats = None
+    if statistics is not None and unlabeled.get("context") is not None:
+        whole = apply_view(unlabeled["context"].to(x_u.device), view)
+        stats = statistics(photometric(whole, params=photometric._params).clamp(0, 1))  # the crop's own view
+    return PseudoLabelBatch(x_s, pls, masks, levels, owner, best, stats)
 
 
 class StudentOutputs(NamedTuple):
@@ -115,14 +128,16 @@ def conditioned_outputs(student: nn.Module, batch: PseudoLabelBatch, ranked: Ran
     """Every condition of an image in one student forward: the targets' levels, then the ranked
     levels. ``condition_on_level=False`` asks for the top level throughout (the "-conditioning" ablation)."""
     x_s = batch.x_s
-    inputs, conds = [x_s[batch.owner]], [batch.levels]
+    inputs, conds, rows = [x_s[batch.owner]], [batch.levels], [batch.owner]
     if ranked is not None:
         inputs += [x_s] * ranked.levels.shape[0]
         conds += list(ranked.levels)
+        rows += [torch.arange(batch.size, device=x_s.device)] * ranked.levels.shape[0]
     cond = torch.cat(conds)
     if not condition_on_level:
         cond = torch.full_like(cond, top_level)
-    out = student(torch.cat(inputs), cond)
+    with fixed_prior_statistics(student, select_statistics(batch.stats, torch.cat(rows))):
+        out = student(torch.cat(inputs), cond)
     n = batch.owner.numel()
     if ranked is None:
         return StudentOutputs(out.image[:n], None, None, out.aux_loss)
