@@ -312,11 +312,17 @@ def registered_version(uri: str, name: str, run_id: str | None) -> str | None:
     return str(max(int(v.version) for v in mine)) if mine else None
 
 
+def app_command(source: str, host: str = "127.0.0.1", port: int = 7860) -> str:
+    """The command line that opens the app on ``source`` (a checkpoint path or a models:/ URI)."""
+    flag = "--model" if source.startswith("models:/") else "--checkpoint"
+    extra = "" if (host, port) == ("127.0.0.1", 7860) else f" --host {host} --port {port}"
+    return f"qualiteacher app {flag} {source}{extra}"
+
+
 def final_summary(cfg: dict[str, Any], state: dict[str, Any], uri: str, seconds: float | None = None) -> str:
     """The closing text of a pipeline: results table, files, MLflow, the UI and app commands."""
     import pandas as pd
 
-    from qualiteacher.app.command import app_command
     from qualiteacher.eval.report import format_table
 
     task, out = cfg["task"], Path(cfg["out_dir"])

@@ -30,36 +30,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from qualiteacher.training.students import FORMAT, release, student_spec
+
 log = logging.getLogger(__name__)
 
 SPEC_FILE = "student.json"
 WEIGHTS_FILE = "weights.pt"
 DATA_DIR = "student"
-FORMAT = "qualiteacher-student/1"
-# hyper-parameters of the stage-3 module that describe how the student is built
-_BUILD_KEYS = ("student", "preset", "cond_mode", "adain", "fidelity_w", "fusion_prior")
-
-
-def student_spec(hparams: dict[str, Any]) -> dict[str, Any]:
-    """The JSON description of a stage-3 module's student (from its hyper-parameters)."""
-    import qualiteacher
-
-    build = {k: hparams[k] for k in _BUILD_KEYS if k in hparams}
-    build.setdefault("student", "iqpir")
-    return {"format": FORMAT, "build": build, "top_level": int(hparams.get("top_level", 7)),
-            "task": hparams.get("task"), "iqa_preset": hparams.get("iqa_preset"),
-            "versions": {"qualiteacher": qualiteacher.__version__, "torch": _release(torch.__version__)}}
-
-
-def _release(version: str) -> str:
-    return version.split("+", 1)[0]  # 2.14.1+cu128 -> 2.14.1
 
 
 def pinned_requirements() -> list[str]:
     """``torch`` and ``qualiteacher`` pinned to the versions installed here."""
     import qualiteacher
 
-    return [f"torch=={_release(torch.__version__)}", f"qualiteacher=={qualiteacher.__version__}"]
+    return [f"torch=={release(torch.__version__)}", f"qualiteacher=={qualiteacher.__version__}"]
 
 
 def save_student(student: nn.Module, spec: dict[str, Any], folder: str | Path) -> Path:

@@ -26,13 +26,6 @@ def add_app_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
-def app_command(source: str, host: str = "127.0.0.1", port: int = 7860) -> str:
-    """The command line that opens the app on ``source`` (a checkpoint path or a models:/ URI)."""
-    flag = "--model" if source.startswith("models:/") else "--checkpoint"
-    extra = "" if (host, port) == ("127.0.0.1", 7860) else f" --host {host} --port {port}"
-    return f"qualiteacher app {flag} {source}{extra}"
-
-
 def run_app(args: argparse.Namespace) -> int:
     from qualiteacher.app.model import ModelLoadError, load_checkpoint_model, load_registry_model
 

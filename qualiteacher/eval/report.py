@@ -6,7 +6,6 @@ teacher, the student at a level (`build_restorers` makes these from models), or 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -15,6 +14,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from qualiteacher import tables
 from qualiteacher.data.io import read_image, to_tensor
 from qualiteacher.data.records import ImageRecord
 from qualiteacher.eval.colour import delta_e, opponent_correlation
@@ -173,30 +173,14 @@ def markdown_table(df: pd.DataFrame, digits: int = 4, bold_best: bool = True) ->
     every score column (among the rows, input included) in bold. NaN shows as "–"."""
     from qualiteacher.eval.metrics import EVAL_METRICS
 
-    headers, best = [df.index.name or "restorer"], {}
+    headers, best = {}, {}
     for column in df.columns:
         direction = column_direction(column)
         label = EVAL_METRICS[column].label if column in EVAL_METRICS else COLUMN_LABELS.get(column, column)
-        headers.append(label if direction is None else f"{label} {'↑' if direction else '↓'}")
-        values = pd.to_numeric(df[column], errors="coerce")
-        if bold_best and direction is not None and values.notna().sum() > 1:
-            best[column] = values.max() if direction else values.min()
-    integer = {c for c in df.columns if c == "images" or pd.api.types.is_integer_dtype(df[c])}
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for name, row in df.iterrows():
-        cells = [str(name)]
-        for column, value in row.items():
-            if isinstance(value, (int, float)) and math.isnan(value):
-                cells.append("–")
-            elif column in integer:  # a row of mixed columns holds its integers as floats
-                cells.append(str(int(value)))
-            elif isinstance(value, float):
-                text = f"{value:.{digits}f}"
-                cells.append(f"**{text}**" if column in best and value == best[column] else text)
-            else:
-                cells.append(str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        headers[column] = label if direction is None else f"{label} {'↑' if direction else '↓'}"
+        if bold_best and direction is not None:
+            best[column] = direction
+    return tables.markdown_table(df, digits, headers, best)
 
 
 def comparison_table(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from qualiteacher.iqa.audit import FUSED, AuditResult, StudentOutputs, overfit_table, verdict
+from qualiteacher.tables import markdown_table
 
 RANDOM_WEIGHTS_BANNER = (
     "**RANDOM WEIGHTS: THESE SCORES ARE MEANINGLESS.** The members were built with random "
@@ -18,11 +19,9 @@ RANDOM_WEIGHTS_BANNER = (
 
 
 def _table(df: pd.DataFrame, index_name: str) -> str:
-    from qualiteacher.eval.report import markdown_table
-
     df = df.copy()
     df.index.name = index_name
-    return markdown_table(df.astype(float), digits=2, bold_best=False)
+    return markdown_table(df.astype(float), digits=2)
 
 
 def audit_markdown(result: AuditResult, tune: AuditResult | None = None) -> str:

@@ -249,10 +249,9 @@ def load_for_inference(path: str | Path) -> TrainedModels:
         describe,
         read_checkpoint,
     )
-    from qualiteacher.registry import student_spec
     from qualiteacher.teacher.ema import make_teacher
     from qualiteacher.training.stage3 import QualiTeacherModule
-    from qualiteacher.training.students import build_student
+    from qualiteacher.training.students import build_student, student_spec
 
     path = Path(path)
     if not path.exists():

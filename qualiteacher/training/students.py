@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+FORMAT = "qualiteacher-student/1"  # the JSON description of a student (``student_spec``)
+# hyper-parameters of the stage-3 module that describe how the student is built
+_BUILD_KEYS = ("student", "preset", "cond_mode", "adain", "fidelity_w", "fusion_prior")
 
 
 def build_student(kind: str, preset: str, cond_mode: str = "add", adain: bool = False,
@@ -19,6 +24,24 @@ def build_student(kind: str, preset: str, cond_mode: str = "add", adain: bool = 
     if kind == "unet":
         return build_unet(preset)
     raise ValueError(f"unknown student {kind!r}; choose 'iqpir' or 'unet'")
+
+
+def student_spec(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The JSON description of a stage-3 module's student (from its hyper-parameters): what
+    :func:`build_student` needs (``build``), its top level, task and IQA preset, and the versions
+    that wrote it. The registered model stores it; ``load_for_inference`` builds from it."""
+    import qualiteacher
+
+    build = {k: hparams[k] for k in _BUILD_KEYS if k in hparams}
+    build.setdefault("student", "iqpir")
+    return {"format": FORMAT, "build": build, "top_level": int(hparams.get("top_level", 7)),
+            "task": hparams.get("task"), "iqa_preset": hparams.get("iqa_preset"),
+            "versions": {"qualiteacher": qualiteacher.__version__, "torch": release(torch.__version__)}}
+
+
+def release(version: str) -> str:
+    """A package version without its local build tag: ``2.14.1+cu128`` -> ``2.14.1``."""
+    return version.split("+", 1)[0]
 
 
 def untrained_student_outputs(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
