@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from qualiteacher.data.datamodule import ImageFolderDataset, RestorationDataModule
+from qualiteacher.data.datamodule import RestorationDataModule
+from qualiteacher.data.datasets import ImageFolderDataset
 from qualiteacher.data.io import SkipLog, get_skip_log, write_image
 
 CROP = 32

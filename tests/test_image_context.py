@@ -172,7 +172,7 @@ def test_crops_carry_their_whole_image_and_a_clean_pair_the_clean_image(tmp_path
     import numpy as np
     from PIL import Image
 
-    from qualiteacher.data.datamodule import CropDataset, whole_image_view
+    from qualiteacher.data.datasets import CropDataset, whole_image_view
     from qualiteacher.data.records import ImageRecord
 
     rng = np.random.default_rng(0)

@@ -34,15 +34,15 @@ from qualiteacher.data.layouts import (
 )
 from qualiteacher.data.records import AnnotationError, ImageRecord
 
-_DATAMODULE_NAMES = (
-    "CropDataset", "EvalDataset", "ImageFolderDataset", "RestorationDataModule", "read_quality_table",
-    "seed_worker",
-)
+_LAZY = {  # name -> module (albumentations, cv2 and Lightning load on first use)
+    **dict.fromkeys(("CropDataset", "EvalDataset", "ImageFolderDataset", "seed_worker"), "qualiteacher.data.datasets"),
+    **dict.fromkeys(("RestorationDataModule", "read_quality_table"), "qualiteacher.data.datamodule"),
+}
 
 
 def __getattr__(name: str) -> object:
-    if name in _DATAMODULE_NAMES:
-        return getattr(importlib.import_module("qualiteacher.data.datamodule"), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'qualiteacher.data' has no attribute {name!r}")
 
 
