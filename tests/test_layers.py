@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qualiteacher"
 
 # lowest first; a subpackage or top-level module of qualiteacher/ -> its layer
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("__init__", "errors", "checkpoints", "tasks", "say", "tables", "downloads"),  # basics: nothing of the package above them
+    ("__init__", "errors", "checkpoints", "tasks", "say", "tables", "devices", "downloads"),  # basics: nothing of the package above them
     ("classical", "archs", "losses", "data"),
     ("iqa",),
     ("teacher",),

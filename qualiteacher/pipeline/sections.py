@@ -178,13 +178,15 @@ def check_hardware(stage: str, trainer_args: dict[str, Any]) -> None:
     import torch  # lazy: see stage_classes
     from lightning.pytorch.accelerators import AcceleratorRegistry
 
+    from qualiteacher.devices import gpu_type
+
     accelerator = str(trainer_args.get("accelerator") or "auto").lower()
     if accelerator in ("auto", "cpu") or not isinstance(trainer_args.get("accelerator", "auto"), str):
         return
     fix = "drop the option (auto: whatever is there) or set accelerator=cpu"
     if accelerator == "gpu":
-        if torch.cuda.is_available() or torch.backends.mps.is_available():
-            accelerator = "cuda" if torch.cuda.is_available() else "mps"
+        if gpu_type() is not None:
+            accelerator = gpu_type()
         else:
             raise ConfigError(f"{stage}.trainer.accelerator=gpu: no GPU is visible to this process "
                               f"(torch.cuda.is_available() is False): {fix}")

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 import torch
 
+from qualiteacher.devices import best_device_type
 from qualiteacher.study.modes import GROUPS, is_conditioned, mode_data_overrides, mode_overrides, resolve_modes
 from qualiteacher.study.store import RunKey, StudyStore
 
@@ -140,7 +141,7 @@ class _Measurer:
 
     def __init__(self, cfg: dict[str, Any], held_out: str | None) -> None:
         self.cfg, self.held_out = cfg, held_out
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(best_device_type())
         ev = cfg.get("eval", {})
         self.tile = ev.get("tile") or int(cfg["stage3"].get("data", {}).get("crop_size", 64))
         self._ensemble = self._test = None

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from qualiteacher.archs.context import image_context
+from qualiteacher.devices import best_device_type
 from qualiteacher.training.memory import MemoryBudgetError, describe, resolve_budget
 from qualiteacher.training.tiling import TilePlan, plan_tiles, run_tiles, tiled_apply  # noqa: F401  (tiled_apply: re-exported)
 
@@ -87,10 +88,11 @@ def check_tile(tile: int | None, multiple: int = 8, overlap: int | None = None) 
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``, ``mps``: a ``ValueError``
-    naming the problem when the device does not exist here (checked before any work starts)."""
+    """``auto`` (a GPU when there is one: :func:`~qualiteacher.devices.best_device_type`), ``cpu``,
+    ``cuda``, ``cuda:N``, ``mps``: a ``ValueError`` naming the problem when the device does not
+    exist here (checked before any work starts)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(best_device_type())
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as err:

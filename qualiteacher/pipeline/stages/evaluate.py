@@ -15,6 +15,7 @@ from torch import Tensor
 from qualiteacher import console
 from qualiteacher.data.io import ImageReadError, get_skip_log, read_image, to_tensor
 from qualiteacher.data.layouts import read_layout
+from qualiteacher.devices import best_device_type, gpu_type
 from qualiteacher.eval.figures import image_grid, plot_score_vs_level, save_png
 from qualiteacher.eval.nriqa import level_spearman, score_levels
 from qualiteacher.pipeline.config import EvalSettings
@@ -51,9 +52,9 @@ def training_device(trainer: Mapping[str, Any]) -> torch.device:
     ``auto`` or unset: CUDA, else MPS, else the CPU): the pipeline evaluates there too."""
     accelerator = str(trainer.get("accelerator") or "auto").lower()
     if accelerator == "auto":
-        accelerator = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        accelerator = best_device_type()
     if accelerator == "gpu":
-        accelerator = "mps" if torch.backends.mps.is_available() and not torch.cuda.is_available() else "cuda"
+        accelerator = gpu_type() or "cuda"  # no GPU: the check of the section has said so already
     if accelerator != "cuda":
         return torch.device("mps" if accelerator == "mps" else "cpu")
     devices = trainer.get("devices")
