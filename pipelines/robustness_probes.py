@@ -304,7 +304,7 @@ class Probes:
 
     # ------------------------------------------------------------------ 11: the browser test
     def browser_test_without_chromium(self) -> tuple[str, bool]:
-        proc = self.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_app_browser.py"],
+        proc = self.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/app/test_app_browser.py"],
                         cwd=REPO, env={"QUALITEACHER_CHROMIUM": str(self.work / "no-chromium")})
         summary = self.lines(proc.stdout)[-1] if proc.stdout.strip() else ""
         reason = "not found: Debian's chromium is needed" in proc.stdout

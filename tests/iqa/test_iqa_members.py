@@ -17,7 +17,7 @@ from qualiteacher.iqa.members import (
 )
 from qualiteacher.iqa.presets import PRESETS, TASKS, list_iqa_presets, preset_specs, write_preset_yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "iqa"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "iqa"
 
 
 def test_range_normalisation_clamps_and_inverts() -> None:

@@ -10,7 +10,7 @@ import yaml
 
 from qualiteacher.pipeline.config import ConfigError, DemoSettings, EvalSettings, PipelineConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "qualiteacher"
 
 

@@ -228,7 +228,7 @@ def test_demo_preset_reward_detach_fits_every_task(task) -> None:
     from qualiteacher.iqa.presets import build_ensemble
     from qualiteacher.training.stage3_grading import detached_members
 
-    model = yaml.safe_load((Path(__file__).parents[1] / "configs/presets/demo.yaml").read_text())["stage3"]["model"]
+    model = yaml.safe_load((Path(__file__).parents[2] / "configs/presets/demo.yaml").read_text())["stage3"]["model"]
     detached = detached_members(build_ensemble("offline", task=task), tuple(model["reward_detach"]), "offline")
     # the colour members grade without a gradient: theirs painted blue skies beige (docs/results.md)
     assert {"colourfulness", "niqe", "hue_naturalness", "chroma_spread", "chroma_noise", "colour_cast"} <= set(detached)

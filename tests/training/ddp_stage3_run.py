@@ -1,4 +1,4 @@
-"""Stage 3 under DDP on the CPU (gloo, 2 processes); launched by tests/test_ddp.py.
+"""Stage 3 under DDP on the CPU (gloo, 2 processes); launched by tests/training/test_ddp.py.
 
 Lightning's DDP launcher starts rank 1 by re-running this script. Each rank writes its teacher's
 weights and bank ids after training; rank 0 writes the final checkpoint (whose bank index is the

@@ -140,7 +140,7 @@ def test_level_subsampling_keeps_the_all_pairs_loss_unbiased(keep):
 
 
 def test_benchmark_stage3_runs_on_tiny_sizes(capsys):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "pipelines"))
     try:
         import benchmark_stage3
     finally:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path(os.environ.get("QUALITEACHER_CHROMIUM", "/usr/bin/chromium"))
 # `./qt test` installs chromium when it can; without it the test is skipped with this reason (-ra shows it)
 pytestmark = [pytest.mark.browser,

@@ -14,7 +14,7 @@ from qualiteacher.pipeline.cli import run_pipeline_cli
 from qualiteacher.pipeline.config import TASKS, ConfigError
 from qualiteacher.pipeline.resolve import resolve_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _args(tmp: Path, demo: Path, task: str, *extra: str) -> list[str]:

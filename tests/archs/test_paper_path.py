@@ -318,7 +318,7 @@ def test_paper_preset_turns_the_stage1_perceptual_loss_on_and_trains_stage3_on_t
     cfg = resolve_config("dehaze", "paper")
     assert cfg.stage1["model"]["w_perceptual"] > 0
     assert cfg.stage3["data"]["crop_size"] == 288 and cfg.stage1["data"]["crop_size"] == 512
-    text = (Path(__file__).resolve().parents[1] / "configs" / "presets" / "paper.yaml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "configs" / "presets" / "paper.yaml").read_text()
     assert "288" in text.split("demo:")[0]  # the preset says which crop it trains on, and why
 
 
