@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qualiteacher.tasks import TASKS
+from qualiteacher.say import say
 
 _MAX_PIXELS_HELP = ("skip images with more pixels than this, read from the file header before decoding "
                     "(default: $QUALITEACHER_MAX_PIXELS or 64 million; 0: no cap)")
@@ -24,8 +25,8 @@ def _data_demo(args: argparse.Namespace) -> int:
 
     df = build_demo(Path(args.out), seed=args.seed, tasks=tuple(args.tasks), size=args.size,
                     overwrite=args.overwrite)
-    print(summarize_manifest(df))
-    print(f"demo data written to {args.out}")
+    say(summarize_manifest(df), "quiet")
+    say(f"demo data written to {args.out}")
     return 0
 
 
@@ -57,8 +58,8 @@ def _data_check(args: argparse.Namespace) -> int:
                 n_ok += 1
             except ImageReadError as err:
                 log.record(err.path, err.reason)
-    print(f"{len(records)} records, {n_ok} images read")
-    print(log.summary())
+    say(f"{len(records)} records, {n_ok} images read")
+    say(log.summary(), "quiet")
     return 0
 
 
@@ -66,7 +67,7 @@ def _iqa_fit_niqe(args: argparse.Namespace) -> int:
     from qualiteacher.iqa.offline import fit_niqe
 
     out = fit_niqe(Path(args.folder), Path(args.out), block_size=args.block_size)
-    print(f"NIQE pristine model written to {out}")
+    say(f"NIQE pristine model written to {out}")
     return 0
 
 
@@ -87,7 +88,7 @@ def _iqa_list(args: argparse.Namespace) -> int:
     from qualiteacher.iqa.presets import list_iqa_presets
 
     for name in list_iqa_presets():
-        print(name)
+        say(name, "quiet")
     return 0
 
 
@@ -99,10 +100,10 @@ def _score(args: argparse.Namespace) -> int:
                                out=Path(args.out) if args.out else None,
                                cache=Path(args.cache) if args.cache else None, weights_dir=args.weights_dir,
                                max_side=-1 if args.max_side is None else args.max_side)
-    print(summary)
+    say(summary, "quiet")
     from qualiteacher.data.io import get_skip_log
 
-    print(get_skip_log().summary())
+    say(get_skip_log().summary(), "quiet")
     return 0
 
 
@@ -154,9 +155,9 @@ def _restore(args: argparse.Namespace) -> int:
         write_image(out / f"{rec.id}.png", y)
         done += 1
     how = ", ".join("whole" if t is None else f"{t}-px tiles" for t in sorted(tiles, key=lambda t: t or 0)) or "-"
-    print(f"{done} image(s) restored into {out} ({'teacher' if args.teacher else f'student at level {args.level}'}; "
-          f"{how}; memory budget {describe(budget)})")
-    print(log.summary())
+    say(f"{done} image(s) restored into {out} ({'teacher' if args.teacher else f'student at level {args.level}'}; "
+        f"{how}; memory budget {describe(budget)})")
+    say(log.summary(), "quiet")
     return 0
 
 
@@ -169,8 +170,8 @@ def _detmap(args: argparse.Namespace) -> int:
     result = evaluate_detections(detections_from_csv(args.detections), truths,
                                  iou_threshold=args.iou, unknown_images="ignore")
     for name, ap in sorted(result.ap.items()):
-        print(f"{name:12s} AP {ap:.4f}  ({result.num_gt.get(name, 0)} objects)")
-    print(f"mAP@{args.iou:g}: {result.mean_ap:.4f} over {len(truths)} annotated images")
+        say(f"{name:12s} AP {ap:.4f}  ({result.num_gt.get(name, 0)} objects)", "quiet")
+    say(f"mAP@{args.iou:g}: {result.mean_ap:.4f} over {len(truths)} annotated images", "quiet")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from qualiteacher.say import say
 
 DEFAULT_MODEL = "models:/qualiteacher-dehaze/latest"
 
@@ -55,7 +56,7 @@ def run_app(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: anyone who can reach this machine can use the app (no login)",
               file=sys.stderr)
-    print(f"[app] {model.source} · task {model.task} · ensemble {model.iqa_preset} · "
-          f"{len(examples)} example(s) · open http://{args.host}:{args.port} (Ctrl+C stops)", flush=True)
+    say(f"[app] {model.source} · task {model.task} · ensemble {model.iqa_preset} · "
+        f"{len(examples)} example(s) · open http://{args.host}:{args.port} (Ctrl+C stops)", "quiet")
     launch(page, args.host, args.port, allowed=[str(Path(examples_dir).resolve())] if examples else [])
     return 0

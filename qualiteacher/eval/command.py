@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from qualiteacher.say import say
 
 
 def _named(specs: list[str], what: str) -> dict[str, str]:
@@ -126,7 +127,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         check_tile(args.tile, getattr(module.student, "size_multiple", 8))
     metrics = build_metric_set(args.metrics)
     for name, reason in metrics.skipped.items():
-        print(f"[eval] metric {name} skipped: {reason}")
+        say(f"[eval] metric {name} skipped: {reason}")
     restorers = {"input": lambda x, _id: x}
     if args.w is not None and not 0.0 <= args.w <= 1.0:
         raise ValueError(f"--w {args.w} is out of range: the fidelity weight lies in [0, 1]")
@@ -140,16 +141,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     weights_dir = next((d for d in (m.hparams.get("iqa_weights_dir") for m in modules.values()) if d), None)
     ensemble = build_ensemble(preset, task=args.task, weights_dir=weights_dir)
     out = Path(args.out or f"outputs/eval/{args.task}-{bench.name}")
-    print(f"[eval] {bench.name}: {len(records)} image(s) from {args.data}; restorers: {', '.join(restorers)}; "
-          f"metrics: {', '.join(metrics.modules)} + fused ({preset})")
+    say(f"[eval] {bench.name}: {len(records)} image(s) from {args.data}; restorers: {', '.join(restorers)}; "
+        f"metrics: {', '.join(metrics.modules)} + fused ({preset})")
     result = evaluate(restorers, records, metrics, ensemble, detector, class_map, bench.classes, args.device,
                       out / "images" if args.save_images else None, progress=not args.no_progress)
     files = write_results(result, out, title=f"{args.task} on {bench.name} ({len(records)} images)")
-    print(format_table(result.table))
+    say(format_table(result.table), "quiet")
     if args.mlflow or os.environ.get("MLFLOW_RUN_ID"):
         _log_mlflow(result, args)
-    print(f"[eval] results in {out} ({', '.join(f.name for f in files)})")
-    print(f"[data] {get_skip_log().summary()}")
+    say(f"[eval] results in {out} ({', '.join(f.name for f in files)})")
+    say(f"[data] {get_skip_log().summary()}")
     return 0
 
 
@@ -166,7 +167,7 @@ def _log_mlflow(result: object, args: argparse.Namespace) -> None:
         mlflow.log_params({"task": args.task, "data": args.data, "level": args.level, "w": args.w,
                            "benchmark": args.benchmark, "checkpoints": ",".join(args.checkpoint)})
         log_to_mlflow(result)
-        print(f"[mlflow] logged to run {run.info.run_id} ({mlflow.get_tracking_uri()})")
+        say(f"[mlflow] logged to run {run.info.run_id} ({mlflow.get_tracking_uri()})")
 
 
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
@@ -194,11 +195,11 @@ def run_compare(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     text = markdown_table(report_columns(table))
-    print(text)
+    say(text, "quiet")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
         table.to_csv(out.with_suffix(".csv"))
-        print(f"written to {out}")
+        say(f"written to {out}")
     return 0

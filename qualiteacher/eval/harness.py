@@ -30,6 +30,7 @@ from qualiteacher.eval.metrics import MetricSet, resolve_metrics, score_images
 from qualiteacher.eval.nriqa import scores_frame
 from qualiteacher.eval.report import markdown_table, summary_table
 from qualiteacher.training.restore import restore
+from qualiteacher.say import say
 
 # restorer: (image (1, 3, H, W) in [0, 1], image id) -> restored image of the same shape
 Restorer = Callable[[Tensor, str], Tensor]
@@ -173,7 +174,7 @@ def evaluate(restorers: Mapping[str, Restorer], records: Sequence[ImageRecord], 
                 frame["colour_corr"] = opponent_correlation(batch, gt_batch).cpu().numpy()
                 frame["delta_e"] = delta_e(batch, gt_batch).cpu().numpy()
                 if full.note:
-                    print(f"[eval] {rec.id}: {full.note}")
+                    say(f"[eval] {rec.id}: {full.note}")
             rows.append(frame)
             for name, out in outputs.items():
                 if detector is not None:
@@ -199,7 +200,7 @@ def _detection_table(detections: Mapping[str, dict], records: Sequence[ImageReco
 
     truths = collect_ground_truths(records)
     if truths.unannotated:
-        print(f"[eval] {len(truths.unannotated)} image(s) without annotation left out of mAP")
+        say(f"[eval] {len(truths.unannotated)} image(s) without annotation left out of mAP")
     rows = {}
     for name, dets in detections.items():
         result = detection_map(dets, truths.ground_truths, classes)

@@ -36,6 +36,7 @@ from torch import Tensor
 from qualiteacher.iqa.audit_photos import AUDIT_CROPS, AUDIT_SOURCES, Split, catalogue_photos, demo_gt_photos
 from qualiteacher.iqa.destruction import DESTRUCTIONS
 from qualiteacher.iqa.ensemble import Ensemble, EnsembleScores
+from qualiteacher.say import say
 
 UNTRAINED = "untrained_student"
 FUSED = "fused"
@@ -142,7 +143,7 @@ def folder_images(folder: str | Path, size: int = 96) -> AuditImages:
         try:
             img = read_image(path)
         except ImageReadError as err:
-            print(f"audit: skipped {path}: {err.reason}")
+            say(f"audit: skipped {path}: {err.reason}", "quiet")
             continue
         for j, crop in enumerate(square_crops(img, size)):
             images.append(crop)

@@ -10,6 +10,7 @@ import pandas as pd
 
 from qualiteacher.iqa.audit import FUSED, AuditResult, StudentOutputs, overfit_table, verdict
 from qualiteacher.tables import markdown_table
+from qualiteacher.say import say
 
 RANDOM_WEIGHTS_BANNER = (
     "**RANDOM WEIGHTS: THESE SCORES ARE MEANINGLESS.** The members were built with random "
@@ -181,16 +182,16 @@ def audit_command(preset: str, task: str, images: str | None = None, out: str = 
     paths = write_audit(result, out, tune)
     ok, line = verdict(result)
     if result.meta["random_weights"]:
-        print(f"WARNING: {RANDOM_WEIGHTS_BANNER}".replace("**", ""))
-    print(result.pass_table.round(2).to_string())
+        say(f"WARNING: {RANDOM_WEIGHTS_BANNER}".replace("**", ""), "quiet")
+    say(result.pass_table.round(2).to_string(), "quiet")
     if len(result.ladder_summary):
-        print(result.ladder_summary.round(2).to_string())
+        say(result.ladder_summary.round(2).to_string(), "quiet")
     if tune is not None:
-        print(f"overfit check: fused, tune photos ({tune.meta['images']} images) vs report photos "
+        say(f"overfit check: fused, tune photos ({tune.meta['images']} images) vs report photos "
               f"({result.meta['images']} images)")
-        print(overfit_table(tune, result).round(3).to_string())
+        say(overfit_table(tune, result).round(3).to_string(), "quiet")
     seconds = sum(r.meta["seconds"] for r in results.values())
-    print(f"{'PASS' if ok else 'FAIL'} (report photos): {line}; {len(result.failures)} failing pair(s); "
-          f"{seconds:.1f} s")
-    print(f"report: {paths[0]} (and {len(paths) - 1} more files in {paths[0].parent})")
+    say(f"{'PASS' if ok else 'FAIL'} (report photos): {line}; {len(result.failures)} failing pair(s); "
+        f"{seconds:.1f} s", "quiet")
+    say(f"report: {paths[0]} (and {len(paths) - 1} more files in {paths[0].parent})")
     return 1 if strict and not ok else 0

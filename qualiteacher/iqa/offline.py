@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qualiteacher.iqa.fast_features import solve_shape
+from qualiteacher.say import say
 
 NIQE_FIT_PHOTOS: tuple[str, ...] = ("astronaut", "coffee", "camera", "brick", "grass", "gravel")
 BRISQUE_SVR_FILE = "brisque_svr_livepkg.pth"
@@ -250,7 +251,7 @@ def _iter_images(source: str | Path | Iterable[np.ndarray]) -> list[np.ndarray]:
                 try:
                     images.append(read_image(path))
                 except ImageReadError as err:
-                    print(f"fit_niqe: skipped {path}: {err}")
+                    say(f"fit_niqe: skipped {path}: {err}", "quiet")
         return images
     return [np.asarray(img, dtype=np.float32) for img in source]
 

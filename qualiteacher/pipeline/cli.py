@@ -12,6 +12,7 @@ from qualiteacher.pipeline.config import STAGES, TASKS, ConfigError, student_sta
 from qualiteacher.pipeline.resolve import list_config_presets, resolve_config
 from qualiteacher.pipeline.run import run_pipeline
 from qualiteacher.pipeline.sections import validate
+from qualiteacher.say import say
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +54,7 @@ def run_pipeline_cli(task: str, argv: list[str]) -> int:
             if args.print_config:
                 for cfg in cfgs:
                     validate(cfg, student_stages(cfg.student), hardware=False)
-                    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+                    say(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "quiet")
                 return 0
             for cfg in cfgs:
                 run_pipeline(cfg, args.from_stage, args.only_stage)

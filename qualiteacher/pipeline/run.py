@@ -120,6 +120,7 @@ def run_worker(cfg: PipelineConfig, stages: list[str], state: PipelineState, pol
     for stage in stages:
         if stage in TRAINING_STAGES:
             final = run_training_stage(cfg, stage, None, None, restart=rerun)
+            # not `say`: it speaks for the main process only, and this line is a worker's
             print(f"[rank {launch_rank()}] {stage}: trained alongside rank 0 ({final})", flush=True)
 
 

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from qualiteacher.study.modes import GROUPS, MODES, resolve_modes
+from qualiteacher.say import say
 
 
 def add_study_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,5 +57,5 @@ def run_study_cli(args: argparse.Namespace) -> int:
         print("[study] interrupted: run the same command again to resume (finished runs are kept)",
               file=sys.stderr)
         return 130
-    print(f"[study] {len(result.trained)} run(s) done now, {len(result.runs['seed'].unique())} seed(s) in the table")
+    say(f"[study] {len(result.trained)} run(s) done now, {len(result.runs['seed'].unique())} seed(s) in the table")
     return 0

@@ -26,6 +26,7 @@ import torch
 from qualiteacher.devices import best_device_type
 from qualiteacher.study.modes import GROUPS, is_conditioned, mode_data_overrides, mode_overrides, resolve_modes
 from qualiteacher.study.store import RunKey, StudyStore
+from qualiteacher.say import say
 
 OUT_FILES = {"runs": "study_runs.csv", "summary": "study_summary.csv", "table": "study_summary.md",
              "figure": "study.png"}
@@ -240,14 +241,14 @@ def _run_checked(s: StudySettings, store: StudyStore, cfgs: dict[int, dict[str, 
         seed_keys = [RunKey("warmup", seed)] + [RunKey(m, seed) for m in modes]
         keys += seed_keys
         if all(store.read(k) is not None for k in seed_keys):
-            print(f"[study] seed {seed}: every run finished earlier, skipped")
+            say(f"[study] seed {seed}: every run finished earlier, skipped")
             continue
         warm_up(cfg, seed, lambda seed=seed: runs.child(RunKey("warmup", seed).name))
         for key in seed_keys:
             if store.read(key) is not None:
-                print(f"[study] {key.name}: finished earlier, skipped")
+                say(f"[study] {key.name}: finished earlier, skipped")
                 continue
-            print(f"[study] {s.task} · {key.name}" + ("" if key.mode == "warmup" else f" · {steps} stage-3 steps"))
+            say(f"[study] {s.task} · {key.name}" + ("" if key.mode == "warmup" else f" · {steps} stage-3 steps"))
             rows = _run_one(key, cfg, store, runs, measurer, steps, held, s.variants)
             rows = [{**meta, "mode": key.mode, "seed": seed, **r} for r in rows]
             store.write(key, rows)
@@ -353,7 +354,7 @@ def _finish(store: StudyStore, keys: list[RunKey], modes: list[str], held: str |
         runs.client.log_artifact(runs.parent_id, str(path), artifact_path="study")
     runs.end_parent()
     runs.close()  # tracking writes the store refused: sent now, or one line saying where they wait
-    print(f"\n{files['table'].read_text()}")
-    print(f"[study] files: {', '.join(str(p) for p in files.values())}")
-    print(f"[study] MLflow: {runs.uri} (study run {runs.parent_id})")
+    say(f"\n{files['table'].read_text()}", "quiet")
+    say(f"[study] files: {', '.join(str(p) for p in files.values())}")
+    say(f"[study] MLflow: {runs.uri} (study run {runs.parent_id})")
     return StudyResult(df, summary, files, trained)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from qualiteacher.say import say
 
 
 class StudyMismatch(ValueError):
@@ -64,7 +65,7 @@ class StudyStore:
         try:
             rows = json.loads(path.read_text())["rows"]
         except (ValueError, KeyError, TypeError):
-            print(f"[study] {path} is unreadable: {key.name} runs again")
+            say(f"[study] {path} is unreadable: {key.name} runs again")
             return None
         return [{k: (float("nan") if v is None else v) for k, v in r.items()} for r in rows]
 

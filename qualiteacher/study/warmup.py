@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from qualiteacher.say import say
 
 
 def warm_stages(cfg: dict[str, Any]) -> list[str]:
@@ -35,7 +36,7 @@ def grade_labeled(cfg: dict[str, Any], table: Path, exclude: tuple[str, ...]) ->
             raise ConfigError(f"data_root: no labeled data at {root / task / 'labeled'} and demo generation is off")
         from qualiteacher.data.demo import build_demo
 
-        print(f"[study] building the demo data in {root}")
+        say(f"[study] building the demo data in {root}")
         build_demo(root, progress=bool(cfg.get("progress", True)), overwrite=True,
                    **{k: v for k, v in demo.items() if k != "generate"})
     if cfg["student"] == "iqpir" and not table.is_file():

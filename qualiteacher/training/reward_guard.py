@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import lightning as L
 import torch
 from torch import Tensor
+from qualiteacher.say import say
 
 PSNR = "psnr"
 COLOUR = "colour"
@@ -153,7 +154,7 @@ class RewardGuard(L.Callback):
             from lightning.pytorch.utilities import rank_zero_warn
 
             rank_zero_warn(message)
-            print(f"\n[reward guard] {message}\n", flush=True)
+            say(f"\n[reward guard] {message}\n", "quiet")
         logged["reward_guard/alarm"] = float(self.warned)
         if trainer.logger is not None:
             trainer.logger.log_metrics(logged, step=step)
