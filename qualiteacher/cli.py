@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 from collections.abc import Callable
 from pathlib import Path
 
@@ -205,17 +206,8 @@ def _pipeline(args: argparse.Namespace, extra: list[str]) -> int:
     return run_pipeline_cli(args.task, extra)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from qualiteacher.errors import OneLineParser  # a wrong invocation: one line, exit code 2
-
-    parser = OneLineParser(
-        prog="qualiteacher",
-        description="Quality-conditioned Mean-Teacher training for real-world image restoration.",
-    )
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of an error (allowed anywhere on the command line)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_data_commands(sub: Any) -> None:
+    """``data demo`` and ``data check``."""
     data = sub.add_parser("data", help="data sets: build the embedded demo data, check a folder")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     demo = data_sub.add_parser("demo", help="synthesise the offline demo data set for every task")
@@ -232,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-pixels", type=int, default=None, help=_MAX_PIXELS_HELP)
     check.set_defaults(handler=_data_check)
 
+
+def _add_iqa_commands(sub: Any) -> None:
+    """``iqa fit-niqe``, ``iqa audit`` and ``iqa list``."""
     iqa = sub.add_parser("iqa", help="IQA ensemble utilities")
     iqa_sub = iqa.add_subparsers(dest="iqa_command", metavar="ACTION", required=True)
     fit = iqa_sub.add_parser("fit-niqe", help="fit NIQE pristine statistics on a folder of clean images")
@@ -257,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     lst = iqa_sub.add_parser("list", help="list ensemble presets")
     lst.set_defaults(handler=_iqa_list)
 
+
+def _add_score_command(sub: Any) -> None:
+    """``score``."""
     score = sub.add_parser("score", help="score a folder of images with an IQA ensemble")
     score.add_argument("folder")
     score.add_argument("--preset", default="offline")
@@ -270,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "default 1024; 0: full size)")
     score.set_defaults(handler=_score)
 
+
+def _add_restore_command(sub: Any) -> None:
+    """``restore``."""
     rest = sub.add_parser("restore", help="restore a folder of images with a trained student")
     rest.add_argument("input", help="folder of images")
     rest.add_argument("--checkpoint", required=True, help="stage-3 checkpoint (OUT/stage3/final.ckpt)")
@@ -287,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     rest.add_argument("--max-pixels", type=int, default=None, help=_MAX_PIXELS_HELP)
     rest.set_defaults(handler=_restore)
 
+
+def _add_detmap_command(sub: Any) -> None:
+    """``detmap``."""
     det = sub.add_parser("detmap", help="VOC detection mAP of your detector's detections (RTTS, ExDark)")
     det.add_argument("root", help="data set root (rtts or exdark layout)")
     det.add_argument("--detections", required=True, help="CSV: image_id,label,score,x1,y1,x2,y2")
@@ -294,6 +298,21 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--split", default=None, help="ExDark split: train, val, test or all")
     det.add_argument("--iou", type=float, default=0.5)
     det.set_defaults(handler=_detmap)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qualiteacher.errors import OneLineParser  # a wrong invocation: one line, exit code 2
+
+    parser = OneLineParser(
+        prog="qualiteacher",
+        description="Quality-conditioned Mean-Teacher training for real-world image restoration.",
+    )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (allowed anywhere on the command line)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    for add in (_add_data_commands, _add_iqa_commands, _add_score_command, _add_restore_command, _add_detmap_command):
+        add(sub)
 
     from qualiteacher.eval.command import add_compare_arguments, add_evaluate_arguments
 

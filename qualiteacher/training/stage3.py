@@ -26,35 +26,16 @@ from qualiteacher.teacher.multiaug import AUGMENTATIONS
 from qualiteacher.teacher.views import VIEWS
 from qualiteacher.training.distributed import rank_seed, set_conditioning_trainable_
 from qualiteacher.training.stage3_checkpoint import (
-    FROZEN_PREFIXES,
-    drop_frozen_,
-    load_trained_state_,
-    read_trained,
-    restore_bank_and_streams,
+    FROZEN_PREFIXES, drop_frozen_, load_trained_state_, read_trained, restore_bank_and_streams,
     save_bank_and_streams_,
 )
 from qualiteacher.training.stage3_grading import (
-    Refresh,
-    record_scores_,
-    refresh_pseudo_labels,
-    reliability_masks,
-    training_ensemble,
+    Refresh, record_scores_, refresh_pseudo_labels, reliability_masks, training_ensemble,
 )
 from qualiteacher.training.stage3_settings import Stage3Settings
 from qualiteacher.training.stage3_steps import (
-    BestPseudoLabels,
-    PseudoLabelBatch,
-    StudentOutputs,
-    Terms,
-    best_pl_reward,
-    build_optimizer,
-    conditioned_outputs,
-    drop_non_finite_grads_,
-    no_preference,
-    pseudo_label_batch,
-    strong_photometric,
-    supervised_loss,
-    weighted_total,
+    BestPseudoLabels, PseudoLabelBatch, StudentOutputs, Terms, best_pl_reward, build_optimizer, conditioned_outputs,
+    drop_non_finite_grads_, no_preference, pseudo_label_batch, strong_photometric, supervised_loss, weighted_total,
 )
 from qualiteacher.training.students import build_student, load_student_weights
 
