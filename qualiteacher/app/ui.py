@@ -108,6 +108,8 @@ def example_images(folder: str | Path | None, limit: int = 8) -> list[str]:
     return [str(p) for p in files[:limit]]
 
 
+# over 60 lines: the page's layout, top to bottom, in Gradio's nested blocks (one place to read the page);
+# what the widgets do lives in `Handlers`
 def build_app(model: AppModel, ensemble: nn.Module, examples: list[str] = (), settings: Settings = Settings()) -> Any:
     """The ``gr.Blocks`` page (not launched)."""
     import gradio as gr
