@@ -12,8 +12,8 @@ from typing import Any
 from collections.abc import Callable
 from pathlib import Path
 
-from qualiteacher.tasks import TASKS
 from qualiteacher.say import say
+from qualiteacher.tasks import TASKS
 
 _MAX_PIXELS_HELP = ("skip images with more pixels than this, read from the file header before decoding "
                     "(default: $QUALITEACHER_MAX_PIXELS or 64 million; 0: no cap)")

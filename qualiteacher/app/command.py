@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
 from qualiteacher.say import say
 
 DEFAULT_MODEL = "models:/qualiteacher-dehaze/latest"

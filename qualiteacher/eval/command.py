@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
+
 from qualiteacher.say import say
 
 
@@ -87,6 +89,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return 2
 
 
+def _load_checkpoints(checkpoints: dict[str, str], level: int, tile: int | None) -> dict[str, Any]:
+    """The stage-3 checkpoints to evaluate (no bank, finite weights), each checked against the
+    requested ``level`` and ``tile`` before any image is read."""
+    from qualiteacher.training.restore import check_tile, load_for_inference
+
+    modules = {name: load_for_inference(path) for name, path in checkpoints.items()}
+    for name, module in modules.items():
+        top = int(module.hparams.get("top_level", 7))
+        if not 0 <= level <= top:
+            raise ValueError(f"--level {level} is out of range: checkpoint {checkpoints[name]} has levels 0..{top}")
+        check_tile(tile, getattr(module.student, "size_multiple", 8))
+    return modules
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from qualiteacher.data.io import get_skip_log
     from qualiteacher.eval.harness import (
@@ -115,16 +131,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         detector = build_detector(args.detector, args.detector_weights, args.detector_target, args.device)
         class_map = load_class_map(args.class_map, bench.name)
     from qualiteacher.training.memory import resolve_budget
-    from qualiteacher.training.restore import check_tile, load_for_inference
 
     budget = resolve_budget(args.max_memory, args.device)  # a bad value is one line before any work
-    modules = {name: load_for_inference(path) for name, path in checkpoints.items()}  # no bank, finite weights
-
-    for name, module in modules.items():
-        top = int(module.hparams.get("top_level", 7))
-        if not 0 <= args.level <= top:
-            raise ValueError(f"--level {args.level} is out of range: checkpoint {checkpoints[name]} has levels 0..{top}")
-        check_tile(args.tile, getattr(module.student, "size_multiple", 8))
+    modules = _load_checkpoints(checkpoints, args.level, args.tile)
     metrics = build_metric_set(args.metrics)
     for name, reason in metrics.skipped.items():
         say(f"[eval] metric {name} skipped: {reason}")

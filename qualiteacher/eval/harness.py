@@ -29,8 +29,8 @@ from qualiteacher.eval.fullref import fullref_scores
 from qualiteacher.eval.metrics import MetricSet, resolve_metrics, score_images
 from qualiteacher.eval.nriqa import scores_frame
 from qualiteacher.eval.report import markdown_table, summary_table
-from qualiteacher.training.restore import restore
 from qualiteacher.say import say
+from qualiteacher.training.restore import restore
 
 # restorer: (image (1, 3, H, W) in [0, 1], image id) -> restored image of the same shape
 Restorer = Callable[[Tensor, str], Tensor]

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from qualiteacher.iqa.audit import FUSED, AuditResult, StudentOutputs, overfit_table, verdict
-from qualiteacher.tables import markdown_table
 from qualiteacher.say import say
+from qualiteacher.tables import markdown_table
 
 RANDOM_WEIGHTS_BANNER = (
     "**RANDOM WEIGHTS: THESE SCORES ARE MEANINGLESS.** The members were built with random "

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qualiteacher.study.modes import GROUPS, MODES, resolve_modes
 from qualiteacher.say import say
+from qualiteacher.study.modes import GROUPS, MODES, resolve_modes
 
 
 def add_study_arguments(p: argparse.ArgumentParser) -> None:

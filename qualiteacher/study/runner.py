@@ -24,9 +24,9 @@ import pandas as pd
 import torch
 
 from qualiteacher.devices import best_device_type
+from qualiteacher.say import say
 from qualiteacher.study.modes import GROUPS, is_conditioned, mode_data_overrides, mode_overrides, resolve_modes
 from qualiteacher.study.store import RunKey, StudyStore
-from qualiteacher.say import say
 
 OUT_FILES = {"runs": "study_runs.csv", "summary": "study_summary.csv", "table": "study_summary.md",
              "figure": "study.png"}

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import lightning as L
 import torch
 from torch import Tensor
+
 from qualiteacher.say import say
 
 PSNR = "psnr"
