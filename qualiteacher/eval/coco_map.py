@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -97,6 +97,43 @@ def _value(x: torch.Tensor | float) -> float:
     return math.nan if v < 0 else v  # torchmetrics / pycocotools write -1 where nothing is defined
 
 
+def _metric_inputs(detections: Mapping[str, Detections], ground_truths: Mapping[str, GroundTruth],
+                   classes: list[str]) -> tuple[list[dict], list[dict], int, int]:
+    """torchmetrics' predictions and targets, one per ground-truth image (no detections: an empty
+    prediction), and the numbers of ground-truth boxes and detections whose label is not a class."""
+    index = {name: i for i, name in enumerate(classes)}
+    preds, targets = [], []
+    dropped_gt = dropped_det = 0
+    empty = Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), [])
+    for image_id, gt in ground_truths.items():
+        target, n_gt = _target(image_id, gt, index)
+        pred, n_det = _prediction(image_id, detections.get(image_id, empty), index)
+        targets.append(target)
+        preds.append(pred)
+        dropped_gt += n_gt
+        dropped_det += n_det
+    return preds, targets, dropped_gt, dropped_det
+
+
+def _per_class(out: Mapping[str, Any], iou_thresholds: Sequence[float],
+               classes: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """AP@[.5:.95] and AP@0.5 per class name from torchmetrics' extended summary (NaN: a class
+    without ground truth)."""
+    per_class = dict.fromkeys(classes, math.nan)
+    per_class_50 = dict.fromkeys(classes, math.nan)
+    observed = out["classes"].reshape(-1).tolist()  # sorted ids seen in detections or ground truth
+    at_50 = int(np.flatnonzero(np.isclose(iou_thresholds, 0.5))[0])
+    # precision: (IoU thresholds, recall points, classes as `observed`, area ranges, max dets); area "all"
+    # is index 0, the last max-dets entry is max_detections; -1 marks a class without ground truth
+    precision = out["precision"][at_50, :, :, 0, -1]
+    for k, (class_id, ap) in enumerate(zip(observed, out["map_per_class"].reshape(-1).tolist())):
+        name = classes[class_id]
+        per_class[name] = _value(ap)
+        column = precision[:, k]
+        per_class_50[name] = float(column.mean()) if bool((column > -1).all()) else math.nan
+    return per_class, per_class_50
+
+
 def detection_map(detections: Mapping[str, Detections], ground_truths: Mapping[str, GroundTruth],
                   classes: Sequence[str], max_detections: int = 100) -> MapResult:
     """COCO mAP of ``detections`` against ``ground_truths`` (both keyed by image id, labels by name).
@@ -127,17 +164,7 @@ def detection_map(detections: Mapping[str, Detections], ground_truths: Mapping[s
     if not ground_truths:
         raise ValueError("detection_map: no annotated image to score (empty split, or no annotation file "
                          "could be read; records with boxes=None are not ground truth)")
-    index = {name: i for i, name in enumerate(classes)}
-    preds, targets = [], []
-    dropped_gt = dropped_det = 0
-    empty = Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), [])
-    for image_id, gt in ground_truths.items():
-        target, n_gt = _target(image_id, gt, index)
-        pred, n_det = _prediction(image_id, detections.get(image_id, empty), index)
-        targets.append(target)
-        preds.append(pred)
-        dropped_gt += n_gt
-        dropped_det += n_det
+    preds, targets, dropped_gt, dropped_det = _metric_inputs(detections, ground_truths, classes)
     num_gt = {name: 0 for name in classes}
     for t in targets:
         for i in t["labels"][t["iscrowd"] == 0].tolist():
@@ -161,18 +188,7 @@ def detection_map(detections: Mapping[str, Detections], ground_truths: Mapping[s
     metric.update(preds, targets)
     out = metric.compute()
 
-    per_class = dict.fromkeys(classes, math.nan)
-    per_class_50 = dict.fromkeys(classes, math.nan)
-    observed = out["classes"].reshape(-1).tolist()  # sorted ids seen in detections or ground truth
-    at_50 = int(np.flatnonzero(np.isclose(metric.iou_thresholds, 0.5))[0])
-    # precision: (IoU thresholds, recall points, classes as `observed`, area ranges, max dets); area "all"
-    # is index 0, the last max-dets entry is max_detections; -1 marks a class without ground truth
-    precision = out["precision"][at_50, :, :, 0, -1]
-    for k, (class_id, ap) in enumerate(zip(observed, out["map_per_class"].reshape(-1).tolist())):
-        name = classes[class_id]
-        per_class[name] = _value(ap)
-        column = precision[:, k]
-        per_class_50[name] = float(column.mean()) if bool((column > -1).all()) else math.nan
+    per_class, per_class_50 = _per_class(out, metric.iou_thresholds, classes)
     return MapResult(
         map_50=_value(out["map_50"]), map=_value(out["map"]), map_75=_value(out["map_75"]),
         per_class=per_class, per_class_50=per_class_50, num_images=len(ground_truths), num_gt=num_gt,
