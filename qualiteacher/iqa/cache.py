@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -58,6 +59,30 @@ def _resize(image: np.ndarray, side: int) -> np.ndarray:
     return x[0].permute(1, 2, 0).clamp(0, 1).numpy()
 
 
+def _score_new(todo: dict[tuple[int, int], list[tuple[Path, str, np.ndarray]]], ensemble: Ensemble,
+               batch_size: int, version: str, skip_log: Any, skipped: dict[str, str]) -> dict[Path, dict]:
+    """Score the images of ``todo`` (grouped by size) in batches: path -> its cache row. An image the
+    ensemble fails on alone is reported (``skip_log``, ``skipped``) and has no row."""
+    device = next((b.device for b in ensemble.buffers()), torch.device("cpu"))
+    rows: dict[Path, dict] = {}
+    for (h, w), items in todo.items():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            for (path, sha1, _), scores in zip(chunk, _score_isolated(ensemble, chunk, device, skip_log, skipped)):
+                if scores is not None:
+                    rows[path] = {"sha1": sha1, "version": version, "height": h, "width": w, **scores}
+    return rows
+
+
+def _append_to_cache(cache: pd.DataFrame, rows: list[dict], cache_path: Path) -> None:
+    """``cache`` with ``rows`` appended, written atomically (a temporary file, then a rename)."""
+    cache = pd.concat([cache, pd.DataFrame(rows)], ignore_index=True) if len(cache) else pd.DataFrame(rows)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_path.with_suffix(".tmp.parquet")
+    cache.to_parquet(tmp, index=False)
+    tmp.replace(cache_path)
+
+
 def score_folder(
     folder: str | Path,
     ensemble: Ensemble,
@@ -84,7 +109,6 @@ def score_folder(
     files = list_images(folder, recursive=recursive)
     cache = _load_cache(cache_path)
     known = cache[cache["version"] == version].drop_duplicates("sha1").set_index("sha1") if len(cache) else None
-    device = next((b.device for b in ensemble.buffers()), torch.device("cpu"))
     skip_log = get_skip_log()
     skipped: dict[str, str] = {}
 
@@ -105,22 +129,10 @@ def score_folder(
             image = _resize(image, resize_side)
         todo[image.shape[:2]].append((path, sha1, image))
 
-    new_rows = []
-    for (h, w), items in todo.items():
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            for (path, sha1, _), scores in zip(chunk, _score_isolated(ensemble, chunk, device, skip_log, skipped)):
-                if scores is None:  # the ensemble failed on this image alone: reported, skipped
-                    continue
-                row = {"sha1": sha1, "version": version, "height": h, "width": w, **scores}
-                rows[path] = row
-                new_rows.append(row)
+    new_rows = _score_new(todo, ensemble, batch_size, version, skip_log, skipped)
+    rows.update(new_rows)
     if new_rows:
-        cache = pd.concat([cache, pd.DataFrame(new_rows)], ignore_index=True) if len(cache) else pd.DataFrame(new_rows)
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(".tmp.parquet")
-        cache.to_parquet(tmp, index=False)
-        tmp.replace(cache_path)
+        _append_to_cache(cache, list(new_rows.values()), cache_path)
     table = pd.DataFrame([{"path": str(p.relative_to(folder)), **rows[p]} for p in files if p in rows])
     table = table.dropna(axis=1, how="all")
     table.attrs["skipped"] = skipped  # unreadable file -> reason
