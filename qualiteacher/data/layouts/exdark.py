@@ -117,16 +117,9 @@ def parse_bbgt(path: str | os.PathLike) -> tuple[np.ndarray, tuple[str, ...]]:
     return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), tuple(labels)
 
 
-def read_exdark(
-    root: str | os.PathLike, split: str = "train", skip_log: SkipLog | None = None
-) -> list[ImageRecord]:
-    """Records of ExDark for ``split`` in ``train`` / ``val`` / ``test`` / ``all``.
-
-    id = ``<Class>/<stem>``; ``meta``: ``class``, ``light``, ``indoor``, ``split``, ``annotated``.
-    """
-    if split not in (*SPLITS, "all"):
-        raise ValueError(f"ExDark split must be one of {', '.join((*SPLITS, 'all'))}; got {split!r}")
-    root = Path(root)
+def _folders(root: Path) -> tuple[Path, Path, dict[str, Path], Path | None]:
+    """ExDark's image list, image root, class folders and annotation folder (None: no boxes)
+    under ``root``; ``FileNotFoundError`` naming what is missing."""
     list_file = next((root / f for f in LIST_FILES if (root / f).is_file()), None)
     if list_file is None:
         raise FileNotFoundError(f"ExDark: no image list in {root} (looked for {', '.join(LIST_FILES)})")
@@ -138,6 +131,20 @@ def read_exdark(
     ann_root = next((root / d for d in ANNOTATION_DIRS if (root / d).is_dir()), None)
     if ann_root is None:
         log.warning("ExDark %s: no annotation folder (%s); images get no boxes", root, ", ".join(ANNOTATION_DIRS))
+    return list_file, image_root, class_dirs, ann_root
+
+
+def read_exdark(
+    root: str | os.PathLike, split: str = "train", skip_log: SkipLog | None = None
+) -> list[ImageRecord]:
+    """Records of ExDark for ``split`` in ``train`` / ``val`` / ``test`` / ``all``.
+
+    id = ``<Class>/<stem>``; ``meta``: ``class``, ``light``, ``indoor``, ``split``, ``annotated``.
+    """
+    if split not in (*SPLITS, "all"):
+        raise ValueError(f"ExDark split must be one of {', '.join((*SPLITS, 'all'))}; got {split!r}")
+    root = Path(root)
+    list_file, image_root, class_dirs, ann_root = _folders(root)
     skip_log = skip_log if skip_log is not None else get_skip_log()
 
     # (class, lower-case name) -> path, for images and for box files
