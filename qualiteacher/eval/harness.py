@@ -119,6 +119,31 @@ def _progress(enabled: bool) -> Any:
                     disable=not enabled, transient=True)
 
 
+def _result(rows: list[pd.DataFrame], detections: dict[str, dict] | None, done: list[ImageRecord],
+            classes: Sequence[str] | None, metrics: MetricSet) -> EvalResult:
+    """The per-image rows, their summary per restorer and, with ``detections``, the mAP table."""
+    per_image = pd.concat(rows, ignore_index=True)
+    table = summary_table(per_image)
+    det_table = None
+    if detections is not None:
+        det_table = _detection_table(detections, done, classes)
+        table = table.join(det_table[["map_50", "map"]])
+    return EvalResult(per_image, table, det_table, dict(metrics.skipped))
+
+
+def _add_reference_scores(frame: pd.DataFrame, batch: Tensor, gt: Tensor, image_id: str) -> None:
+    """PSNR, SSIM, colour correlation and ΔE of ``batch`` (R, 3, H, W) against ``gt`` (1, 3, H, W),
+    as columns of ``frame``; NaN with a ``note`` where PSNR / SSIM cannot judge the image (e.g.
+    under 11 px)."""
+    gt_batch = gt.expand_as(batch)
+    full = fullref_scores(batch, gt_batch)
+    frame["psnr"], frame["ssim"], frame["note"] = full.psnr.numpy(), full.ssim.numpy(), full.note
+    frame["colour_corr"] = opponent_correlation(batch, gt_batch).cpu().numpy()
+    frame["delta_e"] = delta_e(batch, gt_batch).cpu().numpy()
+    if full.note:
+        say(f"[eval] {image_id}: {full.note}")
+
+
 def evaluate(restorers: Mapping[str, Restorer], records: Sequence[ImageRecord], metrics: MetricSet,
              ensemble: torch.nn.Module | None = None, detector: Callable | None = None,
              class_map: Mapping[str, str] | None = None, classes: Sequence[str] | None = None,
@@ -167,14 +192,8 @@ def evaluate(restorers: Mapping[str, Restorer], records: Sequence[ImageRecord], 
             done.append(rec)
             frame.insert(0, "restorer", list(outputs))
             frame.insert(0, "id", rec.id)
-            if gt is not None:  # NaN with a note where PSNR / SSIM cannot judge the image (e.g. under 11 px)
-                gt_batch = gt.to(device).expand_as(batch)
-                full = fullref_scores(batch, gt_batch)
-                frame["psnr"], frame["ssim"], frame["note"] = full.psnr.numpy(), full.ssim.numpy(), full.note
-                frame["colour_corr"] = opponent_correlation(batch, gt_batch).cpu().numpy()
-                frame["delta_e"] = delta_e(batch, gt_batch).cpu().numpy()
-                if full.note:
-                    say(f"[eval] {rec.id}: {full.note}")
+            if gt is not None:
+                _add_reference_scores(frame, batch, gt.to(device), rec.id)
             rows.append(frame)
             for name, out in outputs.items():
                 if detector is not None:
@@ -184,13 +203,7 @@ def evaluate(restorers: Mapping[str, Restorer], records: Sequence[ImageRecord], 
                                 out[0].cpu())
     if not rows:
         raise ValueError(f"evaluate: none of the {len(records)} image(s) could be read ({log.summary()})")
-    per_image = pd.concat(rows, ignore_index=True)
-    table = summary_table(per_image)
-    det_table = None
-    if detector is not None:
-        det_table = _detection_table(detections, done, classes)
-        table = table.join(det_table[["map_50", "map"]])
-    return EvalResult(per_image, table, det_table, dict(metrics.skipped))
+    return _result(rows, detections if detector is not None else None, done, classes, metrics)
 
 
 def _detection_table(detections: Mapping[str, dict], records: Sequence[ImageRecord],
