@@ -91,6 +91,28 @@ def clean_rows(restorers: Mapping[str, Any], test: list, ensemble: Any, device: 
     return evaluate_restorers(chosen, clean, ensemble, device=device)
 
 
+def write_grids(module: Any, test: list, settings: EvalSettings, tile: int, classical: Any, out: Path,
+                device: torch.device) -> list[str]:
+    """The eval's image grids in ``out``: ``test_grid.png`` (the first 3 test images: input,
+    classical, the grid levels, ground truth) and, for a student with the fidelity path,
+    ``level_w_grid.png`` (level x w). Returns their file names."""
+    rows: list = []
+    titles: list[str] = []
+    for _, lq, gt in test[:3]:
+        r, titles = grid_rows(module, lq[None].to(device), list(settings.grid_levels), tile,
+                              gt=None if gt is None else gt[None], classical=classical)
+        rows += r
+    save_png(image_grid(rows, titles), out / "test_grid.png")
+    names = ["test_grid.png"]
+    if getattr(module.student, "has_fidelity", False):
+        lq0 = torch.stack([lq for _, lq, _ in test[:2]]) if len({lq.shape for _, lq, _ in test[:2]}) == 1 else test[0][1][None]
+        rows, titles = level_w_grid(module.student, lq0.to(device), list(settings.grid_levels),
+                                    list(settings.grid_w), tile)
+        save_png(image_grid(rows, titles), out / "level_w_grid.png")
+        names.append("level_w_grid.png")
+    return names
+
+
 def evaluate_pipeline(task: str, settings: EvalSettings, stage3: StagePlan, test_folder: Path, out: Path,
                       runs: PipelineRuns, run_id: str) -> pd.DataFrame:
     """Input vs the task's classical restorer (`classical.DEFAULT_CLASSICAL`, row ``classical``) vs
@@ -130,21 +152,8 @@ def evaluate_pipeline(task: str, settings: EvalSettings, stage3: StagePlan, test
     rho = level_spearman(levels_df)
     plot_score_vs_level(levels_df, out / "score_vs_level.png",
                         title=f"{task}: ensemble score vs requested level (Spearman {rho:.2f})")
-    rows: list = []
-    titles: list[str] = []
-    for _, lq, gt in test[:3]:
-        r, titles = grid_rows(module, lq[None].to(device), list(settings.grid_levels), tile,
-                              gt=None if gt is None else gt[None], classical=classical)
-        rows += r
-    save_png(image_grid(rows, titles), out / "test_grid.png")
-    names = ["per_image.csv", "results.csv", "score_vs_level.csv", "score_vs_level.png", "test_grid.png"]
-    if getattr(module.student, "has_fidelity", False):
-        lq0 = torch.stack([lq for _, lq, _ in test[:2]]) if len({lq.shape for _, lq, _ in test[:2]}) == 1 else test[0][1][None]
-        rows, titles = level_w_grid(module.student, lq0.to(device), list(settings.grid_levels),
-                                    list(settings.grid_w), tile)
-        save_png(image_grid(rows, titles), out / "level_w_grid.png")
-        names.append("level_w_grid.png")
-
+    grids = write_grids(module, test, settings, tile, classical, out, device)
+    names = ["per_image.csv", "results.csv", "score_vs_level.csv", "score_vs_level.png", *grids]
     client = runs.client
     for name in names:
         client.log_artifact(run_id, str(out / name), artifact_path="eval")
