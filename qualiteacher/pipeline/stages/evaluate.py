@@ -122,7 +122,7 @@ def evaluate_pipeline(task: str, settings: EvalSettings, stage3: StagePlan, test
     from mlflow.entities import Metric  # lazy: MLflow loads when a run is tracked
 
     from qualiteacher.classical import classical_restorer
-    from qualiteacher.eval.report import build_restorers, evaluate_restorers, format_table, summary_table
+    from qualiteacher.eval.report import build_restorers, evaluate_restorers, summary_table
     from qualiteacher.iqa.presets import MEANINGLESS, build_ensemble, label_meaningless
 
     device = training_device(stage3.section.get("trainer") or {})
@@ -163,18 +163,27 @@ def evaluate_pipeline(task: str, settings: EvalSettings, stage3: StagePlan, test
     batch = [Metric(k, v, int(time.time() * 1000), 0) for k, v in metrics.items()]
     client.log_batch(run_id, metrics=batch)
     client.log_batch(runs.parent_id, metrics=batch)
-    brief = [c for c in ("images", "fused", "iqa_level", "psnr", "ssim", "colour_corr", "delta_e") if c in table.columns]
-    text = format_table(table[brief])
-    warn = f"\n!!! IQA SCORES ARE {MEANINGLESS} !!!" if ensemble.meaningless else ""
     if ensemble.meaningless:
         client.set_tag(run_id, "iqa_scores", MEANINGLESS)
         client.set_tag(runs.parent_id, "iqa_scores", MEANINGLESS)
-    console.stage_numbers("eval", console.eval_numbers(table, rho))  # the full table: in the final summary
+    report_eval(table, rho, ensemble.meaningless, f"{len(test)} held-out {task} test images (student at level "
+                f"{top}; ensemble '{hp.iqa_preset}')", f"MLflow: {runs.uri} (parent run {runs.parent_id}); files in {out}")
+    return table
+
+
+def report_eval(table: pd.DataFrame, rho: float, meaningless: bool, what: str, where: str) -> None:
+    """The eval's console lines: its numbers for the stage line (the full table goes to the final
+    summary), a warning when the IQA scores are meaningless, and in verbose mode the table."""
+    from qualiteacher.eval.report import format_table
+    from qualiteacher.iqa.presets import MEANINGLESS
+
+    brief = [c for c in ("images", "fused", "iqa_level", "psnr", "ssim", "colour_corr", "delta_e") if c in table.columns]
+    text = format_table(table[brief])
+    warn = f"\n!!! IQA SCORES ARE {MEANINGLESS} !!!" if meaningless else ""
+    console.stage_numbers("eval", console.eval_numbers(table, rho))
     if warn:
         console.say(warn, "quiet")
-    console.say(f"{warn}\nResults on {len(test)} held-out {task} test images "
-                f"(student at level {top}; ensemble '{hp.iqa_preset}'):\n{text}{warn}", "verbose")
+    console.say(f"{warn}\nResults on {what}:\n{text}{warn}", "verbose")
     console.say(f"Ensemble score vs requested level: Spearman ρ = {rho:.3f}" + (" (meaningless)" if warn else ""),
                 "verbose")
-    console.say(f"MLflow: {runs.uri} (parent run {runs.parent_id}); files in {out}", "verbose")
-    return table
+    console.say(where, "verbose")
