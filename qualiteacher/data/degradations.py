@@ -20,14 +20,17 @@ strength in ``[0, 1]`` (strength 0 is the identity) for IQA sanity checks.
 from __future__ import annotations
 
 import dataclasses
-import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
 from scipy.ndimage import gaussian_filter
+
+from qualiteacher.data.capture import (
+    add_veil, capture, check_image, check_strength, circular_convolve, depth_proxy, haze_model, jpeg_roundtrip,
+    line_kernel,
+)
 
 DOMAINS: tuple[str, ...] = ("source", "real")
 
@@ -93,111 +96,7 @@ class LowLightParams:
 AnyParams = HazeParams | RainParams | SnowParams | LowLightParams
 
 
-# ---------------------------------------------------------------- shared helpers
-def _check_image(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected a float (H, W, 3) image in [0, 1], got shape {image.shape}")
-    if not np.issubdtype(image.dtype, np.floating):
-        raise ValueError(f"expected a float image in [0, 1], got dtype {image.dtype}")
-    return image.astype(np.float32, copy=False)
-
-
-def _check_strength(strength: float) -> float:
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"degradation strength must lie in [0, 1], got {strength}")
-    return float(strength)
-
-
-def haze_model(clean: np.ndarray, transmission: np.ndarray, airlight: np.ndarray) -> np.ndarray:
-    """Atmospheric scattering model ``I = J t + A (1 - t)``; ``t`` is ``(H, W)``, ``A`` is ``(3,)``."""
-    t = transmission[..., None]
-    return clean * t + np.asarray(airlight, dtype=np.float32) * (1.0 - t)
-
-
-def depth_proxy(image: np.ndarray) -> np.ndarray:
-    """Stand-in depth in ``[0.2, 1]`` (1 = far) for a photo without a depth map.
-
-    ``0.2 + 0.8 * (0.6 * vertical ramp (top = far) + 0.4 * smoothed "hazy-looking" map)``, where
-    the latter is luminance times (1 - saturation), Gaussian-smoothed with sigma ``min(H, W) / 12``
-    and min-max normalised: bright, colourless regions (sky, distant walls) read as far. The 0.2
-    floor keeps some haze on the nearest objects too.
-    """
-    image = _check_image(image)
-    h, w = image.shape[:2]
-    ramp = np.broadcast_to(np.linspace(1.0, 0.0, h, dtype=np.float32)[:, None], (h, w))
-    lum = image @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    sat = image.max(axis=2) - image.min(axis=2)
-    pale = gaussian_filter(lum * (1.0 - sat), sigma=min(h, w) / 12.0, mode="reflect")
-    pale = (pale - pale.min()) / max(float(pale.max() - pale.min()), 1e-6)
-    return (0.2 + 0.8 * np.clip(0.6 * ramp + 0.4 * pale, 0.0, 1.0)).astype(np.float32)
-
-
-def line_kernel(length: float, angle: float) -> np.ndarray:
-    """Binary ``(k, k)`` kernel of a 1-px line of ``length`` px at ``angle`` degrees from vertical."""
-    n = max(int(np.ceil(length)), 1)
-    c = n // 2 + 1
-    ts = np.linspace(-(n - 1) / 2.0, (n - 1) / 2.0, 4 * n + 1)
-    a = np.deg2rad(angle)
-    xs = np.clip(np.rint(c + ts * np.sin(a)).astype(int), 0, 2 * c)
-    ys = np.clip(np.rint(c + ts * np.cos(a)).astype(int), 0, 2 * c)
-    kernel = np.zeros((2 * c + 1, 2 * c + 1), dtype=np.float32)
-    kernel[ys, xs] = 1.0
-    return kernel
-
-
-def _circular_convolve(plane: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    # FFT convolution with wrap-around: cost independent of the kernel size
-    h, w = plane.shape
-    kh, kw = min(kernel.shape[0], h), min(kernel.shape[1], w)
-    top, left = (kernel.shape[0] - kh) // 2, (kernel.shape[1] - kw) // 2  # centre crop if too big
-    padded = np.zeros((h, w), dtype=np.float64)
-    padded[:kh, :kw] = kernel[top:top + kh, left:left + kw]
-    padded = np.roll(padded, (-(kh // 2), -(kw // 2)), axis=(0, 1))
-    out = np.fft.irfft2(np.fft.rfft2(plane) * np.fft.rfft2(padded), s=(h, w))
-    return np.clip(out, 0.0, None).astype(np.float32)
-
-
-def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
-    buf = io.BytesIO()
-    Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(buf, "JPEG", quality=int(quality))
-    buf.seek(0)
-    with Image.open(buf) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-
-
-def _jpeg_at_capture_size(image: np.ndarray, quality: int, scale: float) -> np.ndarray:
-    # a real photo is compressed at its own (megapixel) size and only then shown small: compress a
-    # ``scale``-times larger copy and shrink it back (antialiased), so the 8-px blocks shrink to
-    # 8/scale px and average out; a non-integer scale keeps the block edges off the pixel grid.
-    # Compressing the 96-px demo image itself left visible 8-px steps in smooth haze.
-    h, w = image.shape[:2]
-    big = Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).resize(
-        (round(w * scale), round(h * scale)), Image.Resampling.BICUBIC)
-    small = Image.fromarray(np.round(_jpeg(np.asarray(big, dtype=np.float32) / 255.0, quality) * 255)
-                            .astype(np.uint8)).resize((w, h), Image.Resampling.LANCZOS)
-    return np.asarray(small, dtype=np.float32) / 255.0
-
-
-def _camera(image: np.ndarray, blur_sigma: float, noise_sigma: float, jpeg_quality: int,
-            rng: np.random.Generator, jpeg_scale: float = 1.0) -> np.ndarray:
-    # capture pipeline of the "real" domain: optics blur, sensor noise, compression
-    if blur_sigma > 0:
-        image = gaussian_filter(image, sigma=(blur_sigma, blur_sigma, 0), mode="reflect")
-    if noise_sigma > 0:
-        image = image + rng.standard_normal(image.shape).astype(np.float32) * noise_sigma
-    image = np.clip(image, 0.0, 1.0)
-    if jpeg_quality:
-        if not 1 <= jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be 0 (off) or in 1..100, got {jpeg_quality}")
-        image = _jpeg(image, jpeg_quality) if jpeg_scale <= 1 else _jpeg_at_capture_size(image, jpeg_quality, jpeg_scale)
-    return image.astype(np.float32)
-
-
-def _veil(image: np.ndarray, amount: float, airlight: float = 0.9) -> np.ndarray:
-    return image * (1.0 - amount) + airlight * amount
-
-
+# ---------------------------------------------------------------- sampling helpers
 def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
     return round(float(rng.uniform(lo, hi)), 4)
 
@@ -223,12 +122,12 @@ def _extra_rng(seed: int) -> np.random.Generator:
 
 
 # ---------------------------------------------------------------- haze
-HAZE_JPEG_SCALE = 3.7  # hazy photos are compressed at 3.7x the demo size (see _jpeg_at_capture_size)
+HAZE_JPEG_SCALE = 3.7  # hazy photos are compressed at 3.7x the demo size (see jpeg_at_capture_size)
 
 
 def add_haze(image: np.ndarray, params: HazeParams, depth: np.ndarray | None = None) -> np.ndarray:
     """Haze by the scattering model, ``t = exp(-beta * depth * (1 + nonuniform * field))``."""
-    image = _check_image(image)
+    image = check_image(image)
     h, w = image.shape[:2]
     depth = depth_proxy(image) if depth is None else np.asarray(depth, dtype=np.float32)
     if depth.shape != (h, w):
@@ -240,7 +139,7 @@ def add_haze(image: np.ndarray, params: HazeParams, depth: np.ndarray | None = N
     airlight = np.clip(params.airlight * np.array([params.tint_r, params.tint_g, params.tint_b]), 0, 1)
     hazy = haze_model(image, t, airlight)
     # haze is smooth with depth: JPEG blocks at the image's own size would step it (HAZE_JPEG_SCALE)
-    return _camera(hazy, params.blur_sigma, params.noise_sigma, params.jpeg_quality, rng, HAZE_JPEG_SCALE)
+    return capture(hazy, params.blur_sigma, params.noise_sigma, params.jpeg_quality, rng, HAZE_JPEG_SCALE)
 
 
 def sample_haze_params(rng: np.random.Generator, domain: str = "source") -> HazeParams:
@@ -256,7 +155,7 @@ def sample_haze_params(rng: np.random.Generator, domain: str = "source") -> Haze
 
 def haze_ladder_params(strength: float, seed: int = 0) -> HazeParams:
     """Haze of ``strength`` in [0, 1]: beta = 3 * strength."""
-    return HazeParams(beta=3.0 * _check_strength(strength), airlight=0.9, seed=seed)
+    return HazeParams(beta=3.0 * check_strength(strength), airlight=0.9, seed=seed)
 
 
 # ---------------------------------------------------------------- rain
@@ -264,7 +163,7 @@ def _streak_layer(u: np.ndarray, density: float, length_px: float, angle: float,
                   intensity: np.ndarray) -> np.ndarray:
     seeds = np.where(u < density, intensity, 0.0)  # nested in density: same u, more seeds
     kernel = line_kernel(length_px, angle)
-    layer = np.clip(_circular_convolve(seeds, kernel), 0.0, 1.0)
+    layer = np.clip(circular_convolve(seeds, kernel), 0.0, 1.0)
     if width > 0:
         gain = 1.0 / max(float(gaussian_filter(kernel, width).max()), 1e-6)
         layer = np.clip(gaussian_filter(layer, width, mode="wrap") * gain, 0.0, 1.0)
@@ -273,7 +172,7 @@ def _streak_layer(u: np.ndarray, density: float, length_px: float, angle: float,
 
 def add_rain(image: np.ndarray, params: RainParams, depth: np.ndarray | None = None) -> np.ndarray:
     """Motion-blurred rain streaks screened over the image (``I = J + a S (1 - J)``), optional veil."""
-    image = _check_image(image)
+    image = check_image(image)
     h, w = image.shape[:2]
     side = min(h, w)
     rng = np.random.default_rng(params.seed)
@@ -286,8 +185,8 @@ def add_rain(image: np.ndarray, params: RainParams, depth: np.ndarray | None = N
                             params.angle + 5.0, 0.5 * params.width, 0.6 + 0.4 * intensity)
         alpha = np.maximum(alpha, 0.6 * params.brightness * far)
     rainy = image + alpha[..., None] * (1.0 - image)
-    rainy = _veil(rainy, params.veil)
-    return _camera(rainy, params.blur_sigma, params.noise_sigma, params.jpeg_quality, rng)
+    rainy = add_veil(rainy, params.veil)
+    return capture(rainy, params.blur_sigma, params.noise_sigma, params.jpeg_quality, rng)
 
 
 def sample_rain_params(rng: np.random.Generator, domain: str = "source") -> RainParams:
@@ -315,7 +214,7 @@ def sample_rain_params(rng: np.random.Generator, domain: str = "source") -> Rain
 
 def rain_ladder_params(strength: float, seed: int = 0) -> RainParams:
     """Rain of ``strength``: density 0.03 s, veil 0.15 s, fixed streak shape (nested streak sets)."""
-    s = _check_strength(strength)
+    s = check_strength(strength)
     return RainParams(density=0.03 * s, angle=10.0, length=0.2, width=0.6, brightness=0.8,
                       veil=0.15 * s, seed=seed)
 
@@ -323,7 +222,7 @@ def rain_ladder_params(strength: float, seed: int = 0) -> RainParams:
 # ---------------------------------------------------------------- snow
 def add_snow(image: np.ndarray, params: SnowParams, depth: np.ndarray | None = None) -> np.ndarray:
     """Soft flakes of random radius (4 size classes), optional fall blur, composited over a veil."""
-    image = _check_image(image)
+    image = check_image(image)
     h, w = image.shape[:2]
     side = min(h, w)
     if not 0 < params.radius_min <= params.radius_max:
@@ -339,10 +238,10 @@ def add_snow(image: np.ndarray, params: SnowParams, depth: np.ndarray | None = N
         alpha += gaussian_filter(impulses, sigma=r, mode="wrap") * (2.0 * np.pi * r * r)
     if params.motion > 0:
         kernel = line_kernel(params.motion * side, params.angle)
-        alpha = _circular_convolve(alpha, kernel / kernel.sum())
+        alpha = circular_convolve(alpha, kernel / kernel.sum())
     alpha = params.opacity * np.clip(alpha, 0.0, 1.0)[..., None]
-    snowy = _veil(image, params.veil) * (1.0 - alpha) + 0.95 * alpha
-    return _camera(snowy, params.blur_sigma, params.noise_sigma, params.jpeg_quality, rng)
+    snowy = add_veil(image, params.veil) * (1.0 - alpha) + 0.95 * alpha
+    return capture(snowy, params.blur_sigma, params.noise_sigma, params.jpeg_quality, rng)
 
 
 def sample_snow_params(rng: np.random.Generator, domain: str = "source") -> SnowParams:
@@ -367,7 +266,7 @@ def sample_snow_params(rng: np.random.Generator, domain: str = "source") -> Snow
 
 def snow_ladder_params(strength: float, seed: int = 0) -> SnowParams:
     """Snow of ``strength``: density 0.02 s, veil 0.15 s, fixed flake sizes (nested flake sets)."""
-    s = _check_strength(strength)
+    s = check_strength(strength)
     return SnowParams(density=0.02 * s, radius_min=0.006, radius_max=0.025, opacity=0.9,
                       veil=0.15 * s, seed=seed)
 
@@ -375,7 +274,7 @@ def snow_ladder_params(strength: float, seed: int = 0) -> SnowParams:
 # ---------------------------------------------------------------- low light
 def add_low_light(image: np.ndarray, params: LowLightParams, depth: np.ndarray | None = None) -> np.ndarray:
     """``exposure * J ** gamma * cast``, then Poisson shot noise and Gaussian read noise."""
-    image = _check_image(image)
+    image = check_image(image)
     if params.exposure <= 0 or params.gamma <= 0:
         raise ValueError(f"exposure and gamma must be > 0, got {params.exposure}, {params.gamma}")
     rng = np.random.default_rng(params.seed)
@@ -385,7 +284,7 @@ def add_low_light(image: np.ndarray, params: LowLightParams, depth: np.ndarray |
         dark = rng.poisson(dark * params.photons).astype(np.float32) / params.photons
     if params.read_sigma > 0:
         dark = dark + rng.standard_normal(dark.shape).astype(np.float32) * params.read_sigma
-    return _camera(dark, params.blur_sigma, 0.0, params.jpeg_quality, rng)
+    return capture(dark, params.blur_sigma, 0.0, params.jpeg_quality, rng)
 
 
 def sample_low_light_params(rng: np.random.Generator, domain: str = "source") -> LowLightParams:
@@ -405,7 +304,7 @@ def sample_low_light_params(rng: np.random.Generator, domain: str = "source") ->
 
 def low_light_ladder_params(strength: float, seed: int = 0) -> LowLightParams:
     """Darkness of ``strength``: exposure 1 - 0.92 s, gamma 1 + s, 100 / s photons, read noise 0.01 s."""
-    s = _check_strength(strength)
+    s = check_strength(strength)
     return LowLightParams(exposure=1.0 - 0.92 * s, gamma=1.0 + s, photons=100.0 / s if s > 0 else 0.0,
                           read_sigma=0.01 * s, seed=seed)
 
@@ -476,10 +375,10 @@ def generic_ladder(image: np.ndarray, kind: str, strengths: Sequence[float], see
     """
     if kind not in GENERIC_KINDS:
         raise ValueError(f"unknown generic degradation {kind!r}; expected one of {GENERIC_KINDS}")
-    image = _check_image(image)
+    image = check_image(image)
     noise = np.random.default_rng(seed).standard_normal(image.shape).astype(np.float32)
     out = []
-    for s in map(_check_strength, strengths):
+    for s in map(check_strength, strengths):
         if s == 0:
             out.append(image.copy())
         elif kind == "blur":
@@ -487,5 +386,5 @@ def generic_ladder(image: np.ndarray, kind: str, strengths: Sequence[float], see
         elif kind == "noise":
             out.append(np.clip(image + 0.2 * s * noise, 0.0, 1.0))
         else:
-            out.append(_jpeg(image, round(100 - 95 * s)))
+            out.append(jpeg_roundtrip(image, round(100 - 95 * s)))
     return out

@@ -34,7 +34,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from qualiteacher.data.degradations import DEGRADATIONS, depth_proxy, get_degradation, params_to_dict
+from qualiteacher.data.capture import depth_proxy
+from qualiteacher.data.degradations import DEGRADATIONS, get_degradation, params_to_dict
 from qualiteacher.data.io import write_image
 from qualiteacher.tasks import TASKS
 

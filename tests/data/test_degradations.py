@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
+from qualiteacher.data.capture import depth_proxy, haze_model, line_kernel
 from qualiteacher.data.degradations import (
     DEGRADATIONS,
     GENERIC_KINDS,
@@ -18,11 +19,8 @@ from qualiteacher.data.degradations import (
     add_rain,
     add_snow,
     degrade_ladder,
-    depth_proxy,
     generic_ladder,
     get_degradation,
-    haze_model,
-    line_kernel,
     list_degradations,
     params_from_dict,
     params_to_dict,
