@@ -57,10 +57,13 @@ def image_context(model: nn.Module, images: Tensor, run: Callable[[Tensor], obje
             m.recording, m.recorded, m.fixed = False, None, None
 
 
-def prior_statistics(model: nn.Module, images: Tensor) -> dict[str, Tensor] | None:
+def prior_statistics(model: nn.Module, images: Tensor | None) -> dict[str, Tensor] | None:
     """The image-level statistics (per image of ``images``, (B, 3, H, W) in [0, 1]) of the classical
-    prior that ``model``'s image fusion reads: ``{"airlight": (B, 3)}`` for ``dcp``; None for a model
-    without an image fusion or whose prior has none (``lime``: local only)."""
+    prior that ``model``'s image fusion reads: ``{"airlight": (B, 3)}`` for ``dcp``; None for no
+    ``images`` (a batch without whole images) and for a model without an image fusion or whose
+    prior has none (``lime``: local only)."""
+    if images is None:
+        return None
     for m in model.modules():
         if isinstance(m, ImageFusion) and m.prior_statistics is not None:
             with torch.no_grad():

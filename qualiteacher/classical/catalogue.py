@@ -10,11 +10,7 @@ from qualiteacher.classical.clahe import clahe
 from qualiteacher.classical.dark_channel import airlight_of, dark_channel_prior
 from qualiteacher.classical.gamma import gamma_for_mean, gamma_to_mean
 from qualiteacher.classical.lime import lime
-from qualiteacher.classical.streaks import (
-    streaks_and_veil,
-    suppress_streaks,
-    veil_airlight,
-)
+from qualiteacher.classical.streaks import streaks_and_veil, suppress_streaks, veil_airlight
 
 # a classical restorer: (B, 3, H, W) in [0, 1] -> the same shape in [0, 1], on the input's device
 ClassicalFn = Callable[..., Tensor]

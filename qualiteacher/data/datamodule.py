@@ -11,11 +11,7 @@ Both sides get the same weak CPU augmentation (albumentations: random crop to ``
 horizontal and vertical flips), applied to ``lq`` and ``gt`` together so paired crops stay aligned.
 Validation batches are ``{"lq", "gt" (paired layouts only), "id"}`` at batch size 1, centre-cropped
 so that height and width are multiples of ``val_multiple`` (and to ``val_crop_size`` if given).
-
-Small images: an image smaller than the crop is reflect-padded up to it (`pad_to_size`);
-``small_images="skip"`` skips it instead (recorded in the `SkipLog`). Bad files: a dataset that
-meets an unreadable file records it in the `SkipLog` and serves the next readable index instead;
-when no file is readable it raises ``RuntimeError``.
+Small images and bad files: see `qualiteacher.data.datasets`.
 """
 
 from __future__ import annotations
@@ -31,12 +27,7 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
-from qualiteacher.data.datasets import (
-    SMALL_IMAGE_MODES,
-    CropDataset,
-    EvalDataset,
-    seed_worker,
-)
+from qualiteacher.data.datasets import SMALL_IMAGE_MODES, CropDataset, EvalDataset, seed_worker
 from qualiteacher.data.io import get_skip_log
 from qualiteacher.data.layouts import check_layout, read_layout
 from qualiteacher.data.records import ImageRecord

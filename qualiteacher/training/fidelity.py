@@ -77,7 +77,7 @@ class FidelityModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         lq, gt = batch["labeled"]["lq"], batch["labeled"]["gt"]
         whole = batch["labeled"].get("context")  # the whole images: the fusion prior's statistics
-        with fixed_prior_statistics(self.student, None if whole is None else prior_statistics(self.student, whole)):
+        with fixed_prior_statistics(self.student, prior_statistics(self.student, whole)):
             return self._step(lq, gt)
 
     def _step(self, lq: Tensor, gt: Tensor) -> Tensor:

@@ -244,13 +244,7 @@ def load_for_inference(path: str | Path) -> TrainedModels:
     pseudo-label bank is loaded, so a checkpoint's ``bank_dir`` never gets a file, and no IQA
     ensemble. Read with ``weights_only``; the student's and teacher's keys are checked strictly;
     non-finite weights are refused (:class:`~qualiteacher.checkpoints.CheckpointError`)."""
-    from qualiteacher.checkpoints import (
-        CheckpointError,
-        check_keys,
-        checkpoint_state,
-        describe,
-        read_checkpoint,
-    )
+    from qualiteacher.checkpoints import CheckpointError, check_keys, checkpoint_state, describe, read_checkpoint
     from qualiteacher.teacher.ema import make_teacher
     from qualiteacher.training.stage3 import QualiTeacherModule
     from qualiteacher.training.students import build_student, student_spec

@@ -6,6 +6,7 @@ pieces are in ``stage3_steps`` / ``stage3_grading``, the maths in ``losses`` and
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -296,8 +297,7 @@ class QualiTeacherModule(L.LightningModule):
 
     def _statistics(self, part: dict[str, Any]) -> dict[str, Tensor] | None:
         # the fusion prior's statistics of the whole images of a batch part (its "context"), or None
-        whole = part.get("context")
-        return None if whole is None else prior_statistics(self.student, whole)
+        return prior_statistics(self.student, part.get("context"))
 
     def _masks(self, images: Tensor, fused: Tensor) -> Tensor:
         return reliability_masks(self.ensemble, images, fused, self.settings.grading.mask_block)
@@ -311,7 +311,7 @@ class QualiTeacherModule(L.LightningModule):
 
     def _pseudo_label_batch(self, unlabeled: dict[str, Any], fresh: Refresh | None) -> PseudoLabelBatch:
         return pseudo_label_batch(self.bank, unlabeled, fresh, self.ensemble.level_of, self.photometric, self._gen,
-                                  lambda whole: prior_statistics(self.student, whole))
+                                  partial(prior_statistics, self.student))
 
     def _bank_level_histogram(self) -> list[int]:
         # levels under the current rule (the quantile thresholds move as the pool fills)
