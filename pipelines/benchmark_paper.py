@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from mlflow import MlflowClient
 
-    from qualiteacher.pipeline.config import student_stages
-    from qualiteacher.pipeline.resolve import resolve_config
-    from qualiteacher.pipeline.run import run_pipeline
+    from qualiteacher.pipeline.api import resolve_config, run_pipeline, student_stages
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

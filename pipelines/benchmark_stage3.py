@@ -47,8 +47,7 @@ from qualiteacher.data.datamodule import RestorationDataModule
 from qualiteacher.data.demo import build_demo
 from qualiteacher.iqa.members import MemberSpec
 from qualiteacher.iqa.presets import ensemble_from_specs, preset_specs
-from qualiteacher.pipeline.resolve import resolve_config
-from qualiteacher.pipeline.sections import stage_section
+from qualiteacher.pipeline.api import plan_run, resolve_config
 from qualiteacher.training.stage3 import QualiTeacherModule
 
 # the benchmark's parts, beside this script (whose folder is on sys.path)
@@ -64,7 +63,7 @@ def stage3_arguments(args: argparse.Namespace) -> dict[str, Any]:
     if args.student:
         overrides.append(f"student={args.student}")
     cfg = resolve_config(args.task, args.preset, overrides=overrides)
-    section = stage_section(cfg, "stage3")
+    section = plan_run(cfg, ["stage3"], hardware=False).stage("stage3").section
     model = dict(section["model"])
     model.update(init_from=None, pref_start_step=0, crop_start_step=0)  # the full step (after N)
     if args.iqa:

@@ -111,3 +111,40 @@ def test_an_upward_import_is_caught(tmp_path: Path, source: str, monkeypatch) ->
     (fake / "data" / "bad.py").write_text(source)
     monkeypatch.setitem(globals(), "PACKAGE", fake)
     assert [m for m, _ in upward_imports()] == ["qualiteacher.data.bad"]
+
+
+# ------------------------------------------------------------------------------ public APIs
+# Units above the pipeline that may use it through its public API only (qualiteacher/pipeline/api.py).
+PIPELINE_API = "qualiteacher.pipeline.api"
+API_USERS = ("study",)
+
+
+def pipeline_internals_used() -> dict[str, list[str]]:
+    """module of an :data:`API_USERS` unit -> the pipeline modules it imports other than the API."""
+    bad: dict[str, list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module_name(path)
+        if _unit(module) not in API_USERS:
+            continue
+        inner = sorted(t for t in _imports(path) if (t == "qualiteacher.pipeline" or t.startswith("qualiteacher.pipeline."))
+                       and t != PIPELINE_API)
+        if inner:
+            bad[module] = inner
+    return bad
+
+
+def test_the_study_uses_the_pipelines_public_api_only() -> None:
+    bad = pipeline_internals_used()
+    assert not bad, "use qualiteacher.pipeline.api (add the name there if it is public):\n" + "\n".join(
+        f"  {m} imports {', '.join(t)}" for m, t in bad.items())
+
+
+def test_a_pipeline_internal_import_is_caught(tmp_path: Path, monkeypatch) -> None:
+    fake = tmp_path / "qualiteacher"
+    (fake / "study").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "study" / "__init__.py").write_text("")
+    (fake / "study" / "good.py").write_text("from qualiteacher.pipeline.api import run_pipeline\n")
+    (fake / "study" / "bad.py").write_text("def f():\n    from qualiteacher.pipeline.sections import parse_stage\n")
+    monkeypatch.setitem(globals(), "PACKAGE", fake)
+    assert pipeline_internals_used() == {"qualiteacher.study.bad": ["qualiteacher.pipeline.sections"]}

@@ -254,7 +254,7 @@ def test_every_study_run_gets_its_own_bank_folder(tmp_path, demo_root):
 
     store = StudyStore(tmp_path / "study")
     cfg = seed_config(StudySettings(preset="tiny", data_root=str(demo_root)), store, seed=0)
-    banks = {m: run_config(cfg, store, RunKey(m, 0), steps=2, held_out=None)["stage3"]["model"]["bank_dir"]
+    banks = {m: run_config(cfg, store, RunKey(m, 0), steps=2, held_out=None).stage3["model"]["bank_dir"]
              for m in ("qualiteacher", "mean_teacher", "qualiteacher-mask")}
     assert len(set(banks.values())) == 3
     assert all(Path(b).is_relative_to(store.run_dir(RunKey(m, 0))) for m, b in banks.items())

@@ -10,4 +10,5 @@ Modules, each importing only those listed before it (no cycle; this file imports
 ``stages``    one module per stage: ``data``, ``train``, ``evaluate``, ``register``
 ``run``       ``run_pipeline``: the stage graph, resume, MLflow runs; hands each stage its typed pieces
 ``cli``       ``qualiteacher pipeline TASK`` and ``pipelines/<task>.py``
+``api``       the public API for the layers above (the study, ``pipelines/*.py``)
 """

@@ -11,7 +11,7 @@ from qualiteacher.errors import USER_ERROR, OneLineParser, run_with_contract
 from qualiteacher.pipeline.config import STAGES, TASKS, ConfigError, student_stages
 from qualiteacher.pipeline.resolve import list_config_presets, resolve_config
 from qualiteacher.pipeline.run import run_pipeline
-from qualiteacher.pipeline.sections import validate
+from qualiteacher.pipeline.sections import plan_run
 from qualiteacher.say import say
 
 
@@ -53,7 +53,7 @@ def run_pipeline_cli(task: str, argv: list[str]) -> int:
             cfgs = [resolve_config(t, args.preset, args.config, overrides) for t in tasks]
             if args.print_config:
                 for cfg in cfgs:
-                    validate(cfg, student_stages(cfg.student), hardware=False)
+                    plan_run(cfg, student_stages(cfg.student), hardware=False)
                     say(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "quiet")
                 return 0
             for cfg in cfgs:

@@ -10,6 +10,7 @@ is the one way in from YAML or a caller's dict: an unknown key or a value of the
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -98,6 +99,11 @@ class PipelineConfig:
         """Plain YAML-ready values (``config.yaml``, ``--print_config``, MLflow parameters)."""
         return _plain(self)
 
+    def merged(self, changes: Mapping[str, Any]) -> PipelineConfig:
+        """A new config with ``changes`` merged in (:func:`deep_merge`: nested keys, e.g.
+        ``{"stage3": {"model": {"lr": 1e-4}}}``), checked again as :meth:`from_dict` checks."""
+        return PipelineConfig.from_dict(deep_merge(self.to_dict(), changes))
+
     def section(self, stage: str) -> dict[str, Any]:
         """A mutable copy of a training stage's LightningCLI section as written in the config."""
         if stage not in TRAINING_STAGES:
@@ -115,6 +121,17 @@ class PipelineConfig:
 
 
 # ------------------------------------------------------------------------------ conversion
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; values of ``over`` win; lists are replaced, not merged."""
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
 def _freeze(value: Any) -> Any:
     # read-only views all the way down, so a frozen config cannot change through a section
     if isinstance(value, Mapping):

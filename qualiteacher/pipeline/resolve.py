@@ -7,13 +7,12 @@ checks the result (:meth:`PipelineConfig.from_dict`) and fills the placeholders 
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from qualiteacher.pipeline.config import TASKS, TRAINING_STAGES, ConfigError, PipelineConfig
+from qualiteacher.pipeline.config import TASKS, TRAINING_STAGES, ConfigError, PipelineConfig, deep_merge
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -26,17 +25,6 @@ def config_dir() -> Path:
 
 def list_config_presets() -> list[str]:
     return sorted(p.stem for p in (config_dir() / "presets").glob("*.yaml"))
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge; values of ``over`` win; lists are replaced, not merged."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -21,12 +21,11 @@ from qualiteacher.iqa.presets import MEANINGLESS, random_iqa_enabled
 from qualiteacher.pipeline.config import TRAINING_STAGES, ConfigError, PipelineConfig, student_stages
 from qualiteacher.pipeline.sections import (
     FINGERPRINT_FILE,
+    RunPlan,
     changed_settings,
     check_data_folders,
-    parse_stage,
-    plan_stage,
+    plan_run,
     stage_fingerprint,
-    validate,
 )
 from qualiteacher.pipeline.stages.data import QualityGrading, prepare_data
 from qualiteacher.pipeline.stages.evaluate import evaluate_pipeline
@@ -46,63 +45,64 @@ def git_commit() -> str:
         return "unknown"
 
 
-def quality_grading(cfg: PipelineConfig) -> QualityGrading | None:
+def quality_grading(plan: RunPlan) -> QualityGrading | None:
     """The data stage's grading of the labeled clean images: for the IQPIR student's stage-1 HQ
     gate, with stage 3's ensemble; ``None`` for the U-Net (no stage 1)."""
+    cfg = plan.cfg
     if cfg.student != "iqpir":
         return None
-    _, stage1 = parse_stage(cfg, "stage1")
-    _, stage3 = parse_stage(cfg, "stage3")
+    stage1, stage3 = plan.stage("stage1").args, plan.stage("stage3").args
     return QualityGrading(table=Path(stage1.data.quality_table or cfg.out / "labeled_quality.csv"),
                           iqa_preset=stage3.model.iqa_preset, weights_dir=stage3.model.iqa_weights_dir,
                           cache=cfg.out / "iqa_cache.parquet")
 
 
-def run_training_stage(cfg: PipelineConfig, stage: str, runs: PipelineRuns | None, run_id: str | None,
+def run_training_stage(plan: RunPlan, stage: str, runs: PipelineRuns | None, run_id: str | None,
                        restart: bool = False) -> Path:
-    """Fit training stage ``stage`` of ``cfg``; returns its final checkpoint (see :func:`train_stage`;
+    """Fit training stage ``stage`` of ``plan``; returns its final checkpoint (see :func:`train_stage`;
     ``restart``: a checkpoint of other settings is set aside and the stage trains from its start)."""
-    return train_stage(plan_stage(cfg, stage), runs, run_id, checkpoint_every=cfg.checkpoint_every,
-                       progress=console.show_progress(cfg.progress), restart=restart)
+    return train_stage(plan.stage(stage), runs, run_id, checkpoint_every=plan.cfg.checkpoint_every,
+                       progress=console.show_progress(plan.cfg.progress), restart=restart)
 
 
-def run_stage(stage: str, cfg: PipelineConfig, runs: PipelineRuns, rerun: bool = False) -> None:
-    """Run one stage of ``cfg`` in its MLflow child run (created, or reopened on resume); ``rerun``:
+def run_stage(stage: str, plan: RunPlan, runs: PipelineRuns, rerun: bool = False) -> None:
+    """Run one stage of ``plan`` in its MLflow child run (created, or reopened on resume); ``rerun``:
     asked for by --from-stage / --only-stage (changed settings retrain a stage from its start)."""
+    cfg = plan.cfg
     run_id = runs.child(stage)
     if random_iqa_enabled():  # stand-in IQA weights: every run of this pipeline says so
         for rid in (runs.parent_id, run_id):
             runs.client.set_tag(rid, "iqa_scores", MEANINGLESS)
     if stage == "data":
-        prepare_data(Path(cfg.data_root), cfg.task, cfg.demo, quality_grading(cfg), runs, run_id,
+        prepare_data(Path(cfg.data_root), cfg.task, cfg.demo, quality_grading(plan), runs, run_id,
                      progress=console.show_progress(cfg.progress))
     elif stage in TRAINING_STAGES:
-        run_training_stage(cfg, stage, runs, run_id, restart=rerun)
+        run_training_stage(plan, stage, runs, run_id, restart=rerun)
     elif stage == "eval":
-        evaluate_pipeline(cfg.task, cfg.eval, plan_stage(cfg, "stage3"), cfg.task_data / cfg.eval.split,
+        evaluate_pipeline(cfg.task, cfg.eval, plan.stage("stage3"), cfg.task_data / cfg.eval.split,
                           cfg.out / "eval", runs, run_id)
     elif stage == "register":
         register_student(cfg.out / "stage3" / "final.ckpt", cfg.task, runs, run_id)
     runs.finish(run_id)
 
 
-def _note_changed_settings(cfg: PipelineConfig, stage: str) -> None:
-    """One line when a finished training stage was trained with settings other than ``cfg``'s."""
-    recorded = cfg.out / stage / FINGERPRINT_FILE
+def _note_changed_settings(plan: RunPlan, stage: str) -> None:
+    """One line when a finished training stage was trained with settings other than ``plan``'s."""
+    recorded = plan.cfg.out / stage / FINGERPRINT_FILE
     if stage not in TRAINING_STAGES or not recorded.is_file():
         return
     try:
         before = json.loads(recorded.read_text())
     except ValueError:
         return
-    now = stage_fingerprint(plan_stage(cfg, stage))
+    now = stage_fingerprint(plan.stage(stage))
     if before.get("digest") != now.digest:
         changes = changed_settings(before.get("settings") or {}, now.settings)
         console.say(f"  {stage}: trained earlier with other settings ({changes}); kept as it is: "
                     f"--from-stage {stage} trains it again with these", "quiet")
 
 
-def run_worker(cfg: PipelineConfig, stages: list[str], state: PipelineState, poll_s: float = 2.0,
+def run_worker(plan: RunPlan, stages: list[str], state: PipelineState, poll_s: float = 2.0,
                timeout_s: float = 24 * 3600, rerun: bool = False) -> None:
     """A DDP worker process (``launch_rank() > 0``): train each of ``stages``' training stages
     alongside rank 0, and nothing else. Rank 0 alone builds the data, writes the pipeline state,
@@ -119,7 +119,7 @@ def run_worker(cfg: PipelineConfig, stages: list[str], state: PipelineState, pol
             time.sleep(poll_s)
     for stage in stages:
         if stage in TRAINING_STAGES:
-            final = run_training_stage(cfg, stage, None, None, restart=rerun)
+            final = run_training_stage(plan, stage, None, None, restart=rerun)
             # not `say`: it speaks for the main process only, and this line is a worker's
             print(f"[rank {launch_rank()}] {stage}: trained alongside rank 0 ({final})", flush=True)
 
@@ -151,34 +151,35 @@ def _run_pipeline(cfg: PipelineConfig, from_stage: str | None, only_stage: str |
         stages = stages[stages.index(from_stage):]
         for s in stages:  # rerun from here: forget completion, keep run ids
             state.stage(s).pop("done", None)
-    validate(cfg, stages)
+    plan = plan_run(cfg, stages)  # every section this run reads, parsed and checked once, before anything trains
     if "data" not in stages or not cfg.demo.generate:
         check_data_folders(cfg, stages)
     if launch_rank() > 0:  # a DDP worker: it trains alongside rank 0, which alone records and evaluates
-        run_worker(cfg, [s for s in stages if only_stage or not state.done(s)], state,
+        run_worker(plan, [s for s in stages if only_stage or not state.done(s)], state,
                    rerun=bool(from_stage or only_stage))
         return state.data
     plain = cfg.to_dict()
     (out / "config.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
     runs = PipelineRuns(plain, state, workdir=Path.cwd(), commit=git_commit())
     try:
-        return _run_stages(cfg, stages, state, runs, from_stage, only_stage, plain)
+        return _run_stages(plan, stages, state, runs, from_stage, only_stage, plain)
     finally:
         runs.close()  # tracking writes the store refused: sent now, or one line saying where they wait
 
 
-def _run_stages(cfg: PipelineConfig, stages: list[str], state: PipelineState, runs: PipelineRuns,
+def _run_stages(plan: RunPlan, stages: list[str], state: PipelineState, runs: PipelineRuns,
                 from_stage: str | None, only_stage: str | None, plain: dict[str, Any]) -> dict[str, Any]:
+    cfg = plan.cfg
     runs.start_parent()
     start = time.perf_counter()
     for stage in stages:
         if state.done(stage) and not only_stage:
             console.stage_skipped(cfg.task, stage)
-            _note_changed_settings(cfg, stage)
+            _note_changed_settings(plan, stage)
             continue
         console.stage_start(cfg.task, stage, cfg.student)
         try:
-            run_stage(stage, cfg, runs, rerun=bool(from_stage or only_stage))
+            run_stage(stage, plan, runs, rerun=bool(from_stage or only_stage))
         except BaseException as err:
             runs.fail_stage(stage, err)  # the stage's run and the parent: FAILED (KILLED on Ctrl+C)
             raise

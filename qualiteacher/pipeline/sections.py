@@ -4,17 +4,18 @@ Each training stage is configured by one section (``model``, ``data``, ``trainer
 LightningCLI's parser checks against the typed constructors of the stage's ``LightningModule``,
 :class:`RestorationDataModule` and ``lightning.Trainer``; the constructors' defaults are the
 section's defaults. Every section of a run is parsed, and every Trainer value checked, before the
-first stage trains (:func:`validate`).
+first stage trains (:func:`plan_run`), once per run.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from qualiteacher.pipeline.config import TRAINING_STAGES, ConfigError, PipelineConfig
+from qualiteacher.pipeline.config import TRAINING_STAGES, ConfigError, PipelineConfig, student_stages
 
 
 def stage_classes(student: str) -> dict[str, type]:
@@ -154,21 +155,46 @@ def changed_settings(before: dict[str, Any], now: dict[str, Any], limit: int = 4
 
 
 def plan_stage(cfg: PipelineConfig, stage: str) -> StagePlan:
+    """``stage`` of ``cfg`` parsed (:func:`parse_stage`) into what a run builds."""
     _, args = parse_stage(cfg, stage)
     return StagePlan(stage, stage_classes(cfg.student)[stage], stage_section(cfg, stage), args, cfg.out / stage)
 
 
-def validate(cfg: PipelineConfig, stages: list[str], hardware: bool = True) -> None:
-    """Parse every training stage's section before the first one trains (config errors fail fast),
-    including every Trainer value (:func:`check_trainer_args`) and, with ``hardware``, whether the
-    accelerator each stage asks for is there (:func:`check_hardware`; ``--print_config`` leaves it
-    out, so a GPU config can be inspected on a laptop)."""
+# the training stages other stages read: the data stage grades the labeled images for stage 1's
+# HQ gate with stage 3's ensemble; the eval stage measures stage 3's student
+READS: dict[str, tuple[str, ...]] = {"data": ("stage1", "stage3"), "eval": ("stage3",)}
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A resolved config ready to run: the training stages a run trains or reads, each parsed once."""
+
+    cfg: PipelineConfig
+    stages: dict[str, StagePlan]
+
+    def stage(self, stage: str) -> StagePlan:
+        if stage not in self.stages:
+            raise KeyError(f"stage {stage!r} is not part of this run's plan ({', '.join(self.stages) or 'none'})")
+        return self.stages[stage]
+
+
+def plan_run(cfg: PipelineConfig, stages: list[str], hardware: bool = True) -> RunPlan:
+    """Parse, once, every training stage of ``stages`` and those they read (:data:`READS`), before
+    the first stage trains (config errors fail fast), and check every Trainer value of the stages
+    that train (:func:`check_trainer_args`) and, with ``hardware``, whether the accelerator each asks
+    for is there (:func:`check_hardware`; ``--print_config`` leaves it out, so a GPU config can be
+    inspected on a laptop)."""
+    recipe = student_stages(cfg.student)
+    wanted = [s for s in stages if s in TRAINING_STAGES]
+    wanted += [r for s in stages for r in READS.get(s, ()) if r in recipe and r not in wanted]
+    plans = {stage: plan_stage(cfg, stage) for stage in TRAINING_STAGES if stage in wanted}
     for stage in stages:
         if stage in TRAINING_STAGES:
-            _, ns = parse_stage(cfg, stage)
-            check_trainer_args(stage, ns.trainer.as_dict())
+            trainer = plans[stage].args.trainer.as_dict()
+            check_trainer_args(stage, trainer)
             if hardware:
-                check_hardware(stage, ns.trainer.as_dict())
+                check_hardware(stage, trainer)
+    return RunPlan(cfg, plans)
 
 
 def check_hardware(stage: str, trainer_args: dict[str, Any]) -> None:

@@ -6,8 +6,11 @@ same MLflow run.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +70,6 @@ class FolderLock:
                            f"to end, or give this run another output folder (--out_dir / --out)")
 
     def acquire(self) -> FolderLock:
-        import fcntl
-        import socket
-        import time
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         holder = self._holder()
@@ -96,8 +95,6 @@ class FolderLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        import fcntl
-
         os.ftruncate(self._fd, 0)  # an empty file: free (the file stays: deleting it would race)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)

@@ -27,7 +27,10 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_study_cli(args: argparse.Namespace) -> int:
-    from qualiteacher.pipeline.config import ConfigError
+    # lazy: the study's modules import torch, Lightning and MLflow (seconds); `qualiteacher --help`
+    # and the other sub-commands must not wait for them
+    from qualiteacher import console
+    from qualiteacher.pipeline.api import ConfigError
     from qualiteacher.study.runner import StudySettings, run_study
     from qualiteacher.study.store import StudyMismatch
 
@@ -45,8 +48,6 @@ def run_study_cli(args: argparse.Namespace) -> int:
     except KeyError as err:
         print(f"error: {err.args[0]}", file=sys.stderr)
         return 2
-    from qualiteacher import console
-
     console.setup("normal")  # the pipeline's console: Lightning's info lines and known-harmless warnings off
     try:
         result = run_study(settings)

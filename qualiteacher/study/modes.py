@@ -8,6 +8,7 @@ method without part X.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -77,8 +78,6 @@ def mode_data_overrides(name: str, data_root: str, task: str, check: bool = True
     """The stage-3 data overrides of mode ``name`` (empty for most): the oracle's paired folder of
     the unlabeled photos' ground truth. With ``check``, a missing folder is a clear error (the demo
     data writes it; for your own data, put the real pairs under DATA/oracle/TASK/{lq,gt})."""
-    from pathlib import Path
-
     out = {k: v.format(data_root=data_root, task=task) if isinstance(v, str) else v
            for k, v in MODE_DATA.get(name, {}).items()}
     root = out.get("labeled_root")

@@ -97,6 +97,7 @@ def plot_study(runs: pd.DataFrame, path: str | Path, order: Sequence[str], held_
                title: str = "") -> Path:
     """Bars (mean ± std over seeds) and dots (each seed) of PSNR, SSIM, colour correlation, the
     held-out member and the training fusion, one panel each, one bar per mode."""
+    # lazy: matplotlib takes a second to import and only the figure needs it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -11,7 +11,6 @@ seed.
 """
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
@@ -20,13 +19,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import lightning as L
 import pandas as pd
 import torch
+from mlflow.entities import Metric
 
+from qualiteacher.classical import classical_restorer
 from qualiteacher.devices import best_device_type
+from qualiteacher.iqa.presets import build_ensemble, preset_specs
+from qualiteacher.pipeline.api import (
+    ConfigError,
+    FolderLock,
+    PipelineConfig,
+    PipelineState,
+    RunPlan,
+    StagePlan,
+    git_commit,
+    plan_run,
+    read_test_set,
+    resolve_config,
+    run_training_stage,
+)
 from qualiteacher.say import say
 from qualiteacher.study.modes import GROUPS, is_conditioned, mode_data_overrides, mode_overrides, resolve_modes
+from qualiteacher.study.measures import dial_columns, level_dial, measure_restorers
+from qualiteacher.study.report import plot_study, row_order, summarize, summary_markdown
 from qualiteacher.study.store import RunKey, StudyStore
+from qualiteacher.study.warmup import grade_labeled, warm_stages, warm_up
+from qualiteacher.tracking.runs import PipelineRuns
+from qualiteacher.training.restore import restore
+from qualiteacher.training.stage3 import QualiTeacherModule, load_trained
 
 OUT_FILES = {"runs": "study_runs.csv", "summary": "study_summary.csv", "table": "study_summary.md",
              "figure": "study.png"}
@@ -62,46 +84,39 @@ class StudyResult(NamedTuple):
 
 
 # ------------------------------------------------------------------------------ configuration
-def seed_config(s: StudySettings, store: StudyStore, seed: int) -> dict[str, Any]:
+def seed_config(s: StudySettings, store: StudyStore, seed: int) -> PipelineConfig:
     """The pipeline config of ``seed``'s warm-up folder (placeholders filled with it), data seeded."""
-    from qualiteacher.pipeline.resolve import resolve_config
-
     overrides = list(s.overrides) + [f"out_dir={store.warmup_dir(seed)}",
                                      f"stage1.data.quality_table={store.out / 'labeled_quality.csv'}"]
     if s.data_root:
         overrides.append(f"data_root={s.data_root}")
-    cfg = resolve_config(s.task, s.preset, list(s.configs), overrides).to_dict()
-    from qualiteacher.study.warmup import warm_stages
-
-    for stage in [*warm_stages(cfg), "stage3"]:
-        if isinstance(cfg.get(stage), dict):
-            cfg[stage].setdefault("data", {})["seed"] = seed
-    cfg["stage3"].setdefault("model", {})["seed"] = seed
-    return cfg
+    cfg = resolve_config(s.task, s.preset, list(s.configs), overrides)
+    seeded: dict[str, Any] = {stage: {"data": {"seed": seed}} for stage in [*warm_stages(cfg), "stage3"]
+                              if stage != "data"}
+    seeded["stage3"]["model"] = {"seed": seed}
+    return cfg.merged(seeded)
 
 
-def run_config(seed_cfg: dict[str, Any], store: StudyStore, key: RunKey, steps: int,
-               held_out: str | None, variants: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
-    """``seed_cfg`` with stage 3 set to ``key.mode``: its own folder, the warm-up as init."""
-    from qualiteacher.pipeline.config import PipelineConfig
-    from qualiteacher.pipeline.sections import stage_section
-
-    cfg = copy.deepcopy(seed_cfg)
-    init = stage_section(PipelineConfig.from_dict(seed_cfg), "stage3")["model"].get("init_from")  # in the warm-up folder
-    cfg["out_dir"] = str(store.run_dir(key))
-    stage3 = cfg["stage3"]
-    stage3["model"]["init_from"] = init
-    stage3["model"]["bank_dir"] = run_bank_dir(stage3["model"].get("bank_dir"), Path(seed_cfg["out_dir"]),
-                                               store.run_dir(key), key)
-    stage3["model"].update(mode_overrides(key.mode, variants))
-    stage3["model"]["iqa_exclude"] = [held_out] if held_out else []
-    stage3.setdefault("trainer", {})["max_steps"] = steps
-    if stage3["model"].get("mode") == "supervised":
-        stage3["data"]["unlabeled_root"] = None  # the baseline never reads unlabeled data
+def run_config(seed_cfg: PipelineConfig, store: StudyStore, key: RunKey, steps: int, held_out: str | None,
+               variants: Mapping[str, Mapping[str, Any]] | None = None,
+               init_from: str | None = None) -> PipelineConfig:
+    """``seed_cfg`` with stage 3 set to ``key.mode``: its own folder, the warm-up as init
+    (``init_from``: the seed's stage-3 start, when the caller has it parsed already)."""
+    if init_from is None:
+        init_from = plan_run(seed_cfg, ["stage3"], hardware=False).stage("stage3").args.model.init_from
+    model = seed_cfg.stage3.get("model", {})
+    model_changes = {"init_from": init_from,
+                     "bank_dir": run_bank_dir(model.get("bank_dir"), seed_cfg.out, store.run_dir(key), key),
+                     **mode_overrides(key.mode, variants), "iqa_exclude": [held_out] if held_out else []}
+    data_changes: dict[str, Any] = {}
+    if model_changes.get("mode", model.get("mode")) == "supervised":
+        data_changes["unlabeled_root"] = None  # the baseline never reads unlabeled data
     # data not built yet (the study builds the demo data first, oracle pairs included): checked later
-    built = (Path(str(cfg["data_root"])) / str(cfg["task"]) / "labeled").is_dir()
-    stage3["data"].update(mode_data_overrides(key.mode, str(cfg["data_root"]), str(cfg["task"]), check=built))
-    return cfg
+    built = (seed_cfg.task_data / "labeled").is_dir()
+    data_changes.update(mode_data_overrides(key.mode, seed_cfg.data_root, seed_cfg.task, check=built))
+    return seed_cfg.merged({"out_dir": str(store.run_dir(key)),
+                            "stage3": {"model": model_changes, "data": data_changes,
+                                       "trainer": {"max_steps": steps}}})
 
 
 def run_bank_dir(bank_dir: str | None, warmup: Path, run: Path, key: RunKey) -> str | None:
@@ -116,21 +131,18 @@ def run_bank_dir(bank_dir: str | None, warmup: Path, run: Path, key: RunKey) -> 
     return str(bank / key.name)
 
 
-def check_held_out(cfg: dict[str, Any], held_out: str | None) -> str | None:
+def check_held_out(plan: StagePlan, task: str, held_out: str | None) -> str | None:
     """``held_out`` if it is a member of the stage-3 ensemble (names looked up now, not hard-coded)."""
-    from qualiteacher.iqa.presets import preset_specs
-    from qualiteacher.pipeline.config import ConfigError
-
     if held_out is None:
         return None
-    preset = cfg["stage3"]["model"].get("iqa_preset", "offline")
+    preset = plan.args.model.iqa_preset
     try:
-        names = [spec.name for spec in preset_specs(preset, cfg["task"])]
+        names = [spec.name for spec in preset_specs(preset, task)]
     except KeyError as err:
         raise ConfigError(str(err)) from err
     if held_out not in names:
         raise ConfigError(f"held-out member {held_out!r} is not in the '{preset}' ensemble of "
-                          f"{cfg['task']} (members: {', '.join(names)}); pass --held-out-member NAME or none")
+                          f"{task} (members: {', '.join(names)}); pass --held-out-member NAME or none")
     if len(names) < 2:
         raise ConfigError(f"the '{preset}' ensemble has one member: nothing is left to train with")
     return held_out
@@ -140,28 +152,19 @@ def check_held_out(cfg: dict[str, Any], held_out: str | None) -> str | None:
 class _Measurer:
     """The full ensemble, the test split and the device, built on first use."""
 
-    def __init__(self, cfg: dict[str, Any], held_out: str | None) -> None:
-        self.cfg, self.held_out = cfg, held_out
+    def __init__(self, cfg: PipelineConfig, stage3: StagePlan, held_out: str | None) -> None:
+        self.cfg, self.stage3, self.held_out = cfg, stage3.args, held_out
         self.device = torch.device(best_device_type())
-        ev = cfg.get("eval", {})
-        self.tile = ev.get("tile") or int(cfg["stage3"].get("data", {}).get("crop_size", 64))
+        self.tile = cfg.eval.tile or int(self.stage3.data.crop_size)
         self._ensemble = self._test = None
 
     def _load(self) -> None:
         if self._ensemble is None:
-            from qualiteacher.iqa.presets import build_ensemble
-            from qualiteacher.pipeline.config import PipelineConfig
-            from qualiteacher.pipeline.stages.evaluate import read_test_set
-
-            m = self.cfg["stage3"]["model"]
-            self._ensemble = build_ensemble(m.get("iqa_preset", "offline"), task=self.cfg["task"],
-                                            weights_dir=m.get("iqa_weights_dir")).to(self.device)
-            cfg = PipelineConfig.from_dict(self.cfg)
+            m, cfg = self.stage3.model, self.cfg
+            self._ensemble = build_ensemble(m.iqa_preset, task=cfg.task, weights_dir=m.iqa_weights_dir).to(self.device)
             self._test = read_test_set(cfg.task_data / cfg.eval.split, cfg.eval.layout, cfg.eval.max_images)
 
     def rows(self, restorers: dict[str, Any], dial_of: dict[str, torch.nn.Module]) -> list[dict[str, Any]]:
-        from qualiteacher.study.measures import dial_columns, level_dial, measure_restorers
-
         self._load()
         table = measure_restorers(restorers, self._test, self._ensemble, self.held_out, self.device)
         rows = []
@@ -174,82 +177,83 @@ class _Measurer:
         return rows
 
     def restorer(self, net: torch.nn.Module, level: int | None) -> Any:
-        from qualiteacher.training.restore import restore
-
         net = net.to(self.device).eval()
         return lambda x: restore(net, x, level=level, tile=self.tile)
 
 
-def warmup_student(cfg: dict[str, Any]) -> torch.nn.Module:
+def warmup_student(stage3: StagePlan) -> torch.nn.Module:
     """The student stage 3 starts from (``stage3.model.init_from`` loaded as stage 3 loads it)."""
-    from qualiteacher.pipeline.config import PipelineConfig
-    from qualiteacher.pipeline.sections import parse_stage
-    from qualiteacher.training.stage3 import QualiTeacherModule
-
-    _, ns = parse_stage(PipelineConfig.from_dict(cfg), "stage3")
-    args = {**ns.model.as_dict(), "mode": "supervised", "ensemble": None}  # supervised: no ensemble built
+    args = {**stage3.args.model.as_dict(), "mode": "supervised", "ensemble": None}  # supervised: no ensemble built
     module = QualiTeacherModule(**args)
     module.setup("fit")
     return module.student
 
 
 # ------------------------------------------------------------------------------ the study
-def run_study(s: StudySettings) -> StudyResult:
-    """Run (or resume) the study ``s``; see the module docstring. Config errors raise ConfigError,
-    a folder of another study StudyMismatch, an unknown mode KeyError, before anything trains;
-    the study folder is locked while it runs (``pipeline.lock``: a second study there fails at once)."""
-    from qualiteacher.pipeline.config import ConfigError, PipelineConfig
-    from qualiteacher.pipeline.sections import check_hardware, parse_stage
-    from qualiteacher.pipeline.state import FolderLock
+class _SeedPlan(NamedTuple):
+    cfg: PipelineConfig                 # the seed's warm-up pipeline
+    stage3: StagePlan                   # its stage 3 parsed: the warm-up student, the ensemble
+    runs: dict[str, RunPlan]            # mode -> the mode's stage 3, parsed and checked
 
+
+def plan_study(s: StudySettings, store: StudyStore) -> tuple[dict[int, _SeedPlan], list[str], int, str | None]:
+    """Every seed's config and every mode's stage 3 resolved, parsed and checked once, before
+    anything trains: ``(seeds, modes, steps, held_out)``."""
     modes = resolve_modes(s.modes, s.variants)
-    store = StudyStore(s.out_dir)
     cfgs = {seed: seed_config(s, store, seed) for seed in s.seeds}
     if not cfgs:
         raise ConfigError("no seed given")
     base = next(iter(cfgs.values()))
-    steps = int(s.steps or base["stage3"].get("trainer", {}).get("max_steps") or 0)
+    steps = int(s.steps or base.stage3.get("trainer", {}).get("max_steps") or 0)
     if steps < 1:
         raise ConfigError(f"stage-3 steps must be >= 1, got {steps}")
-    held = check_held_out(base, s.held_out)
-    for seed, cfg in cfgs.items():  # every mode's stage-3 section is valid before anything trains
-        for mode in modes:
-            _, ns = parse_stage(PipelineConfig.from_dict(run_config(cfg, store, RunKey(mode, seed), steps, held,
-                                                                    s.variants)), "stage3")
-            check_hardware("stage3", ns.trainer.as_dict())
+    seeds = {}
+    held: str | None = None
+    for seed, cfg in cfgs.items():
+        stage3 = plan_run(cfg, ["stage3"], hardware=False).stage("stage3")
+        held = check_held_out(stage3, cfg.task, s.held_out)
+        init = stage3.args.model.init_from
+        seeds[seed] = _SeedPlan(cfg, stage3, {mode: plan_run(run_config(cfg, store, RunKey(mode, seed), steps, held,
+                                                                        s.variants, init), ["stage3"])
+                                              for mode in modes})
+    return seeds, modes, steps, held
+
+
+def run_study(s: StudySettings) -> StudyResult:
+    """Run (or resume) the study ``s``; see the module docstring. Config errors raise ConfigError,
+    a folder of another study StudyMismatch, an unknown mode KeyError, before anything trains;
+    the study folder is locked while it runs (``pipeline.lock``: a second study there fails at once)."""
+    store = StudyStore(s.out_dir)
+    seeds, modes, steps, held = plan_study(s, store)
     with FolderLock(store.out, " ".join(["qualiteacher", *sys.argv[1:]])):  # one study per folder from here on
-        return _run_checked(s, store, cfgs, modes, steps, held)
+        return _run_checked(s, store, seeds, modes, steps, held)
 
 
-def _run_checked(s: StudySettings, store: StudyStore, cfgs: dict[int, dict[str, Any]], modes: list[str],
+def _run_checked(s: StudySettings, store: StudyStore, seeds: dict[int, _SeedPlan], modes: list[str],
                  steps: int, held: str | None) -> StudyResult:
-    from qualiteacher.pipeline.run import git_commit
-
-    base = next(iter(cfgs.values()))
-    store.check_settings({"task": s.task, "preset": s.preset, "student": base["student"], "steps": steps,
-                          "held_out": held, "data_root": base["data_root"], "configs": list(s.configs),
+    base = next(iter(seeds.values()))
+    store.check_settings({"task": s.task, "preset": s.preset, "student": base.cfg.student, "steps": steps,
+                          "held_out": held, "data_root": base.cfg.data_root, "configs": list(s.configs),
                           "overrides": list(s.overrides), "variants": dict(s.variants)})
-    runs = _study_runs(base, store, git_commit())
-    measurer = _Measurer(base, held)
-    meta = {"task": s.task, "preset": s.preset, "student": base["student"], "steps": steps, "held_out": held}
+    runs = _study_runs(base.cfg, store, git_commit())
+    measurer = _Measurer(base.cfg, base.stage3, held)
+    meta = {"task": s.task, "preset": s.preset, "student": base.cfg.student, "steps": steps, "held_out": held}
     trained: list[str] = []
     keys: list[RunKey] = []
-    from qualiteacher.study.warmup import grade_labeled, warm_up
-
-    grade_labeled(base, store.out / "labeled_quality.csv", (held,) if held else ())
-    for seed, cfg in cfgs.items():
+    grade_labeled(base.cfg, base.stage3, store.out / "labeled_quality.csv", (held,) if held else ())
+    for seed, plan in seeds.items():
         seed_keys = [RunKey("warmup", seed)] + [RunKey(m, seed) for m in modes]
         keys += seed_keys
         if all(store.read(k) is not None for k in seed_keys):
             say(f"[study] seed {seed}: every run finished earlier, skipped")
             continue
-        warm_up(cfg, seed, lambda seed=seed: runs.child(RunKey("warmup", seed).name))
+        warm_up(plan.cfg, seed, lambda seed=seed: runs.child(RunKey("warmup", seed).name))
         for key in seed_keys:
             if store.read(key) is not None:
                 say(f"[study] {key.name}: finished earlier, skipped")
                 continue
             say(f"[study] {s.task} · {key.name}" + ("" if key.mode == "warmup" else f" · {steps} stage-3 steps"))
-            rows = _run_one(key, cfg, store, runs, measurer, steps, held, s.variants)
+            rows = _run_one(key, plan, runs, measurer)
             rows = [{**meta, "mode": key.mode, "seed": seed, **r} for r in rows]
             store.write(key, rows)
             _log_rows(runs, key, rows, store.result_path(key))
@@ -257,29 +261,19 @@ def _run_checked(s: StudySettings, store: StudyStore, cfgs: dict[int, dict[str, 
     return _finish(store, keys, modes, held, runs, s, trained)
 
 
-def _run_one(key: RunKey, cfg: dict[str, Any], store: StudyStore, runs: Any, measurer: _Measurer,
-             steps: int, held: str | None, variants: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+def _run_one(key: RunKey, plan: _SeedPlan, runs: Any, measurer: _Measurer) -> list[dict[str, Any]]:
     if key.mode == "warmup":  # the shared start: the unrestored input, the classical restorer, the warm-up student
-        from qualiteacher.classical import classical_restorer
-
         start = time.perf_counter()
-        student = warmup_student(cfg)
-        rows = measurer.rows({"input": lambda x: x, "classical": classical_restorer(cfg["task"]),
+        student = warmup_student(plan.stage3)
+        rows = measurer.rows({"input": lambda x: x, "classical": classical_restorer(plan.cfg.task),
                               "warmup": measurer.restorer(student, None)}, {})
         return [{**r, "train_s": float("nan"), "eval_s": time.perf_counter() - start} for r in rows]
-    from qualiteacher.pipeline.config import PipelineConfig
-    from qualiteacher.pipeline.run import run_training_stage
-    from qualiteacher.training.stage3 import load_trained
-
-    rcfg = run_config(cfg, store, key, steps, held, variants)
     run_id = runs.child(key.name)
     runs.client.set_tag(run_id, "mode", key.mode)
     runs.client.set_tag(run_id, "seed", str(key.seed))
-    import lightning as L
-
     L.seed_everything(key.seed, workers=True, verbose=False)
     start = time.perf_counter()
-    final = run_training_stage(PipelineConfig.from_dict(rcfg), "stage3", runs, run_id)
+    final = run_training_stage(plan.runs[key.mode], "stage3", runs, run_id)
     train_s = time.perf_counter() - start
     module = load_trained(final)
     hp = module.hparams
@@ -294,14 +288,11 @@ def _run_one(key: RunKey, cfg: dict[str, Any], store: StudyStore, runs: Any, mea
 
 
 # ------------------------------------------------------------------------------ MLflow and files
-def _study_runs(cfg: dict[str, Any], store: StudyStore, commit: str) -> Any:
-    from qualiteacher.pipeline.state import PipelineState
-    from qualiteacher.tracking.runs import PipelineRuns
-
+def _study_runs(cfg: PipelineConfig, store: StudyStore, commit: str) -> PipelineRuns:
     state = PipelineState(store.out / "mlflow_state.json")
-    runs = PipelineRuns(cfg, state, workdir=Path.cwd(), commit=commit)
+    runs = PipelineRuns(cfg.to_dict(), state, workdir=Path.cwd(), commit=commit)
     if "parent_run_id" not in state.data:
-        run = runs.client.create_run(runs.experiment_id, run_name=f"study-{cfg['task']}-{cfg['preset']}",
+        run = runs.client.create_run(runs.experiment_id, run_name=f"study-{cfg.task}-{cfg.preset}",
                                      tags={**runs.tags, "study": "modes"})
         state.data["parent_run_id"] = run.info.run_id
         state.save()
@@ -318,8 +309,6 @@ def _numeric(row: dict[str, Any]) -> dict[str, float]:
 
 
 def _log_rows(runs: Any, key: RunKey, rows: list[dict[str, Any]], path: Path) -> None:
-    from mlflow.entities import Metric
-
     run_id = runs.child(key.name)
     now = int(time.time() * 1000)
     metrics = [Metric(f"study/{r['restorer']}/{k}", v, now, 0) for r in rows for k, v in _numeric(r).items()]
@@ -331,10 +320,6 @@ def _log_rows(runs: Any, key: RunKey, rows: list[dict[str, Any]], path: Path) ->
 
 def _finish(store: StudyStore, keys: list[RunKey], modes: list[str], held: str | None, runs: Any,
             s: StudySettings, trained: list[str]) -> StudyResult:
-    from mlflow.entities import Metric
-
-    from qualiteacher.study.report import plot_study, row_order, summarize, summary_markdown
-
     df = store.rows(keys)
     files = {k: store.out / v for k, v in OUT_FILES.items()}
     df.to_csv(files["runs"], index=False)

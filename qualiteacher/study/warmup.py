@@ -9,64 +9,50 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 
+from qualiteacher.data.demo import build_demo
+from qualiteacher.iqa.cache import grade_clean_images
+from qualiteacher.pipeline.api import ConfigError, PipelineConfig, PipelineState, StagePlan, run_pipeline, student_stages
 from qualiteacher.say import say
 
 
-def warm_stages(cfg: dict[str, Any]) -> list[str]:
+def warm_stages(cfg: PipelineConfig) -> list[str]:
     """The pipeline's stages before stage 3 for this config's student (``data`` included)."""
-    from qualiteacher.pipeline.config import student_stages
-
-    stages = student_stages(cfg["student"])
+    stages = student_stages(cfg.student)
     return stages[: stages.index("stage3")]
 
 
-def grade_labeled(cfg: dict[str, Any], table: Path, exclude: tuple[str, ...]) -> Path:
-    """Build the demo data when it is missing, then grade the labeled clean images with the
+def grade_labeled(cfg: PipelineConfig, stage3: StagePlan, table: Path, exclude: tuple[str, ...]) -> Path:
+    """Build the demo data when it is missing, then grade the labeled clean images with stage 3's
     ensemble minus ``exclude`` (the stage-1 HQ gate must not see a held-out member) into ``table``
     (once per study: every seed reads it)."""
-    from qualiteacher.pipeline.config import ConfigError
-
-    root, task = Path(cfg["data_root"]), cfg["task"]
-    if not (root / task / "labeled").is_dir():
-        demo = cfg.get("demo", {})
-        if not demo.get("generate", True):
-            raise ConfigError(f"data_root: no labeled data at {root / task / 'labeled'} and demo generation is off")
-        from qualiteacher.data.demo import build_demo
-
+    root = Path(cfg.data_root)
+    if not (cfg.task_data / "labeled").is_dir():
+        if not cfg.demo.generate:
+            raise ConfigError(f"data_root: no labeled data at {cfg.task_data / 'labeled'} and demo generation is off")
         say(f"[study] building the demo data in {root}")
-        build_demo(root, progress=bool(cfg.get("progress", True)), overwrite=True,
-                   **{k: v for k, v in demo.items() if k != "generate"})
-    if cfg["student"] == "iqpir" and not table.is_file():
-        from qualiteacher.iqa.cache import grade_clean_images
-
-        scores = grade_clean_images(root / task / "labeled" / "gt", task,
-                                    cfg["stage3"]["model"].get("iqa_preset", "offline"),
+        build_demo(root, progress=cfg.progress, overwrite=True, **cfg.demo.build_options())
+    if cfg.student == "iqpir" and not table.is_file():
+        scores = grade_clean_images(cfg.task_data / "labeled" / "gt", cfg.task, stage3.args.model.iqa_preset,
                                     table.parent / "iqa_cache.parquet", exclude=exclude)
         table.parent.mkdir(parents=True, exist_ok=True)
         scores.to_csv(table, index=False)
     return table
 
 
-def warm_up(cfg: dict[str, Any], seed: int, parent_run: Callable[[], str]) -> None:
-    """Run, resume or skip the warm-up stages of ``cfg`` (into ``cfg['out_dir']``) at ``seed``.
+def warm_up(cfg: PipelineConfig, seed: int, parent_run: Callable[[], str]) -> None:
+    """Run, resume or skip the warm-up stages of ``cfg`` (into ``cfg.out``) at ``seed``.
 
     ``parent_run()`` gives the MLflow run the stages' runs nest under (asked for once per folder).
     """
-    from qualiteacher.pipeline.config import PipelineConfig
-    from qualiteacher.pipeline.run import run_pipeline
-    from qualiteacher.pipeline.state import PipelineState
-
-    out = Path(cfg["out_dir"])
-    state = PipelineState(out / "state.json")
+    state = PipelineState(cfg.out / "state.json")
     if "parent_run_id" not in state.data:
         state.data["parent_run_id"] = parent_run()
         state.save()
     for stage in warm_stages(cfg):
-        if PipelineState(out / "state.json").done(stage):
+        if PipelineState(cfg.out / "state.json").done(stage):
             continue
         L.seed_everything(seed, workers=True, verbose=False)
-        run_pipeline(PipelineConfig.from_dict(cfg), only_stage=stage)
+        run_pipeline(cfg, only_stage=stage)

@@ -165,14 +165,13 @@ def test_defaults_are_typed_and_the_config_is_frozen():
     assert PipelineConfig.from_dict({**cfg.to_dict(), "eval": {"w": 1, "grid_w": [0, 1]}}).eval.grid_w == (0.0, 1.0)
 
 
-def test_base_yaml_restates_the_typed_defaults():
+def test_pipeline_defaults_live_in_one_place():
+    # the typed PipelineConfig holds the pipeline-level defaults; the YAML files hold stage recipes
+    # and a preset's or task's own choices, never a copy of a default
     base = yaml.safe_load((REPO / "configs" / "base.yaml").read_text())
-    default = PipelineConfig(task="dehaze", preset="demo").to_dict()
-    for key, value in base.items():
-        if key in ("demo", "eval"):
-            assert {k: default[key][k] for k in value} == value, key
-        elif key not in ("stage1", "stage2", "fidelity", "stage3"):
-            assert default[key] == value, key
+    assert set(base) <= {"stage1", "stage2", "fidelity", "stage3"}, sorted(base)
+    cfg = PipelineConfig(task="dehaze", preset="demo")
+    assert cfg.student == "iqpir" and cfg.out_dir == "outputs/{task}" and cfg.eval.grid_levels == (0, 3, 5, 7)
 
 
 @pytest.mark.parametrize("override, key", [

@@ -41,7 +41,7 @@ def test_a_study_on_data_not_built_yet_checks_the_oracle_folder_once_the_data_ex
     fresh = tmp_path / "not_built"
     cfg = seed_config(StudySettings(preset="tiny", data_root=str(fresh)), store, seed=0)
     rcfg = run_config(cfg, store, RunKey("oracle", 0), steps=2, held_out=None)
-    assert rcfg["stage3"]["data"]["labeled_root"] == f"{fresh}/oracle/dehaze"
+    assert rcfg.stage3["data"]["labeled_root"] == f"{fresh}/oracle/dehaze"
     (fresh / "dehaze" / "labeled").mkdir(parents=True)  # data there, but no oracle pairs: refused
     with pytest.raises(FileNotFoundError, match="ground truth"):
         run_config(cfg, store, RunKey("oracle", 0), steps=2, held_out=None)

@@ -160,17 +160,16 @@ def test_catalogue_groups_and_lookup():
 
 # ------------------------------------------------------------------------------ the study
 def test_every_mode_config_validates_and_supervised_gets_no_unlabeled_root(tmp_path, demo_root):
-    from qualiteacher.pipeline.config import PipelineConfig
-    from qualiteacher.pipeline.sections import parse_stage
+    from qualiteacher.pipeline.api import plan_run
     from qualiteacher.study.runner import StudySettings, run_config, seed_config
     from qualiteacher.study.store import RunKey, StudyStore
 
     store = StudyStore(tmp_path / "study")
     cfg = seed_config(StudySettings(preset="tiny", data_root=str(demo_root)), store, seed=3)
-    assert cfg["stage3"]["model"]["seed"] == 3 and cfg["stage2"]["data"]["seed"] == 3
+    assert cfg.stage3["model"]["seed"] == 3 and cfg.stage2["data"]["seed"] == 3
     for mode in MODES:
         rcfg = run_config(cfg, store, RunKey(mode, 3), steps=2, held_out="piqe")
-        _, ns = parse_stage(PipelineConfig.from_dict(rcfg), "stage3")
+        ns = plan_run(rcfg, ["stage3"], hardware=False).stage("stage3").args
         assert ns.model.mode == MODES[mode]["mode"] and list(ns.model.iqa_exclude) == ["piqe"]
         assert str(store.warmup_dir(3)) in ns.model.init_from  # every mode starts from the shared warm-up
         assert ns.trainer.max_steps == 2
@@ -178,8 +177,9 @@ def test_every_mode_config_validates_and_supervised_gets_no_unlabeled_root(tmp_p
         # the unlabeled photos' ground truth is the oracle's alone
         assert ("oracle" in str(ns.data.labeled_root)) == (mode == "oracle")
         oracle_root = str(demo_root / "oracle")  # no other section (warm-up, eval) reads the oracle's pairs
-        assert oracle_root not in json.dumps({k: v for k, v in rcfg.items() if k != "stage3"}, default=str)
-        assert (oracle_root in json.dumps(rcfg["stage3"], default=str)) == (mode == "oracle")
+        plain = rcfg.to_dict()
+        assert oracle_root not in json.dumps({k: v for k, v in plain.items() if k != "stage3"}, default=str)
+        assert (oracle_root in json.dumps(plain["stage3"], default=str)) == (mode == "oracle")
 
 
 def test_summary_is_mean_and_std_over_seeds():
@@ -206,7 +206,8 @@ def test_summary_is_mean_and_std_over_seeds():
 def test_study_runs_tables_nests_mlflow_runs_and_resumes(demo_root, tmp_path, monkeypatch, capsys):
     from mlflow import MlflowClient
 
-    import qualiteacher.pipeline.run as pipeline
+    import qualiteacher.study.runner as runner
+    import qualiteacher.study.warmup as warmup
     from qualiteacher.iqa.presets import preset_specs
     from qualiteacher.study.runner import StudySettings, run_study
     from qualiteacher.study.store import StudyMismatch
@@ -248,9 +249,9 @@ def test_study_runs_tables_nests_mlflow_runs_and_resumes(demo_root, tmp_path, mo
     (res / "mean_teacher-seed0.json").unlink()
     (res / "qualiteacher-seed0.json").write_text('{"rows": [')
     trained, warm = [], []
-    train_stage, run_pipeline = pipeline.run_training_stage, pipeline.run_pipeline
-    monkeypatch.setattr(pipeline, "run_training_stage", lambda cfg, *a: trained.append(cfg.out_dir) or train_stage(cfg, *a))
-    monkeypatch.setattr(pipeline, "run_pipeline", lambda *a, **k: warm.append(a) or run_pipeline(*a, **k))
+    train_stage, run_pipeline = runner.run_training_stage, warmup.run_pipeline
+    monkeypatch.setattr(runner, "run_training_stage", lambda plan, *a: trained.append(plan.cfg.out_dir) or train_stage(plan, *a))
+    monkeypatch.setattr(warmup, "run_pipeline", lambda *a, **k: warm.append(a) or run_pipeline(*a, **k))
     again = run_study(s)
     assert again.trained == ["mean_teacher-seed0", "qualiteacher-seed0"]
     assert [p.split("/")[-1] for p in trained] == ["mean_teacher-seed0", "qualiteacher-seed0"] and warm == []

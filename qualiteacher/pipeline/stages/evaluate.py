@@ -13,11 +13,16 @@ import torch
 from torch import Tensor
 
 from qualiteacher import console
+from qualiteacher.classical import classical_restorer
 from qualiteacher.data.io import ImageReadError, get_skip_log, read_image, to_tensor
 from qualiteacher.data.layouts import read_layout
 from qualiteacher.devices import best_device_type, gpu_type
+from qualiteacher.eval import report
 from qualiteacher.eval.figures import image_grid, plot_score_vs_level, save_png
 from qualiteacher.eval.nriqa import level_spearman, score_levels
+from qualiteacher.eval.report import build_restorers, format_table, summary_table
+from qualiteacher.iqa import presets
+from qualiteacher.iqa.presets import MEANINGLESS, label_meaningless
 from qualiteacher.pipeline.config import EvalSettings
 from qualiteacher.pipeline.grids import grid_rows, level_w_grid
 from qualiteacher.pipeline.sections import StagePlan
@@ -25,8 +30,8 @@ from qualiteacher.tracking.runs import PipelineRuns
 from qualiteacher.training.stage3 import load_trained
 from qualiteacher.training.students import load_student_weights
 
-# The ensemble builder and the restorers' evaluation are imported when the stage runs: tests
-# replace them on their modules (``iqa.presets.build_ensemble``, ``eval.report.evaluate_restorers``).
+# The ensemble builder and the restorers' evaluation are called through their modules
+# (``presets.build_ensemble``, ``report.evaluate_restorers``): tests replace them there.
 
 
 def read_test_set(folder: Path, layout: str = "paired",
@@ -82,13 +87,11 @@ def clean_rows(restorers: Mapping[str, Any], test: list, ensemble: Any, device: 
     """Do no harm: every restorer but ``input`` given the test split's *ground truth* as input and
     scored against it (rows ``clean:NAME``); a restorer that leaves a clean photo as it is scores a
     high PSNR / SSIM here. Empty when the test split has no references."""
-    from qualiteacher.eval.report import evaluate_restorers
-
     clean = [(i, gt, gt) for i, _, gt in test if gt is not None]
     chosen = {f"{CLEAN_PREFIX}{name}": fn for name, fn in restorers.items() if name != "input"}
     if not clean or not chosen:
         return pd.DataFrame()
-    return evaluate_restorers(chosen, clean, ensemble, device=device)
+    return report.evaluate_restorers(chosen, clean, ensemble, device=device)
 
 
 def write_grids(module: Any, test: list, settings: EvalSettings, tile: int, classical: Any, out: Path,
@@ -121,14 +124,10 @@ def evaluate_pipeline(task: str, settings: EvalSettings, stage3: StagePlan, test
     grids; files in ``out``, all logged to ``run_id`` (metrics also to the parent run)."""
     from mlflow.entities import Metric  # lazy: MLflow loads when a run is tracked
 
-    from qualiteacher.classical import classical_restorer
-    from qualiteacher.eval.report import build_restorers, evaluate_restorers, summary_table
-    from qualiteacher.iqa.presets import MEANINGLESS, build_ensemble, label_meaningless
-
     device = training_device(stage3.section.get("trainer") or {})
     module = load_trained(stage3.final).to(device)
     hp = module.hparams
-    ensemble = build_ensemble(hp.iqa_preset, task=hp.task, weights_dir=hp.iqa_weights_dir).to(device)
+    ensemble = presets.build_ensemble(hp.iqa_preset, task=hp.task, weights_dir=hp.iqa_weights_dir).to(device)
     tile = settings.tile or int(stage3.args.data.crop_size)
     top = int(hp.top_level)
     test = read_test_set(test_folder, settings.layout, settings.max_images)
@@ -141,7 +140,7 @@ def evaluate_pipeline(task: str, settings: EvalSettings, stage3: StagePlan, test
                                 warmup=None if warmup is None else warmup.to(device))
     classical = classical_restorer(task)  # what a user tries first, with no training
     restorers = {"input": restorers.pop("input"), "classical": classical, **restorers}
-    df = evaluate_restorers(restorers, test, ensemble, device=device)
+    df = report.evaluate_restorers(restorers, test, ensemble, device=device)
     df = label_meaningless(pd.concat([df, clean_rows(restorers, test, ensemble, device)], ignore_index=True), ensemble)
     table = label_meaningless(summary_table(df), ensemble)
     df.to_csv(out / "per_image.csv", index=False)
@@ -174,9 +173,6 @@ def evaluate_pipeline(task: str, settings: EvalSettings, stage3: StagePlan, test
 def report_eval(table: pd.DataFrame, rho: float, meaningless: bool, what: str, where: str) -> None:
     """The eval's console lines: its numbers for the stage line (the full table goes to the final
     summary), a warning when the IQA scores are meaningless, and in verbose mode the table."""
-    from qualiteacher.eval.report import format_table
-    from qualiteacher.iqa.presets import MEANINGLESS
-
     brief = [c for c in ("images", "fused", "iqa_level", "psnr", "ssim", "colour_corr", "delta_e") if c in table.columns]
     text = format_table(table[brief])
     warn = f"\n!!! IQA SCORES ARE {MEANINGLESS} !!!" if meaningless else ""
