@@ -14,13 +14,16 @@ for the same weight is refused (``compiled-model keys``), since which of the two
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import re
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -81,8 +84,6 @@ def _load_problem(err: Exception, magic: bytes, size: int) -> str:
 
 def _numpy_array_globals() -> list[Any]:
     # what a pickled NumPy array or scalar references: constructors of plain data, no code
-    import numpy as np
-
     core = getattr(np, "_core", None) or np.core
     dtypes = [type(np.dtype(t)) for t in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "?")]
     return [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar, *dtypes]
@@ -189,8 +190,6 @@ LAST_NAME, PREV_NAME = "last.ckpt", "prev.ckpt"
 def checkpoint_is_whole(path: str | Path) -> str | None:
     """None when ``path`` is a complete checkpoint archive, else what is wrong with it (cheap: the
     zip directory sits at the end of the file, so a file cut short by a kill has none)."""
-    import zipfile
-
     path = Path(path)
     if not path.is_file():
         return "missing"
@@ -228,8 +227,7 @@ def rotating_checkpoint(dirpath: str | Path, every_n_train_steps: int) -> Any:
     """Lightning ``ModelCheckpoint`` writing ``last.ckpt`` every ``every_n_train_steps`` steps,
     which first renames the existing ``last.ckpt`` to ``prev.ckpt``: a kill while the new one is
     written leaves a whole checkpoint to resume from (:func:`resume_checkpoint`)."""
-    import os
-
+    # lazy: lightning takes 4 s to import; this basic module is read by commands that never train
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     class KeepPrevious(ModelCheckpoint):

@@ -1,18 +1,23 @@
 """The ``qualiteacher`` console command.
 
-Sub-commands are an explicit table (no registry scanning); each handler imports what it needs
-lazily so ``qualiteacher --help`` stays instant.
+Sub-commands are an explicit table (no registry scanning). Each handler imports what it needs
+(torch and everything above it) inside itself, so ``qualiteacher --help`` stays instant: at
+start-up only the plain-argparse modules of ``evaluate``, ``study`` and ``app`` load.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Any
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from qualiteacher.app.command import add_app_arguments, run_app
+from qualiteacher.errors import OneLineParser, run_with_contract
+from qualiteacher.eval.command import add_compare_arguments, add_evaluate_arguments, run_compare, run_evaluate
 from qualiteacher.say import say
+from qualiteacher.study.command import add_study_arguments, run_study_cli
 from qualiteacher.tasks import TASKS
 
 _MAX_PIXELS_HELP = ("skip images with more pixels than this, read from the file header before decoding "
@@ -22,7 +27,7 @@ _MAX_MEMORY_HELP = ("memory for the images and the tiles in flight, e.g. 2G or 5
 
 
 def _data_demo(args: argparse.Namespace) -> int:
-    from qualiteacher.data.demo import build_demo, summarize_manifest
+    from qualiteacher.data.demo import build_demo, summarize_manifest  # lazy: see the module docstring
 
     df = build_demo(Path(args.out), seed=args.seed, tasks=tuple(args.tasks), size=args.size,
                     overwrite=args.overwrite)
@@ -35,7 +40,7 @@ def _set_max_pixels(args: argparse.Namespace) -> None:
     # the pixel cap of every image read (checked from the header, before decoding); the
     # environment carries it to DataLoader workers and subprocesses
     if getattr(args, "max_pixels", None) is not None:
-        from qualiteacher.data.io import MAX_PIXELS_ENV
+        from qualiteacher.data.io import MAX_PIXELS_ENV  # lazy: see the module docstring
 
         if args.max_pixels < 0:
             raise ValueError(f"--max-pixels must be >= 0 (0: no cap), got {args.max_pixels}")
@@ -43,8 +48,8 @@ def _set_max_pixels(args: argparse.Namespace) -> None:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from qualiteacher.data.io import ImageReadError, get_skip_log, read_image
-    from qualiteacher.data.layouts import read_layout
+    from qualiteacher.data.io import ImageReadError, get_skip_log, read_image  # lazy: see the module docstring
+    from qualiteacher.data.layouts import read_layout  # lazy: see the module docstring
 
     _set_max_pixels(args)
     records = read_layout(args.layout, Path(args.root))
@@ -65,7 +70,7 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _iqa_fit_niqe(args: argparse.Namespace) -> int:
-    from qualiteacher.iqa.offline import fit_niqe
+    from qualiteacher.iqa.offline import fit_niqe  # lazy: see the module docstring
 
     out = fit_niqe(Path(args.folder), Path(args.out), block_size=args.block_size)
     say(f"NIQE pristine model written to {out}")
@@ -73,8 +78,8 @@ def _iqa_fit_niqe(args: argparse.Namespace) -> int:
 
 
 def _iqa_audit(args: argparse.Namespace) -> int:
-    from qualiteacher.iqa.audit_report import audit_command
-    from qualiteacher.training.students import untrained_student_outputs
+    from qualiteacher.iqa.audit_report import audit_command  # lazy: see the module docstring
+    from qualiteacher.training.students import untrained_student_outputs  # lazy: see the module docstring
 
     try:
         return audit_command(args.preset, args.task, args.images, args.out, args.size, args.seed,
@@ -86,7 +91,7 @@ def _iqa_audit(args: argparse.Namespace) -> int:
 
 
 def _iqa_list(args: argparse.Namespace) -> int:
-    from qualiteacher.iqa.presets import list_iqa_presets
+    from qualiteacher.iqa.presets import list_iqa_presets  # lazy: see the module docstring
 
     for name in list_iqa_presets():
         say(name, "quiet")
@@ -94,7 +99,7 @@ def _iqa_list(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from qualiteacher.iqa.cache import score_command
+    from qualiteacher.iqa.cache import score_command  # lazy: see the module docstring
 
     _set_max_pixels(args)
     _, summary = score_command(Path(args.folder), preset=args.preset, task=args.task,
@@ -102,22 +107,31 @@ def _score(args: argparse.Namespace) -> int:
                                cache=Path(args.cache) if args.cache else None, weights_dir=args.weights_dir,
                                max_side=-1 if args.max_side is None else args.max_side)
     say(summary, "quiet")
-    from qualiteacher.data.io import get_skip_log
+    from qualiteacher.data.io import get_skip_log  # lazy: see the module docstring
 
     say(get_skip_log().summary(), "quiet")
     return 0
 
 
 def _restore(args: argparse.Namespace) -> int:
-    import torch
+    import torch  # lazy: see the module docstring
 
-    from qualiteacher.data.io import ImageReadError, get_skip_log, write_image
-    from qualiteacher.data.layouts import read_unpaired
-    from qualiteacher.iqa.bounded import image_size, read_uint8
-    from qualiteacher.training.memory import describe, resolve_budget
-    from qualiteacher.training.restore import (NonFiniteOutputError, auto_tile, check_output_folder,
-                                               check_photo_fits, check_tile, load_for_inference,
-                                               resolve_device, restore)
+    from qualiteacher.data.io import ImageReadError, get_skip_log, write_image  # lazy: see the module docstring
+    from qualiteacher.data.layouts import read_unpaired  # lazy: see the module docstring
+    from qualiteacher.iqa.bounded import image_size, read_uint8  # lazy: see the module docstring
+    from qualiteacher.training.memory import describe, resolve_budget  # lazy: see the module docstring
+
+    # lazy: see the module docstring
+    from qualiteacher.training.restore import (
+        NonFiniteOutputError,
+        auto_tile,
+        check_output_folder,
+        check_photo_fits,
+        check_tile,
+        load_for_inference,
+        resolve_device,
+        restore,
+    )
 
     # every value is checked before any image is read or written
     _set_max_pixels(args)
@@ -163,7 +177,9 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 def _detmap(args: argparse.Namespace) -> int:
-    from qualiteacher.data.layouts import read_layout
+    from qualiteacher.data.layouts import read_layout  # lazy: see the module docstring
+
+    # lazy: see the module docstring
     from qualiteacher.eval.detection import detections_from_csv, evaluate_detections, ground_truths_from_records
 
     options = {"split": args.split} if args.split else {}
@@ -177,31 +193,23 @@ def _detmap(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from qualiteacher.eval.command import run_evaluate
-
     return run_evaluate(args)
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from qualiteacher.eval.command import run_compare
-
     return run_compare(args)
 
 
 def _study(args: argparse.Namespace) -> int:
-    from qualiteacher.study.command import run_study_cli
-
     return run_study_cli(args)
 
 
 def _app(args: argparse.Namespace) -> int:
-    from qualiteacher.app.command import run_app
-
     return run_app(args)
 
 
 def _pipeline(args: argparse.Namespace, extra: list[str]) -> int:
-    from qualiteacher.pipeline.cli import run_pipeline_cli
+    from qualiteacher.pipeline.cli import run_pipeline_cli  # lazy: see the module docstring
 
     return run_pipeline_cli(args.task, extra)
 
@@ -301,9 +309,7 @@ def _add_detmap_command(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qualiteacher.errors import OneLineParser  # a wrong invocation: one line, exit code 2
-
-    parser = OneLineParser(
+    parser = OneLineParser(  # a wrong invocation: one line, exit code 2
         prog="qualiteacher",
         description="Quality-conditioned Mean-Teacher training for real-world image restoration.",
     )
@@ -313,8 +319,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     for add in (_add_data_commands, _add_iqa_commands, _add_score_command, _add_restore_command, _add_detmap_command):
         add(sub)
-
-    from qualiteacher.eval.command import add_compare_arguments, add_evaluate_arguments
 
     ev = sub.add_parser("evaluate", help="restore a benchmark's test split and report NR-IQA, PSNR/SSIM, mAP",
                         description="Restore a test split with trained checkpoints (and baselines) and report "
@@ -326,8 +330,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_arguments(cmp)
     cmp.set_defaults(handler=_compare)
 
-    from qualiteacher.study.command import add_study_arguments
-
     st = sub.add_parser("study", help="QualiTeacher vs supervised / Mean Teacher / ablations over seeds (table + figure)",
                         description="From one shared warm-up per seed, train the chosen stage-3 modes for the same "
                                     "steps, measure them on the held-out test split (PSNR, SSIM, every ensemble "
@@ -335,8 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
                                     "seeds), a figure and a per-run CSV. Rerun the same command to resume.")
     add_study_arguments(st)
     st.set_defaults(handler=_study)
-
-    from qualiteacher.app.command import add_app_arguments
 
     app = sub.add_parser("app", help="a local web page: restore an image at any quality level, see its scores",
                          description="Serve a Gradio page (on 127.0.0.1 by default) for a trained model: "
@@ -359,8 +359,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run one sub-command. Expected errors (missing files, bad values, refused checkpoints, an
     unreachable tracking server ...) print one line on stderr and return 2; ``--debug`` (anywhere
     on the line) shows their traceback instead."""
-    from qualiteacher.errors import run_with_contract
-
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]

@@ -22,6 +22,8 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 # say, Verbosity and verbosity live in qualiteacher.say (every layer may print); re-exported here
 from qualiteacher.say import Verbosity, main_process, say, set_verbosity, verbosity  # noqa: F401
@@ -92,8 +94,6 @@ def fit_warnings(model: L.LightningModule, data: Any, val_used: bool = False) ->
     when it is known to be empty talk (the module has no validation step and no validation folder
     was configured, or a callback reads the folder: ``val_used``, e.g. stage 3's reward guard probes
     its pairs); otherwise, with a validation folder, the warning stays (its images would be unused)."""
-    from lightning.pytorch.utilities.model_helpers import is_overridden
-
     harmless = not is_overridden("validation_step", model) and (getattr(data, "val_root", None) is None
                                                                  or val_used)
     with warnings.catch_warnings():
@@ -221,8 +221,6 @@ class StepProgressBar(ProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._enabled:
             return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
 
         self._progress = Progress(
             TextColumn(f"  {self.stage}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
@@ -293,6 +291,7 @@ def _run_tag(uri: str, run_id: str | None, tag: str) -> str | None:
     if not run_id:
         return None
     try:
+        # lazy: mlflow takes 1.5 s to import; only the closing summary asks the tracking store
         from mlflow import MlflowClient
 
         return MlflowClient(uri).get_run(run_id).data.tags.get(tag)
@@ -303,6 +302,7 @@ def _run_tag(uri: str, run_id: str | None, tag: str) -> str | None:
 def registered_version(uri: str, name: str, run_id: str | None) -> str | None:
     """Version of model ``name`` registered by run ``run_id`` (the newest if the run is unknown)."""
     try:
+        # lazy: mlflow takes 1.5 s to import; only the closing summary asks the registry
         from mlflow import MlflowClient
 
         versions = MlflowClient(uri).search_model_versions(f"name = '{name}'")
@@ -321,9 +321,9 @@ def app_command(source: str, host: str = "127.0.0.1", port: int = 7860) -> str:
 
 def final_summary(cfg: dict[str, Any], state: dict[str, Any], uri: str, seconds: float | None = None) -> str:
     """The closing text of a pipeline: results table, files, MLflow, the UI and app commands."""
-    import pandas as pd
+    import pandas as pd  # lazy: pandas and the eval modules (scipy) serve the closing summary only
 
-    from qualiteacher.eval.report import format_table
+    from qualiteacher.eval.report import format_table  # lazy: see final_summary's first import
 
     task, out = cfg["task"], Path(cfg["out_dir"])
     lines = [f"━━ {task} · {cfg.get('preset', '')} · done" + (f" in {format_seconds(seconds)}" if seconds else "") + " ━━"]
@@ -339,7 +339,7 @@ def final_summary(cfg: dict[str, Any], state: dict[str, Any], uri: str, seconds:
                   format_table(table[brief])]
         levels = out / "eval" / "score_vs_level.csv"
         if levels.is_file():
-            from qualiteacher.eval.nriqa import level_spearman
+            from qualiteacher.eval.nriqa import level_spearman  # lazy: see final_summary's first import
 
             lines.append(f"Quality dial: ensemble score vs requested level, Spearman ρ = "
                          f"{level_spearman(pd.read_csv(levels)):.3f}")

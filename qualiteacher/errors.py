@@ -35,12 +35,14 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     """:data:`EXPECTED_ERRORS` plus the libraries' own configuration errors when importable."""
     extra: list[type[BaseException]] = []
     try:
+        # lazy: every command loads this module; lightning takes 4 s to import
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
         extra.append(MisconfigurationException)
     except ImportError:  # pragma: no cover - lightning is a dependency
         pass
     try:
+        # lazy: every command loads this module; mlflow takes 1.5 s to import
         from mlflow.exceptions import MlflowException
 
         extra.append(MlflowException)

@@ -30,7 +30,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from qualiteacher.training.students import FORMAT, release, student_spec
+import qualiteacher
+from qualiteacher.checkpoints import CheckpointError, check_keys, checkpoint_state, read_checkpoint
+from qualiteacher.training.restore import check_weights_finite, inference_ready, restore
+from qualiteacher.training.students import FORMAT, build_student, release, student_spec
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +44,6 @@ DATA_DIR = "student"
 
 def pinned_requirements() -> list[str]:
     """``torch`` and ``qualiteacher`` pinned to the versions installed here."""
-    import qualiteacher
-
     return [f"torch=={release(torch.__version__)}", f"qualiteacher=={qualiteacher.__version__}"]
 
 
@@ -58,15 +59,6 @@ def save_student(student: nn.Module, spec: dict[str, Any], folder: str | Path) -
 def load_student_folder(folder: str | Path) -> nn.Module:
     """The student saved by :func:`save_student`, on the CPU, in eval mode (strict, weights only;
     non-finite weights are refused)."""
-    from qualiteacher.checkpoints import (
-        CheckpointError,
-        check_keys,
-        checkpoint_state,
-        read_checkpoint,
-    )
-    from qualiteacher.training.restore import check_weights_finite, inference_ready
-    from qualiteacher.training.students import build_student
-
     folder = Path(folder)
     spec_path = folder / SPEC_FILE
     if not spec_path.is_file():
@@ -77,7 +69,6 @@ def load_student_folder(folder: str | Path) -> nn.Module:
         raise ValueError(f"{spec_path} is not valid JSON: {err}") from None
     if not isinstance(spec, dict) or spec.get("format") != FORMAT or not isinstance(spec.get("build"), dict):
         raise ValueError(f"{spec_path}: not a {FORMAT} description")
-    import qualiteacher
 
     saved = spec.get("versions", {}).get("qualiteacher")
     if saved and saved != qualiteacher.__version__:
@@ -103,8 +94,9 @@ def load_student_folder(folder: str | Path) -> nn.Module:
 def model_signature() -> Any:
     """Inputs ``image`` (B,3,H,W) float32, ``level`` (B,) int64, ``w`` (B,) float32; output the
     restored images (B,3,H,W) float32."""
+    # lazy: mlflow takes 1.5 s to import; the app loads checkpoints through this module without it
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
+    from mlflow.types.schema import Schema, TensorSpec  # lazy: mlflow, see model_signature's first import
 
     inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "image"),
                      TensorSpec(np.dtype(np.int64), (-1,), "level"),
@@ -116,7 +108,7 @@ def log_student(student: nn.Module, hparams: dict[str, Any], name: str = "studen
                 registered_model_name: str | None = None) -> Any:
     """Log ``student`` to the active MLflow run (no pickle; see the module docstring) and
     register it under ``registered_model_name``; returns MLflow's ``ModelInfo``."""
-    import mlflow
+    import mlflow  # lazy: mlflow, see model_signature
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_student(student, student_spec(hparams), Path(tmp) / DATA_DIR)
@@ -129,7 +121,7 @@ def log_student(student: nn.Module, hparams: dict[str, Any], name: str = "studen
 
 def model_data_folder(local_model: str | Path) -> Path:
     """The student folder of a downloaded MLflow model folder (checks it is one of ours)."""
-    from mlflow.models import Model
+    from mlflow.models import Model  # lazy: mlflow, see model_signature
 
     local_model = Path(local_model)
     if not (local_model / "MLmodel").is_file():
@@ -150,7 +142,7 @@ def model_data_folder(local_model: str | Path) -> Path:
 def load_registered(model_uri: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> nn.Module:
     """The student of a logged or registered model (``models:/NAME/VERSION``, ``runs:/ID/student``),
     ready to call as ``student(x, level, w=None)``; on the CPU, in eval mode."""
-    import mlflow
+    import mlflow  # lazy: mlflow, see model_signature
 
     if tracking_uri is not None:
         mlflow.set_tracking_uri(tracking_uri)
@@ -163,8 +155,6 @@ def restore_images(student: nn.Module, image: Tensor, level: Tensor, w: Tensor |
     """``student`` at a per-image ``level`` (B,) on ``image`` (B,3,H,W) in [0,1]; ``w`` (B,) only
     for students with a fidelity path. As ``qualiteacher restore`` runs it: in tiles under the
     machine's memory budget (``qualiteacher.training.restore.restore``)."""
-    from qualiteacher.training.restore import restore
-
     use_w = w is not None and bool(getattr(student, "has_fidelity", False))
     return restore(student, image, level=level, w=w if use_w else None)
 

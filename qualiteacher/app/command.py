@@ -1,4 +1,8 @@
-"""``qualiteacher app``: arguments and start-up (load the model, build the ensemble, serve the page)."""
+"""``qualiteacher app``: arguments and start-up (load the model, build the ensemble, serve the page).
+
+``qualiteacher --help`` loads this module to build its parser: the model, the ensemble and the page
+(torch, gradio) are imported inside ``run_app``.
+"""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +33,7 @@ def add_app_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_app(args: argparse.Namespace) -> int:
+    # lazy: see the module docstring
     from qualiteacher.app.model import ModelLoadError, load_checkpoint_model, load_registry_model
 
     if args.port is not None and not 0 < args.port < 65536:
@@ -45,12 +50,12 @@ def run_app(args: argparse.Namespace) -> int:
     model = model._replace(task=args.task or model.task, iqa_preset=args.iqa_preset or model.iqa_preset,
                            student=model.student.to(args.device),
                            teacher=None if model.teacher is None else model.teacher.to(args.device))
-    from qualiteacher.iqa.presets import build_ensemble
+    from qualiteacher.iqa.presets import build_ensemble  # lazy: see the module docstring
 
     ensemble = build_ensemble(model.iqa_preset, task=model.task, weights_dir=model.iqa_weights_dir).to(args.device)
     examples_dir = args.examples or (f"demo_data/{model.task}/test/lq" if model.task else None)
-    from qualiteacher.app.logic import MAX_PIXELS
-    from qualiteacher.app.ui import Settings, build_app, example_images, launch
+    from qualiteacher.app.logic import MAX_PIXELS  # lazy: see the module docstring
+    from qualiteacher.app.ui import Settings, build_app, example_images, launch  # lazy: see the module docstring
 
     examples = example_images(examples_dir)
     page = build_app(model, ensemble, examples, Settings(tile=args.tile, max_pixels=args.max_pixels or MAX_PIXELS))

@@ -16,7 +16,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from qualiteacher.app.model import AppModel
+from qualiteacher.data.io import ImageReadError, read_image, to_tensor
 from qualiteacher.iqa.bounded import fit_side
+from qualiteacher.training.restore import auto_tile, restore
 
 LEVELS: tuple[int, ...] = tuple(range(8))
 MAX_PIXELS = 40_000_000       # uploads above this (read from the header, before decoding) are refused
@@ -55,8 +57,6 @@ class Sweep(NamedTuple):
 def read_upload(path: str | Path | None, max_pixels: int = MAX_PIXELS) -> Tensor:
     """An uploaded file as a (1, 3, H, W) float tensor in [0, 1]; any Pillow mode (16-bit, CMYK,
     palette, alpha over white). Raises :class:`UploadError` with a message for the page."""
-    from qualiteacher.data.io import ImageReadError, read_image, to_tensor
-
     if not path:
         raise UploadError("Upload an image or pick an example first.")
     path = Path(path)
@@ -85,8 +85,6 @@ def read_upload(path: str | Path | None, max_pixels: int = MAX_PIXELS) -> Tensor
 def pick_tile(image: Tensor, tile: int | None, net: nn.Module | None = None) -> int | None:
     """The tile side ``restore`` uses for ``image`` with ``net``: ``tile`` if given (0: never
     tile), else the architecture's (``default_tile``); ``None`` when the image runs whole."""
-    from qualiteacher.training.restore import auto_tile
-
     return auto_tile(image, tile, net)
 
 
@@ -106,8 +104,6 @@ def restore_image(model: AppModel, x: Tensor, level: int = 7, w: float | None = 
     """Restore ``x`` (1, 3, H, W) with the student at ``level`` (and fidelity ``w`` in [0, 1] when
     the student has the fidelity path; ignored otherwise), or with the unconditioned teacher, in
     tiles under the machine's memory budget (``qualiteacher.training.restore.restore``)."""
-    from qualiteacher.training.restore import restore
-
     if teacher and model.teacher is None:
         raise UploadError("This model has no teacher (a registered student): untick 'teacher'.")
     check_dials(model, level, w)
@@ -134,8 +130,6 @@ def level_sweep(model: AppModel, ensemble: nn.Module, x: Tensor, w: float | None
                 levels: tuple[int, ...] = LEVELS, side: int = SWEEP_SIDE, tile: int | None = None) -> Sweep:
     """The student at every level on a copy of ``x`` no larger than ``side``: one batched restore,
     one batched scoring call; each level's image with its fused score as caption."""
-    from qualiteacher.training.restore import restore
-
     for q in levels:
         check_dials(model, q, w)
     start = time.perf_counter()

@@ -7,6 +7,9 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from qualiteacher.registry import load_registered
+from qualiteacher.training.restore import load_for_inference
+
 
 class AppModel(NamedTuple):
     """A loaded model. ``teacher`` is ``None`` when the source holds no teacher (a registered
@@ -37,8 +40,6 @@ def load_checkpoint_model(path: str | Path) -> AppModel:
     """Student, teacher and IQA settings of a stage-3 checkpoint (``OUT/stage3/final.ckpt``); nothing
     else is built (no pseudo-label bank: the checkpoint's ``bank_dir`` gets no file); non-finite
     weights are refused."""
-    from qualiteacher.training.restore import load_for_inference
-
     try:
         trained = load_for_inference(path)
     except FileNotFoundError as err:
@@ -63,7 +64,7 @@ def _split_model_uri(model_uri: str) -> tuple[str, str]:
 def registry_metadata(model_uri: str, tracking_uri: str) -> dict[str, Any]:
     """Task, IQA preset and top level of a registered model, read from the pipeline that
     registered it (its runs' tags and the stage-3 run's params); empty where unknown."""
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # lazy: mlflow takes 1.5 s to import; only --model (the registry) needs it
 
     client = MlflowClient(tracking_uri)
     name, version = _split_model_uri(model_uri)
@@ -100,9 +101,9 @@ def registry_metadata(model_uri: str, tracking_uri: str) -> dict[str, Any]:
 def load_registry_model(model_uri: str, tracking_uri: str | None = None) -> AppModel:
     """A registered student (``models:/qualiteacher-dehaze/latest``) from the MLflow registry at
     ``tracking_uri`` (default: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db`` here)."""
-    import mlflow
+    import mlflow  # lazy: mlflow takes 1.5 s to import; only --model (the registry) needs it
 
-    from qualiteacher.registry import load_registered
+    # lazy: mlflow_logger imports lightning (4 s); only --model needs the tracking URI
     from qualiteacher.tracking.mlflow_logger import tracking_uri as default_uri
 
     _split_model_uri(model_uri)  # a wrong kind of URI first

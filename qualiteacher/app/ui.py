@@ -20,6 +20,7 @@ from torch import nn  # noqa: E402
 from qualiteacher.app.logic import (LEVELS, MAX_PIXELS, UploadError, level_sweep, read_upload,  # noqa: E402
                                     restore_image, score_images, score_markdown, to_uint8)
 from qualiteacher.app.model import AppModel  # noqa: E402
+from qualiteacher.classical import CLASSICAL, DEFAULT_CLASSICAL, classical_restorer, list_classical  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 NO_CLASSICAL = "none"
@@ -68,8 +69,6 @@ class Handlers:
     def classical(self, payload: Any, name: str | None) -> tuple[np.ndarray | None, str]:
         """-> (the classical restorer ``name``'s output, its scores beside the input's, with a timing
         line); nothing for ``"none"``. Runs on the model's device."""
-        from qualiteacher.classical import CLASSICAL, classical_restorer
-
         if not name or name == NO_CLASSICAL:
             return None, ""
         try:
@@ -112,9 +111,7 @@ def example_images(folder: str | Path | None, limit: int = 8) -> list[str]:
 # what the widgets do lives in `Handlers`
 def build_app(model: AppModel, ensemble: nn.Module, examples: list[str] = (), settings: Settings = Settings()) -> Any:
     """The ``gr.Blocks`` page (not launched)."""
-    import gradio as gr
-
-    from qualiteacher.classical import DEFAULT_CLASSICAL, list_classical
+    import gradio as gr  # lazy: gradio takes 4 s to import and only the served page needs it
 
     h = Handlers(model, ensemble, settings)
     task = model.task or "restoration"

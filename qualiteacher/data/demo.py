@@ -32,7 +32,10 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+import skimage.data
 from PIL import Image
+from rich.progress import track
+from scipy.ndimage import distance_transform_edt
 
 from qualiteacher.data.capture import depth_proxy
 from qualiteacher.data.degradations import DEGRADATIONS, get_degradation, params_to_dict
@@ -64,8 +67,6 @@ def _rgb(image: np.ndarray) -> np.ndarray:
 
 def _disparity_depth(disp: np.ndarray) -> np.ndarray:
     # depth ~ 1 / disparity, scaled so the far 1st percentile is 1; holes take the nearest valid value
-    from scipy.ndimage import distance_transform_edt
-
     valid = np.isfinite(disp) & (disp > 0)
     _, (iy, ix) = distance_transform_edt(~valid, return_indices=True)
     disp = disp[iy, ix]
@@ -84,8 +85,7 @@ def grace_hopper_path() -> Path | None:
 
 def load_photos() -> dict[str, Photo]:
     """All bundled clean photos by name (grace_hopper only if matplotlib is installed)."""
-    from skimage import data
-
+    data = skimage.data
     raw: dict[str, np.ndarray] = {
         "astronaut": data.astronaut(), "chelsea": data.chelsea(), "coffee": data.coffee(),
         "rocket": data.rocket(), "immunohistochemistry": data.immunohistochemistry(),
@@ -171,7 +171,6 @@ def _build_task(out: Path, task: str, seed: int, train: list[Photo], test: list[
 def _progress(items: Sequence[str], enabled: bool):
     if not enabled:
         return items
-    from rich.progress import track
 
     return track(items, description="building demo data")
 

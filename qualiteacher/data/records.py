@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from qualiteacher.data.io import get_skip_log
+
 if TYPE_CHECKING:
     from qualiteacher.data.io import SkipLog
 
@@ -87,8 +89,6 @@ def check_unique_ids(records: list[ImageRecord], where: str | Path,
     """``records`` without the ids that occur more than once (``a.png`` + ``a.jpg``): which file is
     meant is unknown, so every file of such an id is reported in ``skip_log`` (default: the
     process' `SkipLog`) and left out; the rest of the folder is read as usual."""
-    from qualiteacher.data.io import get_skip_log
-
     groups: dict[str, list[ImageRecord]] = {}
     for r in records:
         groups.setdefault(r.id, []).append(r)

@@ -1,4 +1,8 @@
-"""The ``qualiteacher evaluate`` and ``qualiteacher compare`` commands (argument handling only)."""
+"""The ``qualiteacher evaluate`` and ``qualiteacher compare`` commands (argument handling only).
+
+``qualiteacher --help`` loads this module to build its parser: everything the commands run (torch,
+the harness, MLflow, pandas) is imported inside ``run_evaluate`` / ``run_compare``.
+"""
 from __future__ import annotations
 
 import argparse
@@ -68,17 +72,18 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from qualiteacher.iqa.members import MissingWeightsError
-    from qualiteacher.training.restore import resolve_device
+    from qualiteacher.iqa.members import MissingWeightsError  # lazy: see the module docstring
+    from qualiteacher.training.restore import resolve_device  # lazy: see the module docstring
 
     try:
         args.device = str(resolve_device(args.device))  # checked before any work starts
         if args.mlflow or os.environ.get("MLFLOW_RUN_ID"):
+            # lazy: see the module docstring
             from qualiteacher.tracking.mlflow_logger import check_tracking_uri, tracking_uri
 
             check_tracking_uri(tracking_uri())
         if getattr(args, "max_pixels", None) is not None:
-            from qualiteacher.data.io import MAX_PIXELS_ENV
+            from qualiteacher.data.io import MAX_PIXELS_ENV  # lazy: see the module docstring
 
             os.environ[MAX_PIXELS_ENV] = str(args.max_pixels)
         return _evaluate(args)
@@ -92,7 +97,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def _load_checkpoints(checkpoints: dict[str, str], level: int, tile: int | None) -> dict[str, Any]:
     """The stage-3 checkpoints to evaluate (no bank, finite weights), each checked against the
     requested ``level`` and ``tile`` before any image is read."""
-    from qualiteacher.training.restore import check_tile, load_for_inference
+    from qualiteacher.training.restore import check_tile, load_for_inference  # lazy: see the module docstring
 
     modules = {name: load_for_inference(path) for name, path in checkpoints.items()}
     for name, module in modules.items():
@@ -104,7 +109,9 @@ def _load_checkpoints(checkpoints: dict[str, str], level: int, tile: int | None)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from qualiteacher.data.io import get_skip_log
+    from qualiteacher.data.io import get_skip_log  # lazy: see the module docstring
+
+    # lazy: see the module docstring
     from qualiteacher.eval.harness import (
         CLASSICAL_PREFIX,
         baseline_restorer,
@@ -114,8 +121,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         evaluate,
         write_results,
     )
-    from qualiteacher.eval.report import format_table
-    from qualiteacher.iqa.presets import build_ensemble
+    from qualiteacher.eval.report import format_table  # lazy: see the module docstring
+    from qualiteacher.iqa.presets import build_ensemble  # lazy: see the module docstring
 
     checkpoints = _named(args.checkpoint, "checkpoint")
     baselines = _named(args.baseline, "baseline")
@@ -126,11 +133,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.detector or args.detector_target:
         if bench.classes is None:
             raise ValueError(f"benchmark {bench.name!r} has no boxes; detection needs rtts or exdark")
-        from qualiteacher.eval.detector import build_detector, load_class_map
+        from qualiteacher.eval.detector import build_detector, load_class_map  # lazy: see the module docstring
 
         detector = build_detector(args.detector, args.detector_weights, args.detector_target, args.device)
         class_map = load_class_map(args.class_map, bench.name)
-    from qualiteacher.training.memory import resolve_budget
+    from qualiteacher.training.memory import resolve_budget  # lazy: see the module docstring
 
     budget = resolve_budget(args.max_memory, args.device)  # a bad value is one line before any work
     modules = _load_checkpoints(checkpoints, args.level, args.tile)
@@ -164,10 +171,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _log_mlflow(result: object, args: argparse.Namespace) -> None:
-    import mlflow
+    import mlflow  # lazy: see the module docstring
 
-    from qualiteacher.eval.harness import log_to_mlflow
-    from qualiteacher.tracking.mlflow_logger import tracking_uri
+    from qualiteacher.eval.harness import log_to_mlflow  # lazy: see the module docstring
+    from qualiteacher.tracking.mlflow_logger import tracking_uri  # lazy: see the module docstring
 
     mlflow.set_tracking_uri(tracking_uri())
     if not os.environ.get("MLFLOW_RUN_ID"):
@@ -186,10 +193,10 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    import pandas as pd
+    import pandas as pd  # lazy: see the module docstring
 
-    from qualiteacher.eval.harness import report_columns
-    from qualiteacher.eval.report import comparison_table, markdown_table
+    from qualiteacher.eval.harness import report_columns  # lazy: see the module docstring
+    from qualiteacher.eval.report import comparison_table, markdown_table  # lazy: see the module docstring
 
     tables = {}
     try:

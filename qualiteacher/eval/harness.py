@@ -19,14 +19,16 @@ from typing import Any
 
 import pandas as pd
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
-from qualiteacher.data.io import ImageReadError, get_skip_log, read_image, to_tensor, write_image
+from qualiteacher.classical import classical_restorer
+from qualiteacher.data.io import ImageReadError, get_skip_log, list_images, read_image, to_tensor, write_image
 from qualiteacher.data.records import ImageRecord
 from qualiteacher.eval.benchmarks import Benchmark, read_benchmark, resolve_benchmark
 from qualiteacher.eval.colour import delta_e, opponent_correlation
 from qualiteacher.eval.fullref import fullref_scores
-from qualiteacher.eval.metrics import MetricSet, resolve_metrics, score_images
+from qualiteacher.eval.metrics import EVAL_METRICS, MetricSet, resolve_metrics, score_images
 from qualiteacher.eval.nriqa import scores_frame
 from qualiteacher.eval.report import markdown_table, summary_table
 from qualiteacher.say import say
@@ -72,7 +74,6 @@ def folder_restorer(folder: str | Path) -> Restorer:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"baseline folder does not exist: {folder}")
-    from qualiteacher.data.io import list_images
 
     by_id = {p.relative_to(folder).with_suffix("").as_posix(): p for p in list_images(folder, recursive=True)}
     by_stem = {p.stem: p for p in by_id.values()}
@@ -98,7 +99,6 @@ def baseline_restorer(spec: str) -> Restorer:
     else is a folder of another method's restorations (`folder_restorer`)."""
     if not spec.startswith(CLASSICAL_PREFIX):
         return folder_restorer(spec)
-    from qualiteacher.classical import classical_restorer
 
     fn = classical_restorer(spec[len(CLASSICAL_PREFIX):])
     return lambda x, _id: fn(x)
@@ -113,8 +113,6 @@ def _read(rec: ImageRecord) -> tuple[Tensor, Tensor | None]:
 
 
 def _progress(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     return Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     disable=not enabled, transient=True)
 
@@ -160,6 +158,7 @@ def evaluate(restorers: Mapping[str, Restorer], records: Sequence[ImageRecord], 
     if detector is not None and (class_map is None or not classes):
         raise ValueError("evaluate: a detector needs a class map and the data set's classes")
     if detector is not None:
+        # lazy: the detector needs torchvision (1 s); only evaluations with --detector use it
         from qualiteacher.eval.detector import run_detector
     device = torch.device(device)
     for module in (*metrics.modules.values(), ensemble):
@@ -208,8 +207,9 @@ def evaluate(restorers: Mapping[str, Restorer], records: Sequence[ImageRecord], 
 
 def _detection_table(detections: Mapping[str, dict], records: Sequence[ImageRecord],
                      classes: Sequence[str]) -> pd.DataFrame:
+    # lazy: mAP needs torchmetrics and torchvision (3 s); only evaluations with a detector
     from qualiteacher.eval.coco_map import detection_map
-    from qualiteacher.eval.detection import collect_ground_truths
+    from qualiteacher.eval.detection import collect_ground_truths  # lazy: see the import above (torchvision)
 
     truths = collect_ground_truths(records)
     if truths.unannotated:
@@ -242,8 +242,6 @@ def write_results(result: EvalResult, out: str | Path, title: str = "") -> list[
 
 def report_columns(table: pd.DataFrame) -> pd.DataFrame:
     """The columns a paper's table shows: images, every NR-IQA metric, fused, PSNR, SSIM, colour, mAP."""
-    from qualiteacher.eval.metrics import EVAL_METRICS
-
     keep = [c for c in ("images",) if c in table.columns]
     keep += [c for c in table.columns if c in EVAL_METRICS]
     keep += [c for c in ("fused", "psnr", "ssim", "colour_corr", "delta_e", "map_50", "map") if c in table.columns]
@@ -252,7 +250,7 @@ def report_columns(table: pd.DataFrame) -> pd.DataFrame:
 
 def log_to_mlflow(result: EvalResult, prefix: str = "eval") -> bool:
     """Log the table's means and the result files to the active MLflow run; False without one."""
-    import mlflow
+    import mlflow  # lazy: mlflow takes 1.5 s to import; only a tracked evaluation logs
 
     if mlflow.active_run() is None:
         return False

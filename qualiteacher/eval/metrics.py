@@ -21,6 +21,9 @@ from torch import Tensor, nn
 from qualiteacher.iqa.ensemble import upsample_to_min_side
 from qualiteacher.iqa.guards import MemberDomain, guarded_scores, member_domain
 from qualiteacher.iqa.members import MissingWeightsError, downloads_allowed
+from qualiteacher.iqa.presets import build_member, preset_specs
+from qualiteacher.iqa.pyiqa_adapter import build_pyiqa_member, resolve_metric_kwargs
+from qualiteacher.iqa.pyiqa_weights import metric_available
 
 
 @dataclass(frozen=True)
@@ -115,22 +118,17 @@ def _offline_hint() -> str:
 def _availability(metric: EvalMetric) -> tuple[bool, str]:
     if metric.kind != "pyiqa":
         return True, ""
-    from qualiteacher.iqa.pyiqa_adapter import metric_available
 
     return metric_available(metric.metric)
 
 
 def _build(metric: EvalMetric, allow_download: bool) -> MinSizeScorer:
     if metric.kind == "pyiqa":
-        from qualiteacher.iqa.pyiqa_adapter import build_pyiqa_member
-
         module: nn.Module = build_pyiqa_member(metric.metric, metric.name, allow_download=allow_download,
                                                offline_hint=_offline_hint())
         min_size = module.min_size
     else:
         # the offline ensemble's own member spec, so the scores are the ensemble's raw scores
-        from qualiteacher.iqa.presets import build_member, preset_specs
-
         spec = next(s for s in preset_specs("offline") if s.name == metric.metric)
         module = build_member(spec)
         min_size = spec.options.get("min_size", getattr(module, "min_size", 0))
@@ -186,8 +184,6 @@ def resolve_metrics(names: Sequence[str] | None = None, allow_download: bool | N
     if not metrics:
         raise ValueError(f"resolve_metrics: no metric named; available: {list_eval_metrics()}")
     if not allow:  # check every file before building anything; nothing is downloaded
-        from qualiteacher.iqa.pyiqa_adapter import resolve_metric_kwargs
-
         for metric in metrics:
             if metric.kind == "pyiqa":
                 resolve_metric_kwargs(metric.name, metric.metric, None, False, offline_hint=_offline_hint())

@@ -19,6 +19,7 @@ from qualiteacher.data.io import read_image, to_tensor
 from qualiteacher.data.records import ImageRecord
 from qualiteacher.eval.colour import delta_e, opponent_correlation
 from qualiteacher.eval.fullref import fullref_scores
+from qualiteacher.eval.metrics import EVAL_METRICS
 from qualiteacher.eval.nriqa import scores_frame
 from qualiteacher.training.restore import restore
 
@@ -161,8 +162,6 @@ COLUMN_LABELS = {"images": "images", "fused": "fused", "psnr": "PSNR", "ssim": "
 
 def column_direction(column: str) -> bool | None:
     """True when higher is better, False when lower is, None when the column is not a score."""
-    from qualiteacher.eval.metrics import EVAL_METRICS
-
     if column in EVAL_METRICS:
         return EVAL_METRICS[column].higher_better
     return HIGHER_BETTER.get(column)
@@ -171,8 +170,6 @@ def column_direction(column: str) -> bool | None:
 def markdown_table(df: pd.DataFrame, digits: int = 4, bold_best: bool = True) -> str:
     """A Markdown table like a paper's: one row per restorer, headers with ↑ / ↓, the best value of
     every score column (among the rows, input included) in bold. NaN shows as "–"."""
-    from qualiteacher.eval.metrics import EVAL_METRICS
-
     headers, best = {}, {}
     for column in df.columns:
         direction = column_direction(column)

@@ -29,13 +29,25 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
+import skimage.data
 import torch
 from PIL import Image
 from torch import Tensor
 
-from qualiteacher.iqa.audit_photos import AUDIT_CROPS, AUDIT_SOURCES, Split, catalogue_photos, demo_gt_photos
+from qualiteacher.data.io import ImageReadError, list_images, read_image
+from qualiteacher.iqa.audit_photos import (
+    AUDIT_CROPS,
+    AUDIT_SOURCES,
+    Split,
+    catalogue_photos,
+    demo_gt_photos,
+    photo_path,
+    read_photo,
+)
 from qualiteacher.iqa.destruction import DESTRUCTIONS
 from qualiteacher.iqa.ensemble import Ensemble, EnsembleScores
+from qualiteacher.iqa.offline import NIQE_FIT_PHOTOS
+from qualiteacher.iqa.sanity import ladder_summary, ladder_table
 from qualiteacher.say import say
 
 UNTRAINED = "untrained_student"
@@ -90,10 +102,6 @@ def _stack(images: list[np.ndarray], names: list[str]) -> AuditImages:
 def bundled_photo(name: str) -> np.ndarray | None:
     """A clean photo shipped with an installed package as uint8 RGB: a key of
     ``audit_photos.AUDIT_SOURCES`` or ``skimage.data.<name>``; None when its package is missing."""
-    import skimage.data
-
-    from qualiteacher.iqa.audit_photos import photo_path, read_photo
-
     if name in AUDIT_SOURCES:
         path = photo_path(name)
         return None if path is None else read_photo(path)
@@ -107,8 +115,6 @@ def default_images(size: int = 96, split: Split | None = "report", photos: Seque
     """Crops of the bundled clean photos: the catalogue's ``split`` side (``photos`` names them
     instead), plus the demo data's ground truth of ``task`` under ``demo_root`` (same split, one
     crop each: they are crops already). Never the NIQE fit photos."""
-    from qualiteacher.iqa.offline import NIQE_FIT_PHOTOS
-
     if photos is not None:
         clash = set(photos) & set(NIQE_FIT_PHOTOS)
         if clash:
@@ -133,8 +139,6 @@ def default_images(size: int = 96, split: Split | None = "report", photos: Seque
 
 def folder_images(folder: str | Path, size: int = 96) -> AuditImages:
     """Crops of the user's clean photos in ``folder``; unreadable files are reported and skipped."""
-    from qualiteacher.data.io import ImageReadError, list_images, read_image
-
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(f"--images: {folder} is not a folder of clean images")
@@ -217,8 +221,6 @@ def run_audit(ensemble: Ensemble, task: str, images: AuditImages, preset: str = 
               student_outputs: StudentOutputs | None = None) -> AuditResult:
     """Ladders and destruction pairs of ``ensemble`` on ``images`` (see the module doc);
     ``student_outputs`` adds the untrained student's pairs (row ``untrained_student``)."""
-    from qualiteacher.iqa.sanity import ladder_summary, ladder_table
-
     start = time.perf_counter()
     random_weights = random_weights or bool(getattr(ensemble, "meaningless", False))
     x = images.images

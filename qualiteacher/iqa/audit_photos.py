@@ -24,6 +24,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from qualiteacher.iqa.offline import NIQE_FIT_PHOTOS
+
 Split = Literal["tune", "report"]
 SPLIT_SALT = "qualiteacher-iqa-audit-split-v1:"
 TUNE_FRACTION = 0.35
@@ -93,8 +95,6 @@ def read_photo(path: Path) -> np.ndarray:
 
 def catalogue_photos(split: Split | None = None) -> dict[str, np.ndarray]:
     """The installed catalogue photos of one side (``None``: both), never a NIQE fit photo."""
-    from qualiteacher.iqa.offline import NIQE_FIT_PHOTOS
-
     out = {}
     for key in split_keys(list(AUDIT_SOURCES), split):
         if key in NIQE_FIT_PHOTOS:
@@ -109,9 +109,7 @@ def demo_gt_photos(demo_root: str | Path, task: str, split: Split | None = None)
     """The demo data's ground truth of ``task`` (test and val splits) as ``<photo>@<split>/<file>``
     -> uint8 RGB, filed by the photo each crop was cut from (the manifest's ``photo`` column);
     crops of the NIQE fit photos are left out. Empty when the folder has no manifest."""
-    import pandas as pd
-
-    from qualiteacher.iqa.offline import NIQE_FIT_PHOTOS
+    import pandas as pd  # lazy: pandas (0.3 s) only to read the demo data's manifest
 
     root = Path(demo_root)
     manifest = root / "manifest.csv"

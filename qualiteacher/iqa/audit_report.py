@@ -8,7 +8,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qualiteacher.iqa.audit import FUSED, AuditResult, StudentOutputs, overfit_table, verdict
+from qualiteacher.iqa.audit import (
+    FUSED,
+    AuditResult,
+    StudentOutputs,
+    default_images,
+    folder_images,
+    overfit_table,
+    run_audit,
+    verdict,
+)
+from qualiteacher.iqa.ensemble import load_specs_yaml
+from qualiteacher.iqa.presets import ensemble_from_specs, list_iqa_presets, preset_specs
 from qualiteacher.say import say
 from qualiteacher.tables import markdown_table
 
@@ -72,10 +83,10 @@ def audit_markdown(result: AuditResult, tune: AuditResult | None = None) -> str:
 
 def audit_figure(result: AuditResult, path: Path) -> Path:
     """Two heat maps: pass fraction (destruction x scorer) and ladder rho (ladder x scorer)."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib takes 0.5 s to import and only the audit figure needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: see the import above
 
     panels = [(result.pass_table, "destroyed < source (fraction of pairs)", 0.0, 1.0)]
     if len(result.ladder_summary):
@@ -130,7 +141,7 @@ def write_audit(result: AuditResult, out_dir: str | Path, tune: AuditResult | No
 
 
 def _log_mlflow(result: AuditResult, paths: list[Path]) -> None:
-    import mlflow
+    import mlflow  # lazy: mlflow takes 1.5 s to import; only an audit inside a tracked run logs
 
     if mlflow.active_run() is None:
         return
@@ -153,14 +164,9 @@ def audit_command(preset: str, task: str, images: str | None = None, out: str = 
     write the report, print the overfit check and the verdict (report photos). Returns 1 when
     ``strict`` and the verdict fails. ``student_outputs``: the untrained student's outputs
     (``training.students.untrained_student_outputs`` from the CLI)."""
-    from qualiteacher.iqa.audit import default_images, folder_images, run_audit
-    from qualiteacher.iqa.presets import ensemble_from_specs, list_iqa_presets, preset_specs
-
     if size < 32:
         raise ValueError(f"--size must be >= 32 px, got {size}")
     if Path(preset).suffix in (".yaml", ".yml") or Path(preset).is_file():
-        from qualiteacher.iqa.ensemble import load_specs_yaml
-
         specs = load_specs_yaml(preset, task)
     elif preset in list_iqa_presets():
         specs = preset_specs(preset, task)

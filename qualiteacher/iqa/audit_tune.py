@@ -17,19 +17,21 @@ import pandas as pd
 import torch
 from scipy.stats import spearmanr
 
-from qualiteacher.iqa.audit import UNTRAINED, AuditImages, StudentOutputs
+from qualiteacher.data.degradations import degrade_ladder, generic_ladder
+from qualiteacher.iqa.audit import UNTRAINED, AuditImages, StudentOutputs, square_crops
+from qualiteacher.iqa.audit_photos import AUDIT_CROPS, catalogue_photos
+from qualiteacher.iqa.colour import fit_hue_prior
 from qualiteacher.iqa.destruction import DESTRUCTIONS
 from qualiteacher.iqa.ensemble import Ensemble
 from qualiteacher.iqa.guards import fuse_available
 from qualiteacher.iqa.members import MemberSpec, normalize_score
+from qualiteacher.iqa.offline import load_skimage_photos
 from qualiteacher.iqa.sanity import GENERIC_KINDS, LADDER_STRENGTHS
 
 SOURCE = "source"
 
 
 def _ladder_batch(image: np.ndarray, kind: str, seed: int) -> np.ndarray:
-    from qualiteacher.data.degradations import degrade_ladder, generic_ladder
-
     strengths = LADDER_STRENGTHS[1:]
     lad = generic_ladder(image, kind, strengths, seed) if kind in GENERIC_KINDS else \
         degrade_ladder(image, kind, strengths, seed=seed)
@@ -105,11 +107,6 @@ def evaluate(fused: pd.DataFrame, split: str) -> tuple[pd.Series, pd.Series]:
 def fit_default_hue_prior(size: int = 96) -> torch.Tensor:
     """``colour.HUE_PRIOR`` as fitted: the tune photos of the catalogue plus scikit-image's
     astronaut and coffee, every audit crop at ``size`` px."""
-    from qualiteacher.iqa.audit import square_crops
-    from qualiteacher.iqa.audit_photos import AUDIT_CROPS, catalogue_photos
-    from qualiteacher.iqa.colour import fit_hue_prior
-    from qualiteacher.iqa.offline import load_skimage_photos
-
     photos = list(catalogue_photos("tune").values())
     photos += [(p * 255).round().astype(np.uint8) for p in load_skimage_photos(["astronaut", "coffee"])]
     crops = [c for p in photos for c in square_crops(p, size, AUDIT_CROPS)]

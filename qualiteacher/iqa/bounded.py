@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from qualiteacher.data.io import ImageReadError, configured_max_pixels, read_image
+
 SCORE_SIDE = 1024  # default longer side at which `score` grades (images above are downscaled)
 _EIGHT_BIT = ("1", "L", "P", "RGB", "RGBA", "LA", "PA", "RGBa", "La", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
 _WHITE = (255, 255, 255, 255)
@@ -28,8 +30,6 @@ _WHITE = (255, 255, 255, 255)
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """``(height, width)`` from the file's header (nothing decoded); the EXIF rotation is not
     applied (the pixel count is the same). ``ImageReadError`` when the file is not an image."""
-    from qualiteacher.data.io import ImageReadError, read_image
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -46,8 +46,6 @@ def read_uint8(path: str | os.PathLike, max_side: int | None = None, max_pixels:
     (EXIF rotation, alpha over white, pixel cap from the header), downscaled so that the longer
     side is at most ``max_side`` (``None``: full size). 16-bit and float files go through
     ``read_image`` and are rounded to 8 bits; unreadable files raise its ``ImageReadError``."""
-    from qualiteacher.data.io import configured_max_pixels, read_image
-
     cap = configured_max_pixels() if max_pixels == -1 else (max_pixels or None)
     try:
         with warnings.catch_warnings():  # the pixel cap decides; Pillow's bomb warning would repeat it

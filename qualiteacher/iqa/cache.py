@@ -19,7 +19,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from qualiteacher.iqa.ensemble import Ensemble
+from qualiteacher.data.io import ImageReadError, get_skip_log, list_images, read_image
+from qualiteacher.iqa.bounded import SCORE_SIDE, check_side, read_bounded
+from qualiteacher.iqa.ensemble import Ensemble, without_members
+from qualiteacher.iqa.guards import MEMBER_ERRORS
+from qualiteacher.iqa.offline import qualiteacher_home
+from qualiteacher.iqa.presets import MEANINGLESS, build_ensemble, label_meaningless
 
 KEY_COLUMNS = ("sha1", "version")
 
@@ -100,9 +105,6 @@ def score_folder(
     (``qualiteacher.iqa.bounded``: no full-resolution float copy); part of the cache key too.
     Unreadable files are logged once (``SkipLog``) and listed in ``table.attrs["skipped"]``.
     """
-    from qualiteacher.data.io import ImageReadError, get_skip_log, list_images, read_image
-    from qualiteacher.iqa.bounded import read_bounded
-
     folder, cache_path = Path(folder), Path(cache_path)
     version = ensemble.version if resize_side is None else f"{ensemble.version}-s{resize_side}"
     version = version if max_side is None else f"{version}-L{max_side}"
@@ -144,8 +146,6 @@ def score_folder(
 def _score_isolated(ensemble: Ensemble, chunk: list[tuple[Path, str, np.ndarray]], device: torch.device,
                     skip_log: object, skipped: dict[str, str]) -> list[dict[str, float] | None]:
     # one batched call; if it raises, one call per image so a single image never sinks the others
-    from qualiteacher.iqa.guards import MEMBER_ERRORS
-
     try:
         return _score_batch(ensemble, [c[2] for c in chunk], device)
     except MEMBER_ERRORS:
@@ -156,8 +156,6 @@ def _score_isolated(ensemble: Ensemble, chunk: list[tuple[Path, str, np.ndarray]
 
 def _score_one(ensemble: Ensemble, item: tuple[Path, str, np.ndarray], device: torch.device,
                skip_log: object, skipped: dict[str, str]) -> dict[str, float] | None:
-    from qualiteacher.iqa.guards import MEMBER_ERRORS
-
     try:
         return _score_batch(ensemble, [item[2]], device)[0]
     except MEMBER_ERRORS as err:
@@ -215,10 +213,6 @@ def score_command(
     weight files (as ``build_ensemble``). Images are graded at a longer side of at most
     ``max_side`` (-1: ``bounded.SCORE_SIDE``; None or 0: full size).
     """
-    from qualiteacher.iqa.bounded import SCORE_SIDE, check_side
-    from qualiteacher.iqa.offline import qualiteacher_home
-    from qualiteacher.iqa.presets import MEANINGLESS, build_ensemble, label_meaningless
-
     max_side = SCORE_SIDE if max_side == -1 else check_side(max_side)
     ensemble = build_ensemble(preset, task=task, weights_dir=weights_dir)
     cache_path = Path(cache) if cache else qualiteacher_home() / "scores.parquet"
@@ -242,9 +236,6 @@ def grade_clean_images(folder: str | Path, task: str, preset: str, cache: str | 
     without the members ``exclude`` (``id`` = file stem), through the score cache: the stage-1
     quality table. ``weights_dir``: local IQA weight files (as ``build_ensemble``). Scores of an
     ensemble on stand-in weights carry an ``iqa_scores`` column saying they are meaningless."""
-    from qualiteacher.iqa.ensemble import without_members
-    from qualiteacher.iqa.presets import build_ensemble, label_meaningless
-
     ensemble = build_ensemble(preset, task=task, weights_dir=weights_dir)
     df = score_folder(folder, without_members(ensemble, exclude) if exclude else ensemble, cache)
     if df.empty:  # an empty folder, or every file unreadable (each one reported by the reader)

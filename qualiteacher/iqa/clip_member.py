@@ -52,7 +52,7 @@ def weights_need_quick_gelu(model_name: str, pretrained: str | None) -> bool:
     weights were, e.g. ``ViT-B-32`` / ``openai``), while a plain model config builds GELU. False
     for random weights, local files (their activation cannot be read from them) and
     ``-quickgelu`` model names (their config has it already)."""
-    import open_clip
+    import open_clip  # lazy: open_clip takes 4 s to import; only the CLIP member needs it
 
     if not pretrained or os.path.isfile(pretrained) or model_name.endswith("-quickgelu"):
         return False
@@ -68,7 +68,7 @@ def load_open_clip(model_name: str, pretrained: str | None, member_name: str = "
     trained with. Give ``True`` for a local file of OpenAI weights under a plain model name.
     A missing local file or a failed/disabled download raises ``MissingWeightsError``.
     """
-    import open_clip
+    import open_clip  # lazy: open_clip, see load_open_clip
 
     if quick_gelu is None:
         quick_gelu = weights_need_quick_gelu(model_name, pretrained)
@@ -96,7 +96,9 @@ def load_open_clip(model_name: str, pretrained: str | None, member_name: str = "
 
 def _cached_open_clip_file(model_name: str, tag: str, member_name: str) -> str:
     """Local Hugging Face cache file of an open_clip pretrained tag, without touching the network."""
-    import open_clip
+    import open_clip  # lazy: open_clip, see load_open_clip
+
+    # lazy: huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE once, when first imported
     from huggingface_hub import try_to_load_from_cache
 
     cfg = open_clip.get_pretrained_cfg(model_name, tag) or {}
@@ -132,7 +134,7 @@ class ClipMember(nn.Module):
         logit_scale: float = 100.0,
     ) -> None:
         super().__init__()
-        import open_clip
+        import open_clip  # lazy: open_clip, see load_open_clip
 
         self.visual = model.visual
         cfg = open_clip.get_model_preprocess_cfg(model)

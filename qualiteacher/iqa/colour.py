@@ -43,6 +43,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from kornia.color import rgb_to_lab
 from torch import Tensor
 
 from qualiteacher.iqa.image_ops import gaussian_blur, luma, opponent
@@ -63,8 +64,6 @@ HUE_PRIOR: tuple[float, ...] = (
 
 
 def _lab(images: Tensor, side: int) -> Tensor:
-    from kornia.color import rgb_to_lab
-
     k = max(1, min(images.shape[-2:]) // side)
     x = F.avg_pool2d(images, k) if k > 1 else images
     return rgb_to_lab(x.clamp(0, 1))

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from qualiteacher.iqa.members import fuse_scores
+
 log = logging.getLogger(__name__)
 
 ConstantRule = Literal["worst", "score", "unscorable"]
@@ -143,8 +145,6 @@ def fuse_available(normalized: Mapping[str, Tensor], weights: Mapping[str, float
     """Weighted mean (B,) of the finite normalised member scores, weights renormalised per image
     over the members that scored it; NaN (unscorable) where those hold less than ``min_weight``
     of the total weight. Equal to ``members.fuse_scores`` when every score is finite."""
-    from qualiteacher.iqa.members import fuse_scores
-
     names = list(normalized)
     stacked = torch.stack([normalized[n] for n in names])                    # (M, B)
     ok = torch.isfinite(stacked)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from kornia.color import rgb_to_lab
 from torch import Tensor
 
 
@@ -42,8 +43,6 @@ def colour_cast(images: Tensor, floor: float = 2.0, side: int = 48) -> Tensor:
     A global statistic: computed on the image area-averaged by ``min(H, W) // side`` (the CIELab
     conversion's powers dominate the cost; 4x fewer pixels at 96 px, 25x at 256 px).
     """
-    from kornia.color import rgb_to_lab
-
     k = max(1, min(images.shape[-2:]) // side)
     x = F.avg_pool2d(images, k) if k > 1 else images
     lab = rgb_to_lab(x.clamp(0, 1))

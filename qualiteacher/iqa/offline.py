@@ -17,6 +17,7 @@ clean images and writes the ``.mat`` pyiqa's NIQE loads.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 import os
 import pickle
@@ -24,11 +25,14 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import skimage.data
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qualiteacher.iqa.fast_features import solve_shape
+from qualiteacher.data.io import ImageReadError, read_image
+from qualiteacher.iqa.fast_features import FastNiqe, brisque_package_features, niqe_features, solve_shape
+from qualiteacher.iqa.pyiqa_adapter import niqe_block_features
 from qualiteacher.say import say
 
 NIQE_FIT_PHOTOS: tuple[str, ...] = ("astronaut", "coffee", "camera", "brick", "grass", "gravel")
@@ -45,8 +49,6 @@ def qualiteacher_home() -> Path:
 
 # ----------------------------------------------------------------------------------------- BRISQUE
 def _brisque_package_dir() -> Path:
-    import importlib.util
-
     spec = importlib.util.find_spec("brisque")
     if spec is None or spec.origin is None:
         raise ImportError("the offline BRISQUE member needs the `brisque` package: pip install brisque")
@@ -202,8 +204,6 @@ class BrisqueSVR(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         if self.fast and images.dtype != torch.float64:
-            from qualiteacher.iqa.fast_features import brisque_package_features
-
             feats = brisque_package_features(images).double()
         else:  # float64 input (or fast off): this module's exact float64 recipe
             feats = brisque_features(images)
@@ -224,8 +224,6 @@ def load_brisque_svr(path: str | Path | None = None) -> BrisqueSVR:
 # -------------------------------------------------------------------------------------------- NIQE
 def load_skimage_photos(names: Sequence[str]) -> list[np.ndarray]:
     """Clean photos that ship with scikit-image, as float32 RGB (H, W, 3) in [0, 1]."""
-    import skimage.data
-
     out = []
     for name in names:
         loader = getattr(skimage.data, name, None)
@@ -240,8 +238,6 @@ def load_skimage_photos(names: Sequence[str]) -> list[np.ndarray]:
 
 def _iter_images(source: str | Path | Iterable[np.ndarray]) -> list[np.ndarray]:
     if isinstance(source, (str, Path)):
-        from qualiteacher.data.io import ImageReadError, read_image
-
         folder = Path(source)
         if not folder.is_dir():
             raise NotADirectoryError(f"fit_niqe: {folder} is not a folder of clean images")
@@ -270,9 +266,7 @@ def fit_niqe(
     blocks whose mean local deviation exceeds that fraction of the image's sharpest block (the
     original NIQE selection uses 0.75).
     """
-    import scipy.io
-
-    from qualiteacher.iqa.pyiqa_adapter import niqe_block_features
+    import scipy.io  # lazy: scipy.io (0.2 s) only where a NIQE model is written or read
 
     feats = []
     for i, img in enumerate(_iter_images(folder_or_images)):
@@ -316,12 +310,10 @@ def niqe_pristine(block: int) -> tuple[Tensor, Tensor]:
     the float32 features of ``fast_features`` on ``NIQE_FIT_PHOTOS`` rescaled to short sides of
     ``NATIVE_FIT_SIDES`` px (the scale of small crops), cached in ``$QUALITEACHER_HOME/iqa``.
     """
-    import scipy.io
+    import scipy.io  # lazy: scipy.io, see fit_niqe
 
     path = default_niqe_params() if block == 96 else qualiteacher_home() / "iqa" / f"niqe_pristine_native_b{block}.mat"
     if not path.exists():
-        from qualiteacher.iqa.fast_features import niqe_features
-
         feats = []
         for img in load_skimage_photos(NIQE_FIT_PHOTOS):
             x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
@@ -346,9 +338,7 @@ def niqe_pristine(block: int) -> tuple[Tensor, Tensor]:
 def native_niqe_member(weights_path: str | None = None) -> nn.Module:
     """The offline NIQE member grading every image at its own size (``options: {native: true}``):
     no upsampling of small crops, blocks and pristine model follow the image (``niqe_pristine``)."""
-    import scipy.io
-
-    from qualiteacher.iqa.fast_features import FastNiqe
+    import scipy.io  # lazy: scipy.io, see fit_niqe
 
     if weights_path is not None:
         mat = scipy.io.loadmat(str(weights_path))

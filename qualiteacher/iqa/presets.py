@@ -35,8 +35,13 @@ import torch
 import yaml
 from torch import nn
 
+from qualiteacher.iqa import offline
+from qualiteacher.iqa.clip_member import ClipMember, clip_prompts, load_open_clip
 from qualiteacher.iqa.ensemble import Ensemble, load_specs_yaml
 from qualiteacher.iqa.members import MemberSpec
+from qualiteacher.iqa.physical import PhysicalMember
+from qualiteacher.iqa.pyiqa_adapter import build_pyiqa_member
+from qualiteacher.iqa.pyiqa_weights import METRIC_WEIGHT_FILES, default_weight_file
 from qualiteacher.tasks import TASKS
 
 if TYPE_CHECKING:
@@ -204,7 +209,6 @@ def needs_stand_in(spec: MemberSpec) -> bool:
         return True
     if spec.kind != "pyiqa":
         return False
-    from qualiteacher.iqa.pyiqa_adapter import METRIC_WEIGHT_FILES
 
     return bool(METRIC_WEIGHT_FILES.get(spec.metric, True))
 
@@ -213,15 +217,12 @@ def _stand_in_member(spec: MemberSpec, task: str | None) -> nn.Module:
     # no file is read or downloaded: random networks, or the offline preset's shipped parameters
     options = {k: v for k, v in spec.options.items() if k != "min_size"}
     if spec.kind == "clip":
-        from qualiteacher.iqa.clip_member import ClipMember, clip_prompts, load_open_clip
-
         model, tokenizer = load_open_clip(options.get("model", "ViT-B-32"), None, spec.name)
         prompts, num_good = clip_prompts(spec.metric, options.get("task", task))
         return ClipMember(model, tokenizer, prompts, num_good, float(options.get("logit_scale", 100.0)))
     if spec.metric in ("brisque", "niqe"):
         return build_member(MemberSpec.from_dict({**spec.to_dict(), "backend": f"offline:{spec.metric}",
                                                   "weights_path": None}), task)
-    from qualiteacher.iqa.pyiqa_adapter import build_pyiqa_member
 
     return build_pyiqa_member(spec.metric, spec.name, None, spec.options.get("min_size"), allow_download=False,
                               pretrained=False)
@@ -232,8 +233,6 @@ def build_member(spec: MemberSpec, task: str | None = None, weights_dir: str | N
     options = {k: v for k, v in spec.options.items() if k != "min_size"}
     min_size = spec.options.get("min_size")
     if spec.kind == "pyiqa":
-        from qualiteacher.iqa.pyiqa_adapter import build_pyiqa_member, default_weight_file
-
         path = spec.weights_path
         if path is None and weights_dir is not None:
             file_name = default_weight_file(spec.metric)
@@ -241,23 +240,16 @@ def build_member(spec: MemberSpec, task: str | None = None, weights_dir: str | N
                 path = str(Path(weights_dir) / file_name)
         return build_pyiqa_member(spec.metric, spec.name, path, min_size, **options)
     if spec.kind == "offline":
-        from qualiteacher.iqa import offline
-
         if spec.metric == "brisque":
             return offline.load_brisque_svr(spec.weights_path)
         if spec.metric == "niqe" and spec.options.get("native"):
             return offline.native_niqe_member(spec.weights_path)  # blocks follow the image size
         if spec.metric == "niqe":
-            from qualiteacher.iqa.pyiqa_adapter import build_pyiqa_member
-
             path = spec.weights_path or str(offline.default_niqe_params())
             return build_pyiqa_member("niqe", spec.name, path, min_size)
         raise ValueError(f"member {spec.name!r}: unknown offline metric {spec.metric!r} (brisque, niqe)")
     if spec.kind == "physical":
-        from qualiteacher.iqa.physical import PhysicalMember
-
         return PhysicalMember(spec.metric, **options)
-    from qualiteacher.iqa.clip_member import ClipMember, clip_prompts, load_open_clip
 
     pretrained = spec.weights_path or options.get("pretrained")
     model, tokenizer = load_open_clip(options.get("model", "ViT-B-32"), pretrained, spec.name)

@@ -1,12 +1,16 @@
 """The only module that imports pyiqa (PolyForm-Noncommercial-1.0.0 licence boundary).
 
-Weight files: ``METRIC_WEIGHT_FILES`` lists, per pyiqa NR metric, every file pyiqa 0.1.16 loads when
-the metric is built with its default configuration (its own checkpoint and any backbone). Before
-building a metric we check that each file is in the place pyiqa (or torchvision / timm) looks for it,
-and hand pyiqa the local path of the files it takes as an argument, so pyiqa itself never downloads.
-A missing file is downloaded into that place unless downloads are disabled (``QUALITEACHER_OFFLINE=1``
-or ``HF_HUB_OFFLINE=1``); a disabled or failed download raises one ``MissingWeightsError`` naming the
-file and where to put it. ``metric_available`` answers the same question without building anything.
+Weight files: ``pyiqa_weights.METRIC_WEIGHT_FILES`` lists every file a metric loads with its default
+configuration and where pyiqa (or torchvision / timm) looks for it. Before building a metric we check
+that each file is in that place, and hand pyiqa the local path of the files it takes as an argument,
+so pyiqa itself never downloads. A missing file is downloaded into that place unless downloads are
+disabled (``QUALITEACHER_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``); a disabled or failed download raises
+one ``MissingWeightsError`` naming the file and where to put it. ``pyiqa_weights.metric_available``
+answers the same question without building anything.
+
+pyiqa (2 s) and huggingface_hub are imported inside the functions that use them: every
+``qualiteacher.iqa`` import loads this module, and most never build a pyiqa metric; huggingface_hub
+reads its environment (``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``) once, when first imported.
 
 Every weight file pyiqa reads is read with ``weights_only=True`` (``checkpoints.weights_only_loads``,
 although pyiqa itself passes ``weights_only=False``): a crafted file that would run code when
@@ -21,82 +25,24 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qualiteacher.checkpoints import weights_only_loads
+from qualiteacher.iqa.fast_features import FastBrisque, FastNiqe
 from qualiteacher.iqa.members import MissingWeightsError, downloads_allowed
+from qualiteacher.iqa.pyiqa_weights import (
+    METRIC_WEIGHT_FILES,
+    WeightFile,
+    primary_weight_file,
+    pyiqa_weights_dir,
+    weight_file_path,
+)
 
-WeightStore = Literal["pyiqa", "clip", "torch", "hf"]
-
-
-@dataclass(frozen=True)
-class WeightFile:
-    """One file a pyiqa metric loads when built with its default configuration.
-
-    ``store`` is where it is cached: ``pyiqa`` (``$TORCH_HOME/hub/pyiqa``, pyiqa's weight repository),
-    ``clip`` (``$TORCH_HOME/hub/clip``: OpenAI CLIP checkpoints as pyiqa's own CLIP loader caches them,
-    not the ``clip`` package's ``~/.cache/clip``), ``torch`` (``$TORCH_HOME/hub/checkpoints``,
-    torchvision) or ``hf`` (the Hugging Face hub cache; timm backbones). ``source`` is where it is
-    downloaded from: a URL (clip, torch) or a repo id (hf); pyiqa files come from pyiqa's repository.
-    ``kwarg`` is the ``create_metric`` keyword that receives the local path (None: the loader finds
-    the file at its cache place itself). ``checkpoint`` marks the metric's own trained weights, which
-    ``pretrained=False`` leaves out (backbones are still loaded).
-    """
-
-    store: WeightStore
-    name: str
-    source: str = ""
-    kwarg: str | None = None
-    checkpoint: bool = True
-
-
-def _ckpt(name: str, kwarg: str | None = "pretrained_model_path") -> WeightFile:
-    return WeightFile("pyiqa", name, kwarg=kwarg)
-
-
-def _timm(repo: str) -> WeightFile:
-    return WeightFile("hf", "model.safetensors", repo, checkpoint=False)
-
-
-# metric -> every file pyiqa 0.1.16 loads for ``create_metric(metric)`` (DEFAULT_CONFIGS + arch code)
-METRIC_WEIGHT_FILES: dict[str, tuple[WeightFile, ...]] = {
-    "piqe": (),
-    "entropy": (),
-    "brisque": (_ckpt("brisque_svm_weights.pth"),),
-    "niqe": (_ckpt("niqe_modelparameters.mat"),),
-    "cnniqa": (_ckpt("CNNIQA_koniq10k-e6f14c91.pth"),),
-    "musiq": (_ckpt("musiq_koniq_ckpt-e95806b9.pth"),),
-    # CLIPIQA (model_type 'clipiqa', backbone RN50) has no checkpoint of its own: only CLIP's weights
-    "clipiqa": (
-        WeightFile(
-            "clip",
-            "RN50.pt",
-            "https://openaipublic.azureedge.net/clip/models/"
-            "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
-            kwarg="backbone",
-        ),
-    ),
-    "nima": (_timm("timm/inception_resnet_v2.tf_in1k"), _ckpt("NIMA_InceptionV2_ava-b0c77c00.pth")),
-    "topiq_nr": (_timm("timm/resnet50.a1_in1k"), _ckpt("cfanet_nr_koniq_res50-9a73138b.pth")),
-    "hyperiqa": (_timm("timm/resnet50.a1_in1k"), _ckpt("HyperIQA-resnet50-koniq10k-c96c41b1.pth")),
-    # MANIQA reads a local path with weight key 'params' but its default file without: let pyiqa find it
-    "maniqa": (
-        _timm("timm/vit_base_patch8_224.augreg2_in21k_ft_in1k"),
-        _ckpt("ckpt_koniq10k.pt", kwarg=None),
-    ),
-    "dbcnn": (
-        WeightFile("torch", "vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth",
-                   checkpoint=False),
-        WeightFile("pyiqa", "DBCNN_scnn-7ea73d75.pth", checkpoint=False),
-        _ckpt("DBCNN_KonIQ10k-2de81c0a.pth"),
-    ),
-}
 # create_metric keywords that build a metric without its own checkpoint (tests only: random scores)
 _RANDOM_INIT_KWARGS: dict[str, dict[str, object]] = {
     "piqe": {},
@@ -109,16 +55,12 @@ _RANDOM_INIT_KWARGS: dict[str, dict[str, object]] = {
     "maniqa": {"pretrained": False},
     "dbcnn": {"pretrained": False},
 }
-# Python packages a metric imports beyond pyiqa's hard requirements
-_METRIC_PACKAGES: dict[str, str] = {"clipiqa": "clip"}
-_HUB_SUBDIRS: dict[str, str] = {"pyiqa": "pyiqa", "clip": "clip", "torch": "checkpoints"}
 # smallest input side each metric handles sensibly (NIQE: two 96 px blocks per side; HyperIQA and
 # MANIQA: 224 px crops)
 DEFAULT_MIN_SIZE: dict[str, int] = {
     "niqe": 192, "piqe": 32, "brisque": 32, "musiq": 32, "cnniqa": 32, "clipiqa": 32, "nima": 32,
     "topiq_nr": 32, "dbcnn": 32, "hyperiqa": 224, "maniqa": 224,
 }
-NO_WEIGHTS_METRICS = tuple(m for m, files in METRIC_WEIGHT_FILES.items() if not files)
 DOWNLOAD_TIMEOUT_S = 30.0
 OFFLINE_HINT = (
     "Without internet use the offline preset instead: build_ensemble('offline', task=...) / "
@@ -127,78 +69,9 @@ OFFLINE_HINT = (
 DISABLED_NOTE = "Downloads are disabled (QUALITEACHER_OFFLINE/HF_HUB_OFFLINE)."
 
 
-def list_weight_table_metrics() -> list[str]:
-    """Metrics whose weight files ``METRIC_WEIGHT_FILES`` lists."""
-    return list(METRIC_WEIGHT_FILES)
-
-
-def pyiqa_weights_dir() -> Path:
-    """``$TORCH_HOME/hub/pyiqa`` (read at call time)."""
-    return Path(torch.hub.get_dir()) / "pyiqa"
-
-
-def _weight_files(metric: str) -> tuple[WeightFile, ...]:
-    if metric not in METRIC_WEIGHT_FILES:
-        raise KeyError(f"no weight-file entry for {metric!r}; listed: {list_weight_table_metrics()}")
-    return METRIC_WEIGHT_FILES[metric]
-
-
-def _primary(metric: str) -> WeightFile | None:
-    """The file ``weights_path`` replaces: the one passed to pyiqa by keyword."""
-    return next((f for f in METRIC_WEIGHT_FILES.get(metric, ()) if f.kwarg is not None), None)
-
-
-def weight_file_path(file: WeightFile) -> Path:
-    """Where ``file`` is expected: the file itself, or for a missing ``hf`` file its repo's cache folder."""
-    if file.store != "hf":
-        return Path(torch.hub.get_dir()) / _HUB_SUBDIRS[file.store] / file.name
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    cached = try_to_load_from_cache(file.source, file.name)
-    if isinstance(cached, str):
-        return Path(cached)
-    return Path(constants.HF_HUB_CACHE) / ("models--" + file.source.replace("/", "--"))
-
-
-def metric_weight_files(metric: str) -> list[Path]:
-    """Expected local paths of every file ``metric`` loads by default (see ``weight_file_path``)."""
-    return [weight_file_path(f) for f in _weight_files(metric)]
-
-
-def _where(file: WeightFile, path: Path) -> str:
-    if file.store == "hf":
-        return (f"'{file.name}' of the Hugging Face repo '{file.source}' (cache: {path}; fetch it with "
-                f"`hf download {file.source} {file.name}`)")
-    return f"'{file.name}' in {path.parent}"
-
-
-def metric_available(metric: str) -> tuple[bool, str]:
-    """``(True, "")`` when every file ``metric`` loads is present (or it needs none), else
-    ``(False, reason)`` naming the missing file(s) and the folder to put them in. Never downloads."""
-    if metric not in METRIC_WEIGHT_FILES:
-        return False, f"the weight files of {metric!r} are not listed (METRIC_WEIGHT_FILES)"
-    package = _METRIC_PACKAGES.get(metric)
-    if package is not None:
-        import importlib.util
-
-        if importlib.util.find_spec(package) is None:
-            return False, f"{metric} needs the Python package {package!r}"
-    missing = [_where(f, p) for f, p in zip(METRIC_WEIGHT_FILES[metric], metric_weight_files(metric))
-               if not p.is_file()]
-    if missing:
-        return False, f"{metric} needs " + "; ".join(missing)
-    return True, ""
-
-
-def default_weight_file(metric: str) -> str | None:
-    """File name of the file ``weights_path`` replaces for ``metric`` (None when it has none)."""
-    file = _primary(metric)
-    return None if file is None else file.name
-
-
 def _download_url(file: WeightFile) -> str:
     if file.store == "pyiqa":
-        from pyiqa.archs.arch_util import get_url_from_name
+        from pyiqa.archs.arch_util import get_url_from_name  # lazy: pyiqa, see the module doc
 
         return get_url_from_name(file.name)
     return file.source
@@ -206,11 +79,11 @@ def _download_url(file: WeightFile) -> str:
 
 def _download(file: WeightFile, path: Path) -> Path:
     if file.store == "hf":
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # lazy: see the module doc
 
         return Path(hf_hub_download(file.source, file.name))
     if file.store == "pyiqa":
-        from pyiqa.utils.download_util import load_file_from_url
+        from pyiqa.utils.download_util import load_file_from_url  # lazy: pyiqa, see the module doc
 
         return Path(load_file_from_url(_download_url(file), model_dir=str(path.parent)))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,8 +100,6 @@ def host_reachable(url: str) -> tuple[bool, str]:
     """Whether ``url``'s host accepts a TCP connection within ``PROBE_TIMEOUT_S`` seconds, asked
     once per host and process (a machine without network learns it once per run, in seconds, not
     from one download timeout per file). Behind a proxy the answer is always yes (the proxy decides)."""
-    from urllib.parse import urlparse
-
     if any(os.environ.get(v) for v in _PROXY_VARS):
         return True, ""
     parsed = urlparse(url)
@@ -285,7 +156,7 @@ def resolve_metric_kwargs(
 ) -> dict[str, str]:
     """Make every file ``metric`` loads local (downloading if allowed); return the ``create_metric``
     keywords that pass pyiqa the paths. ``weights_path`` replaces the metric's keyword file."""
-    primary = _primary(metric)
+    primary = primary_weight_file(metric)
     if weights_path is not None:
         path = Path(weights_path).expanduser()
         if not path.is_file():
@@ -323,7 +194,7 @@ def _hub_offline(offline: bool) -> Iterator[None]:
     if not offline:
         yield
         return
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # lazy: see the module doc
 
     old = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = True
@@ -359,8 +230,6 @@ class PyiqaMember(nn.Module):
 def fast_equivalent(net: nn.Module, metric: str) -> nn.Module | None:
     """Our float32 batched NIQE / BRISQUE (``fast_features.py``) holding ``net``'s parameters, when
     ``net`` is pyiqa's NIQE or BRISQUE ('original' version) in its default configuration; else None."""
-    from qualiteacher.iqa.fast_features import FastBrisque, FastNiqe
-
     if metric == "niqe" and getattr(net, "test_y_channel", False) and getattr(net, "color_space", "") == "yiq" \
             and getattr(net, "crop_border", 1) == 0 and hasattr(net, "mu_pris_param"):
         return FastNiqe(net.mu_pris_param, net.cov_pris_param)
@@ -373,7 +242,7 @@ def fast_equivalent(net: nn.Module, metric: str) -> nn.Module | None:
 
 def _brisque_feature_ranges() -> tuple[Tensor, Tensor]:
     # pyiqa scales features linearly to [-1, 1] with fixed ranges: read them off two evaluations
-    from pyiqa.archs.brisque_arch import scale_features
+    from pyiqa.archs.brisque_arch import scale_features  # lazy: pyiqa, see the module doc
 
     zero = scale_features(torch.zeros(1, 36, dtype=torch.float64))[0]
     slope = scale_features(torch.ones(1, 36, dtype=torch.float64))[0] - zero   # 2 / (hi - lo)
@@ -395,7 +264,7 @@ def build_pyiqa_member(
     ``pretrained=False`` builds the metric without its own checkpoint (random weights, for tests;
     backbones are still loaded). ``offline_hint`` ends the message of a ``MissingWeightsError``.
     """
-    import pyiqa
+    import pyiqa  # lazy: pyiqa takes 2 s to import, see the module doc
 
     if metric not in pyiqa.list_models(metric_mode="NR"):
         raise ValueError(f"member {member_name!r}: {metric!r} is not a no-reference pyiqa metric")
@@ -419,10 +288,10 @@ def niqe_block_features(image: Tensor, block_size: int = 96) -> tuple[Tensor, Te
 
     Returns ``(features (N, 36), sharpness (N,))``; sharpness is the block's mean local deviation.
     """
-    from pyiqa.archs.func_util import diff_round, normalize_img_with_gauss
-    from pyiqa.archs.niqe_arch import compute_feature
-    from pyiqa.matlab_utils import blockproc, imresize
-    from pyiqa.utils.color_util import to_y_channel
+    from pyiqa.archs.func_util import diff_round, normalize_img_with_gauss  # lazy: pyiqa, see the module doc
+    from pyiqa.archs.niqe_arch import compute_feature  # lazy: pyiqa, see the module doc
+    from pyiqa.matlab_utils import blockproc, imresize  # lazy: pyiqa, see the module doc
+    from pyiqa.utils.color_util import to_y_channel  # lazy: pyiqa, see the module doc
 
     if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
         raise ValueError(f"niqe_block_features expects (1, 3, H, W), got {tuple(image.shape)}")

@@ -7,9 +7,12 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from scipy.stats import spearmanr
 
+from qualiteacher.data.degradations import degrade_ladder, generic_ladder
 from qualiteacher.iqa.ensemble import Ensemble
+from qualiteacher.iqa.offline import NIQE_FIT_PHOTOS, load_skimage_photos
 
 LADDER_STRENGTHS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 GENERIC_KINDS: tuple[str, ...] = ("blur", "noise", "jpeg")
@@ -18,10 +21,7 @@ HELD_OUT_PHOTOS: tuple[str, ...] = ("rocket", "chelsea", "grace_hopper")
 
 def held_out_photos(size: int = 96, names: Sequence[str] = HELD_OUT_PHOTOS) -> list[np.ndarray]:
     """Centre square crops of photos the NIQE fit does not use, area-resized to ``size``."""
-    import matplotlib
-    from PIL import Image
-
-    from qualiteacher.iqa.offline import NIQE_FIT_PHOTOS, load_skimage_photos
+    import matplotlib  # lazy: matplotlib only for the path of its grace_hopper photo
 
     if set(names) & set(NIQE_FIT_PHOTOS):
         raise ValueError(f"held-out photos {names} overlap the NIQE fit photos {NIQE_FIT_PHOTOS}")
@@ -53,8 +53,6 @@ def ladder_table(
     per (kind, image, scorer) where scorer is a member name (normalised score) or ``fused``; all
     ladders of one image are scored in one batch.
     """
-    from qualiteacher.data.degradations import degrade_ladder, generic_ladder
-
     rows = []
     for i, image in enumerate(images):
         ladders = [

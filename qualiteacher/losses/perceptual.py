@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Sequence
 
@@ -9,6 +10,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+
+from qualiteacher.downloads import downloads_allowed
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's IMAGENET1K_V1 file name
 DOWNLOAD_TIMEOUT_S = 30.0
@@ -25,15 +28,11 @@ def load_vgg16_features(path: str | Path | None, allow_download: bool | None, la
     """VGG16 feature layers ``0..last_index`` with ImageNet weights from ``path`` (full VGG16 or
     features-only state dict), else torchvision's cache, else a download if allowed (``None``:
     unless ``QUALITEACHER_OFFLINE`` / ``HF_HUB_OFFLINE`` is set)."""
-    from qualiteacher.downloads import downloads_allowed
-
     file = Path(path) if path is not None else default_vgg16_path()
     allow_download = downloads_allowed() if allow_download is None else allow_download
     if file.is_file():
         state = torch.load(file, map_location="cpu", weights_only=True)
     elif path is None and allow_download:
-        import socket
-
         old_timeout = socket.getdefaulttimeout()
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
         try:

@@ -32,6 +32,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 log = logging.getLogger(__name__)
 
 JOURNAL_DIR = "tracking"
@@ -184,9 +187,6 @@ class JournaledClient:
                     raise RuntimeError("earlier artifacts still wait")
                 self._client.log_image(run_id, image, artifact_file=artifact_file, **kwargs)
         except Exception as err:  # noqa: BLE001  kept as a file, sent with the other artifacts
-            import numpy as np
-            from PIL import Image
-
             self._fault(err)
             name = Path(artifact_file or "image.png")
             keep = self.journal.keep_path(name.name)
@@ -231,6 +231,7 @@ class JournaledClient:
     def _send(self, op: dict[str, Any], held: dict[tuple[str, str], int] | None) -> None:
         c = self._client
         if op["op"] == "log_batch":
+            # lazy: mlflow takes 1.5 s to import; only replaying the journal into a store needs it
             from mlflow.entities import Metric, Param, RunTag
 
             rows = op["metrics"]

@@ -5,9 +5,12 @@ import logging
 import math
 import os
 import time
+import urllib.error
+import urllib.request
 from argparse import Namespace
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlparse
 
 import lightning as L
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
@@ -30,10 +33,6 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     ``MLFLOW_HTTP_REQUEST_TIMEOUT`` 30 s) unless they are set, so a server that goes away later
     costs seconds per call, not minutes.
     """
-    import urllib.error
-    import urllib.request
-    from urllib.parse import urlparse
-
     parsed = urlparse(uri)
     fix = "start the server, or unset MLFLOW_TRACKING_URI to use the embedded store mlflow.db"
     if parsed.scheme in ("http", "https"):
@@ -127,7 +126,7 @@ class MlflowStepLogger(Logger):
     @rank_zero_experiment
     def experiment(self) -> Any:
         if self._client is None:
-            from mlflow import MlflowClient
+            from mlflow import MlflowClient  # lazy: mlflow takes 1.5 s to import; it loads when a run is first logged
 
             self._client = MlflowClient(self._uri)
         return self._client
@@ -154,7 +153,7 @@ class MlflowStepLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: mlflow, see MlflowStepLogger.experiment
 
         step = int(step or 0)
         now = int(time.time() * 1000)
@@ -184,7 +183,7 @@ class MlflowStepLogger(Logger):
 
     @rank_zero_only
     def log_hyperparams(self, params: dict[str, Any] | Namespace) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazy: mlflow, see MlflowStepLogger.experiment
 
         params = vars(params) if isinstance(params, Namespace) else dict(params)
         flat = _flatten(params)

@@ -12,7 +12,14 @@ from typing import Any
 
 import yaml
 
-from qualiteacher.tracking.journal import JOURNAL_DIR, JournaledClient, TrackingJournal
+from qualiteacher.say import say
+from qualiteacher.tracking.journal import (
+    JOURNAL_DIR,
+    JournaledClient,
+    TrackingJournal,
+    error_summary,
+    quiet_store_errors,
+)
 from qualiteacher.tracking.mlflow_logger import (
     TrackingUnavailableError,
     _flatten,
@@ -26,7 +33,7 @@ class PipelineRuns:
     """Creates or reopens the runs recorded in the pipeline state (``state.data``)."""
 
     def __init__(self, cfg: dict[str, Any], state: Any, workdir: Path, commit: str) -> None:
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # lazy: mlflow takes 1.5 s to import; it loads when a run is first opened
 
         self.cfg, self.state, self.commit = cfg, state, commit
         self.uri = tracking_uri(workdir)
@@ -64,7 +71,6 @@ class PipelineRuns:
                                                if k not in ("stage1", "stage2", "fidelity", "stage3")}).items()}
             self.log_params(run_id, flat)
             self.log_dict_artifact(run_id, self.cfg, "config.yaml")
-        from qualiteacher.say import say
 
         say(f"[mlflow] tracking at {self.uri} · parent run {run_id}")
         return run_id
@@ -82,8 +88,6 @@ class PipelineRuns:
         return run_id
 
     def _create_run(self, what: str, **kwargs: Any) -> Any:
-        from qualiteacher.tracking.journal import error_summary, quiet_store_errors
-
         try:
             with quiet_store_errors():
                 return self.client.create_run(self.experiment_id, **kwargs)
@@ -96,7 +100,7 @@ class PipelineRuns:
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         """Parameters not logged before (one logged earlier is left alone)."""
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazy: mlflow, see the first import of this module
 
         self.client.log_batch(run_id, params=[Param(k[:250], str(v)[:6000]) for k, v in params.items()])
 

@@ -7,10 +7,12 @@ every rank themselves); ranks > 0 train alongside rank 0 and do nothing else.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from torch import nn
+import torch.distributed as dist
+from torch import nn
+
+from qualiteacher.archs.conditioning import AdaLNModulation, LevelEmbedding, QualityConditioning
 
 # global-rank variables of the launchers Lightning supports: torchrun, SLURM, Lightning's own
 # (LOCAL_RANK / NODE_RANK for the processes it starts), LSF / jsrun
@@ -38,15 +40,11 @@ def rank_seed(seed: int, rank: int) -> int:
 
 def world_size() -> int:
     """Processes in the default process group (1 when none is initialised)."""
-    import torch.distributed as dist
-
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
     """``obj`` of every rank, in rank order (``[obj]`` without a process group)."""
-    import torch.distributed as dist
-
     if world_size() == 1:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
@@ -62,8 +60,6 @@ def set_conditioning_trainable_(net: nn.Module, trainable: bool) -> int:
     loss, and DDP's gradient reducer (which expects every trainable parameter to get a gradient)
     fails at the second step. Frozen until stage 3, it stays at its zero initialisation.
     """
-    from qualiteacher.archs.conditioning import AdaLNModulation, LevelEmbedding, QualityConditioning
-
     params = {id(p): p for m in net.modules()
               if isinstance(m, (LevelEmbedding, AdaLNModulation, QualityConditioning)) for p in m.parameters()}
     changed = 0

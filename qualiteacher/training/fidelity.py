@@ -18,6 +18,7 @@ from qualiteacher.archs.conditioning import CondMode
 from qualiteacher.archs.context import fixed_prior_statistics, prior_statistics
 from qualiteacher.archs.iqpir import IQPIRNet, freeze_all_but_fidelity_
 from qualiteacher.archs.presets import build_iqpir
+from qualiteacher.losses.perceptual import VGGPerceptualLoss
 from qualiteacher.training.distributed import set_conditioning_trainable_
 from qualiteacher.training.students import load_student_weights
 
@@ -59,8 +60,6 @@ class FidelityModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.hparams.w_perceptual > 0 and self.perceptual is None:
-            from qualiteacher.losses.perceptual import VGGPerceptualLoss
-
             self.perceptual = VGGPerceptualLoss(self.hparams.perceptual_weights).requires_grad_(False)
         if not self.initialised and stage == "fit":
             if self.hparams.stage2_checkpoint is None:

@@ -68,7 +68,7 @@ def available_memory() -> int:
     """Bytes of RAM this process could still take: the system's available memory (``psutil``, or
     ``sysconf``), or less where a container's cgroup limit is nearer."""
     try:
-        import psutil
+        import psutil  # lazy: psutil is optional (not a declared dependency): sysconf otherwise
 
         avail = int(psutil.virtual_memory().available)
     except ImportError:

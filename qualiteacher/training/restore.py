@@ -21,8 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from qualiteacher.archs.context import image_context
+from qualiteacher.checkpoints import CheckpointError, check_keys, checkpoint_state, read_checkpoint
+from qualiteacher.checkpoints import describe as describe_state
 from qualiteacher.devices import best_device_type
+from qualiteacher.teacher.ema import make_teacher
 from qualiteacher.training.memory import MemoryBudgetError, describe, resolve_budget
+from qualiteacher.training.students import build_student, student_spec
 from qualiteacher.training.tiling import TilePlan, plan_tiles, run_tiles, tiled_apply  # noqa: F401  (tiled_apply: re-exported)
 
 CONTEXT_TILES = 2       # the context pass sees the whole image at up to 2 tile sides (attention: 4^2 a tile's cost)
@@ -230,8 +234,6 @@ def inference_ready(net: nn.Module) -> nn.Module:
 
 def check_weights_finite(path: str | Path, state: dict[str, Tensor]) -> None:
     """:class:`~qualiteacher.checkpoints.CheckpointError` when a floating weight holds NaN / inf."""
-    from qualiteacher.checkpoints import CheckpointError
-
     bad = [k for k, v in state.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(path, f"{len(bad)} weight tensor(s) hold NaN or infinite values (e.g. {bad[0]}): "
@@ -244,10 +246,8 @@ def load_for_inference(path: str | Path) -> TrainedModels:
     pseudo-label bank is loaded, so a checkpoint's ``bank_dir`` never gets a file, and no IQA
     ensemble. Read with ``weights_only``; the student's and teacher's keys are checked strictly;
     non-finite weights are refused (:class:`~qualiteacher.checkpoints.CheckpointError`)."""
-    from qualiteacher.checkpoints import CheckpointError, check_keys, checkpoint_state, describe, read_checkpoint
-    from qualiteacher.teacher.ema import make_teacher
+    # lazy: stage3 imports lightning (4 s); the many callers of restore() that load no checkpoint never need it
     from qualiteacher.training.stage3 import QualiTeacherModule
-    from qualiteacher.training.students import build_student, student_spec
 
     path = Path(path)
     if not path.exists():
@@ -256,7 +256,7 @@ def load_for_inference(path: str | Path) -> TrainedModels:
     state = checkpoint_state(ckpt, path)
     hparams = ckpt.get("hyper_parameters")
     if not isinstance(hparams, dict) or not any(k.startswith("teacher.") for k in state):
-        raise CheckpointError(path, f"not a stage-3 checkpoint: it looks like {describe(state)}; "
+        raise CheckpointError(path, f"not a stage-3 checkpoint: it looks like {describe_state(state)}; "
                                     f"pass OUT/stage3/final.ckpt")
     known = inspect.signature(QualiTeacherModule.__init__).parameters
     unknown = sorted(set(hparams) - set(known))

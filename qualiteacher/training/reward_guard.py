@@ -21,9 +21,12 @@ from typing import Any, NamedTuple
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from qualiteacher.iqa.bounded import score_bounded
 from qualiteacher.say import say
+from qualiteacher.training.restore import restore
 
 PSNR = "psnr"
 COLOUR = "colour"
@@ -113,9 +116,6 @@ class RewardGuard(L.Callback):
     @torch.no_grad()
     def measure(self, pl_module: L.LightningModule, step: int) -> tuple[Probe, dict[str, float]]:
         """Restore the probe at the top level, score it; the probe record and the metrics to log."""
-        from qualiteacher.iqa.bounded import score_bounded
-        from qualiteacher.training.restore import restore
-
         assert self.probe is not None
         top = int(pl_module.hparams.get("top_level", 7))
         out_u = restore(pl_module.student, self.probe["unlabeled"], level=top)
@@ -152,7 +152,6 @@ class RewardGuard(L.Callback):
         message = None if self.warned else hacking_alarm(self.history, self.patience, self.tol)
         if message:
             self.warned = True
-            from lightning.pytorch.utilities import rank_zero_warn
 
             rank_zero_warn(message)
             say(f"\n[reward guard] {message}\n", "quiet")

@@ -15,6 +15,7 @@ from qualiteacher.archs.discriminator import PatchDiscriminator
 from qualiteacher.archs.presets import build_autoencoder
 from qualiteacher.archs.vqae import AutoencoderOutput
 from qualiteacher.losses.gan import adaptive_gan_weight, hinge_d_loss, hinge_g_loss
+from qualiteacher.losses.perceptual import VGGPerceptualLoss
 
 
 class ReconstructionLosses(NamedTuple):
@@ -73,8 +74,6 @@ class Stage1Module(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.hparams.w_perceptual > 0 and self.perceptual is None:
-            from qualiteacher.losses.perceptual import VGGPerceptualLoss
-
             self.perceptual = VGGPerceptualLoss(self.hparams.perceptual_weights)
 
     def forward(self, x: Tensor, quality: Tensor | None = None) -> AutoencoderOutput:

@@ -16,6 +16,7 @@ from qualiteacher.archs.iqpir import IQPIRNet, IQPIRResult, init_from_stage1
 from qualiteacher.archs.presets import build_autoencoder, build_iqpir
 from qualiteacher.archs.vqae import Encoder, VQAutoencoder
 from qualiteacher.training.distributed import set_conditioning_trainable_
+from qualiteacher.training.students import read_checkpoint_state
 
 
 class CodeLosses(NamedTuple):
@@ -88,7 +89,6 @@ class Stage2Module(L.LightningModule):
                 "Stage2Module needs the stage-1 autoencoder: pass stage1_checkpoint=<stage-1 .ckpt> "
                 "or call init_from_autoencoder(ae) before fitting"
             )
-        from qualiteacher.training.students import read_checkpoint_state
 
         state = read_checkpoint_state(path)
         sub = {k.removeprefix("autoencoder."): v for k, v in state.items() if k.startswith("autoencoder.")}

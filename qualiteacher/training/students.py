@@ -7,6 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
+import qualiteacher
+from qualiteacher.archs.presets import build_iqpir, build_unet
+from qualiteacher.checkpoints import checkpoint_state, read_checkpoint
+
 FORMAT = "qualiteacher-student/1"  # the JSON description of a student (``student_spec``)
 # hyper-parameters of the stage-3 module that describe how the student is built
 _BUILD_KEYS = ("student", "preset", "cond_mode", "adain", "fidelity_w", "fusion_prior")
@@ -17,8 +21,6 @@ def build_student(kind: str, preset: str, cond_mode: str = "add", adain: bool = 
     """``iqpir`` (codebook student with the discrete quality path and, when the preset has fusion
     scales, the fidelity path at default ``fidelity_w``, its image-level fusion reading the
     classical restorer ``fusion_prior``) or ``unet`` (plug-in conditioned U-Net)."""
-    from qualiteacher.archs.presets import build_iqpir, build_unet
-
     if kind == "iqpir":
         return build_iqpir(preset, cond_mode=cond_mode, adain=adain, default_w=fidelity_w, prior=fusion_prior)
     if kind == "unet":
@@ -30,8 +32,6 @@ def student_spec(hparams: dict[str, Any]) -> dict[str, Any]:
     """The JSON description of a stage-3 module's student (from its hyper-parameters): what
     :func:`build_student` needs (``build``), its top level, task and IQA preset, and the versions
     that wrote it. The registered model stores it; ``load_for_inference`` builds from it."""
-    import qualiteacher
-
     build = {k: hparams[k] for k in _BUILD_KEYS if k in hparams}
     build.setdefault("student", "iqpir")
     return {"format": FORMAT, "build": build, "top_level": int(hparams.get("top_level", 7)),
@@ -47,6 +47,7 @@ def release(version: str) -> str:
 def untrained_student_outputs(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """The unconditioned output of a random-init ``iqpir`` student (``tiny`` preset): the IQA
     audit's ``untrained_student`` pairs (``iqa.audit.run_audit(student_outputs=...)``)."""
+    # lazy: import cycle training.students -> training.restore -> training.students
     from qualiteacher.training.restore import restore
 
     with torch.random.fork_rng(devices=[]):
@@ -59,8 +60,6 @@ def read_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The ``state_dict`` of a Lightning checkpoint (or a bare state dict), read safely
     (``weights_only``: tensors and plain data only; see ``qualiteacher.checkpoints``), with
     ``torch.compile`` prefixes removed. Problems raise ``CheckpointError`` (a ``ValueError``)."""
-    from qualiteacher.checkpoints import checkpoint_state, read_checkpoint
-
     path = Path(path)
     if not path.is_file() and not path.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {path} (run the previous stage first, or "

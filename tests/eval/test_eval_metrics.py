@@ -21,9 +21,9 @@ from qualiteacher.eval.metrics import (
     score_images,
 )
 from qualiteacher.iqa.members import MissingWeightsError
-from qualiteacher.iqa.pyiqa_adapter import (
+from qualiteacher.iqa.pyiqa_adapter import build_pyiqa_member
+from qualiteacher.iqa.pyiqa_weights import (
     METRIC_WEIGHT_FILES,
-    build_pyiqa_member,
     default_weight_file,
     metric_available,
     metric_weight_files,
