@@ -114,24 +114,15 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    import torch  # lazy: see the module docstring
-
-    from qualiteacher.data.io import ImageReadError, get_skip_log, write_image  # lazy: see the module docstring
-    from qualiteacher.data.layouts import read_unpaired  # lazy: see the module docstring
-    from qualiteacher.iqa.bounded import image_size, read_uint8  # lazy: see the module docstring
-    from qualiteacher.training.memory import describe, resolve_budget  # lazy: see the module docstring
-
     # lazy: see the module docstring
-    from qualiteacher.training.restore import (
-        NonFiniteOutputError,
-        auto_tile,
-        check_output_folder,
-        check_photo_fits,
-        check_tile,
-        load_for_inference,
-        resolve_device,
-        restore,
-    )
+    import torch
+
+    from qualiteacher.data.io import ImageReadError, get_skip_log, write_image
+    from qualiteacher.data.layouts import read_unpaired
+    from qualiteacher.iqa.bounded import image_size, read_uint8
+    from qualiteacher.training.memory import describe, resolve_budget
+    from qualiteacher.training.restore import (NonFiniteOutputError, auto_tile, check_output_folder, check_photo_fits,
+                                               check_tile, load_for_inference, resolve_device, restore)
 
     # every value is checked before any image is read or written
     _set_max_pixels(args)

@@ -158,8 +158,7 @@ def evaluate(restorers: Mapping[str, Restorer], records: Sequence[ImageRecord], 
     if detector is not None and (class_map is None or not classes):
         raise ValueError("evaluate: a detector needs a class map and the data set's classes")
     if detector is not None:
-        # lazy: the detector needs torchvision (1 s); only evaluations with --detector use it
-        from qualiteacher.eval.detector import run_detector
+        from qualiteacher.eval.detector import run_detector  # lazy: torchvision (1 s), for --detector only
     device = torch.device(device)
     for module in (*metrics.modules.values(), ensemble):
         if module is not None:
