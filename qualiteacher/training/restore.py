@@ -21,11 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from qualiteacher.archs.context import image_context
-from qualiteacher.checkpoints import CheckpointError, check_keys, checkpoint_state, read_checkpoint
-from qualiteacher.checkpoints import describe as describe_state
+from qualiteacher.checkpoints import CheckpointError, check_keys
 from qualiteacher.devices import best_device_type
 from qualiteacher.teacher.ema import make_teacher
 from qualiteacher.training.memory import MemoryBudgetError, describe, resolve_budget
+from qualiteacher.training.stage3_checkpoint import read_trained
 from qualiteacher.training.students import build_student, student_spec
 from qualiteacher.training.tiling import TilePlan, plan_tiles, run_tiles, tiled_apply  # noqa: F401  (tiled_apply: re-exported)
 
@@ -250,18 +250,8 @@ def load_for_inference(path: str | Path) -> TrainedModels:
     from qualiteacher.training.stage3 import QualiTeacherModule
 
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"stage 3 checkpoint not found: {path} (run stage3 first)")
-    ckpt = read_checkpoint(path)
-    state = checkpoint_state(ckpt, path)
-    hparams = ckpt.get("hyper_parameters")
-    if not isinstance(hparams, dict) or not any(k.startswith("teacher.") for k in state):
-        raise CheckpointError(path, f"not a stage-3 checkpoint: it looks like {describe_state(state)}; "
-                                    f"pass OUT/stage3/final.ckpt")
+    _, state, hparams = read_trained(path, QualiTeacherModule.__init__)  # the checks load_trained makes
     known = inspect.signature(QualiTeacherModule.__init__).parameters
-    unknown = sorted(set(hparams) - set(known))
-    if unknown:
-        raise CheckpointError(path, f"hyper-parameters unknown to this version of QualiTeacherModule: {unknown}")
     defaults = {k: p.default for k, p in known.items() if p.default is not inspect.Parameter.empty}
     build = dict(student_spec({**defaults, **hparams})["build"])
     try:
