@@ -60,6 +60,62 @@ def _m(name: str, backend: str, weight: float, lo: float, hi: float, higher_bett
             "reward_mode": reward_mode, "options": options}
 
 
+def _audited_members() -> list[dict[str, Any]]:
+    """The members of ``offline_v2`` (issue 12's audit), which ``offline`` keeps and extends."""
+    return [
+        _m("piqe", "pyiqa:piqe", 0.2, 0.0, 100.0, False, differentiable=False, reward_mode="detach"),
+        _m("brisque", "offline:brisque", 0.3, 0.0, 100.0, False),
+        # graded at the image's own size (blocks and pristine model follow it), no upsampling:
+        # clean 48-96-px crops score about 3-9, the audit's heaviest noise / rain 13-45 (docs/iqa.md)
+        _m("niqe", "offline:niqe", 0.2, 2.0, 25.0, False, native=True),
+        _m("blockiness", "physical:blockiness", 0.2, 0.3, 2.0, False),
+        # clipped channels: posterize, over-sharpening, noise texture, an untrained decoder
+        _m("clipping", "physical:clipping", 0.4, 0.0, 0.1, False),
+        # capped low (0.15): colour present pays, over-saturation does not
+        _m("colourfulness", "physical:colourfulness", 0.2, 0.0, 0.15, True),
+        _m("colour_cast", "physical:colour_cast", 0.1, 0.0, 3.0, False),
+    ]
+
+
+def _colour_members() -> list[dict[str, Any]]:
+    """What issue 25 added to ``offline`` (``iqa/colour.py``)."""
+    return [
+        # issue 25 (colour.py), weights chosen on the audit's tune photos with the members above fixed:
+        # large-scale chroma capped at 6 (most photos lie above: over-saturation earns nothing),
+        # fine-scale chroma over fine-scale luma from 1 (natural photos lie below), hue at natural sectors
+        _m("chroma_spread", "physical:chroma_spread", 0.3, 0.0, 6.0, True),
+        _m("chroma_noise", "physical:chroma_noise", 0.5, 1.0, 2.0, False),
+        _m("hue_naturalness", "physical:hue_naturalness", 0.2, -0.8, 0.5, True),
+    ]
+
+
+def _physical_task_members(snow_saturation: float | None) -> dict[str, list[dict[str, Any]]]:
+    """The task members of ``offline`` / ``offline_v2`` (``snow_saturation``: flakes counted only
+    up to this saturation; None: every bright blob)."""
+    snow = {} if snow_saturation is None else {"saturation": snow_saturation}
+    # dark channel below 0.15 (a clean photo's) earns nothing more: no reward for dark texture
+    return {
+        "dehaze": [
+            _m("haze", "physical:haze_density", 0.2, 0.15, 0.6, False),
+            _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
+        ],
+        "derain": [
+            _m("rain", "physical:rain_streaks", 0.2, 0.0, 1.0, False),
+            _m("veil", "physical:haze_density", 0.2, 0.15, 0.6, False),
+            _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
+        ],
+        "desnow": [
+            _m("snow", "physical:snow_flakes", 0.2, 0.0, 0.2, False, **snow),
+            _m("veil", "physical:haze_density", 0.2, 0.15, 0.6, False),
+            _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
+        ],
+        "lowlight": [
+            _m("exposure", "physical:exposure", 0.2, 0.0, 1.0, True),
+            _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
+        ],
+    }
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "description": "Released QualiTeacher fusion: 0.4 MUSIQ/100 + 0.2 (1 - P_clip(degraded)) + 0.4 (100 - BRISQUE)/100",
@@ -72,84 +128,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "offline": {
         "description": "No download, audited on tune / report photos (qualiteacher iqa audit, issues 12 and 25): PIQE + BRISQUE + NIQE (native size) + blockiness + clipping + colourfulness + colour cast + colour (chroma spread, chroma noise, hue naturalness) + physical",
-        "members": [
-            _m("piqe", "pyiqa:piqe", 0.2, 0.0, 100.0, False, differentiable=False, reward_mode="detach"),
-            _m("brisque", "offline:brisque", 0.3, 0.0, 100.0, False),
-            # graded at the image's own size (blocks and pristine model follow it), no upsampling:
-            # clean 48-96-px crops score about 3-9, the audit's heaviest noise / rain 13-45 (docs/iqa.md)
-            _m("niqe", "offline:niqe", 0.2, 2.0, 25.0, False, native=True),
-            _m("blockiness", "physical:blockiness", 0.2, 0.3, 2.0, False),
-            # clipped channels: posterize, over-sharpening, noise texture, an untrained decoder
-            _m("clipping", "physical:clipping", 0.4, 0.0, 0.1, False),
-            # capped low (0.15): colour present pays, over-saturation does not
-            _m("colourfulness", "physical:colourfulness", 0.2, 0.0, 0.15, True),
-            _m("colour_cast", "physical:colour_cast", 0.1, 0.0, 3.0, False),
-            # issue 25 (colour.py), weights chosen on the audit's tune photos with the members above fixed:
-            # large-scale chroma capped at 6 (most photos lie above: over-saturation earns nothing),
-            # fine-scale chroma over fine-scale luma from 1 (natural photos lie below), hue at natural sectors
-            _m("chroma_spread", "physical:chroma_spread", 0.3, 0.0, 6.0, True),
-            _m("chroma_noise", "physical:chroma_noise", 0.5, 1.0, 2.0, False),
-            _m("hue_naturalness", "physical:hue_naturalness", 0.2, -0.8, 0.5, True),
-        ],
-        # dark channel below 0.15 (a clean photo's) earns nothing more: no reward for dark texture
-        "task_members": {
-            "dehaze": [
-                _m("haze", "physical:haze_density", 0.2, 0.15, 0.6, False),
-                _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
-            ],
-            "derain": [
-                _m("rain", "physical:rain_streaks", 0.2, 0.0, 1.0, False),
-                _m("veil", "physical:haze_density", 0.2, 0.15, 0.6, False),
-                _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
-            ],
-            "desnow": [
-                # flakes up to saturation 0.4: a brown tint (white -> 0.22) cannot hide them
-                _m("snow", "physical:snow_flakes", 0.2, 0.0, 0.2, False, saturation=0.4),
-                _m("veil", "physical:haze_density", 0.2, 0.15, 0.6, False),
-                _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
-            ],
-            "lowlight": [
-                _m("exposure", "physical:exposure", 0.2, 0.0, 1.0, True),
-                _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
-            ],
-        },
+        "members": _audited_members() + _colour_members(),
+        # desnow's flakes up to saturation 0.4: a brown tint (white -> 0.22) cannot hide them
+        "task_members": _physical_task_members(snow_saturation=0.4),
     },
     "offline_v2": {
         "description": "Before the colour audit (issue 25; kept for comparison). No download, audited against destroyed outputs on 5 photos (issue 12): PIQE + BRISQUE + NIQE (native size) + blockiness + clipping + colourfulness + colour cast + physical",
-        "members": [
-            _m("piqe", "pyiqa:piqe", 0.2, 0.0, 100.0, False, differentiable=False, reward_mode="detach"),
-            _m("brisque", "offline:brisque", 0.3, 0.0, 100.0, False),
-            # graded at the image's own size (blocks and pristine model follow it), no upsampling:
-            # clean 48-96-px crops score about 3-9, the audit's heaviest noise / rain 13-45 (docs/iqa.md)
-            _m("niqe", "offline:niqe", 0.2, 2.0, 25.0, False, native=True),
-            _m("blockiness", "physical:blockiness", 0.2, 0.3, 2.0, False),
-            # clipped channels: posterize, over-sharpening, noise texture, an untrained decoder
-            _m("clipping", "physical:clipping", 0.4, 0.0, 0.1, False),
-            # capped low (0.15): colour present pays, over-saturation does not
-            _m("colourfulness", "physical:colourfulness", 0.2, 0.0, 0.15, True),
-            _m("colour_cast", "physical:colour_cast", 0.1, 0.0, 3.0, False),
-        ],
-        # dark channel below 0.15 (a clean photo's) earns nothing more: no reward for dark texture
-        "task_members": {
-            "dehaze": [
-                _m("haze", "physical:haze_density", 0.2, 0.15, 0.6, False),
-                _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
-            ],
-            "derain": [
-                _m("rain", "physical:rain_streaks", 0.2, 0.0, 1.0, False),
-                _m("veil", "physical:haze_density", 0.2, 0.15, 0.6, False),
-                _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
-            ],
-            "desnow": [
-                _m("snow", "physical:snow_flakes", 0.2, 0.0, 0.2, False),
-                _m("veil", "physical:haze_density", 0.2, 0.15, 0.6, False),
-                _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
-            ],
-            "lowlight": [
-                _m("exposure", "physical:exposure", 0.2, 0.0, 1.0, True),
-                _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
-            ],
-        },
+        "members": _audited_members(),
+        "task_members": _physical_task_members(snow_saturation=None),
     },
     "offline_v1": {
         "description": "Before the destruction audit (issue 12; kept for comparison). No download: PIQE + BRISQUE (brisque-package LIVE SVR) + NIQE (fitted on skimage photos) + blockiness + physical",
