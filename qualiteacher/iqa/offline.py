@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qualiteacher.data.io import ImageReadError, read_image
-from qualiteacher.iqa.fast_features import FastNiqe, brisque_package_features, niqe_features, solve_shape
+from qualiteacher.iqa.fast_features import FastNiqe, brisque_package_features, niqe_features, opencv_half, solve_shape
 from qualiteacher.iqa.pyiqa_adapter import niqe_block_features
 from qualiteacher.say import say
 
@@ -172,20 +172,11 @@ def _scale_features(grey: Tensor) -> Tensor:
     return torch.stack(feats, dim=1)
 
 
-def _half_bicubic(grey: Tensor) -> Tensor:
-    """OpenCV ``resize(fx=fy=0.5, INTER_CUBIC)``: a=-0.75 taps, clamped border, round-half-even size."""
-    taps = torch.tensor([-0.09375, 0.59375, 0.59375, -0.09375], dtype=grey.dtype, device=grey.device)
-    h, w = grey.shape[-2:]
-    x = F.conv2d(F.pad(grey, (0, 0, 1, 2), mode="replicate"), taps.view(1, 1, 4, 1), stride=(2, 1))
-    x = F.conv2d(F.pad(x, (1, 2, 0, 0), mode="replicate"), taps.view(1, 1, 1, 4), stride=(1, 2))
-    return x[..., : round(h / 2), : round(w / 2)]
-
-
 def brisque_features(images: Tensor) -> Tensor:
     """36 BRISQUE features (B, 36) of RGB images (B, 3, H, W) in [0, 1], float64."""
     x = images.to(torch.float64)
     grey = (x * torch.tensor(_GREY, dtype=x.dtype, device=x.device)[None, :, None, None]).sum(1, True)
-    half = _half_bicubic(grey)
+    half = opencv_half(grey)
     return torch.cat([_scale_features(grey), _scale_features(half)], dim=1)
 
 
