@@ -153,7 +153,7 @@ def _run_pipeline(cfg: PipelineConfig, from_stage: str | None, only_stage: str |
             state.stage(s).pop("done", None)
     plan = plan_run(cfg, stages)  # every section this run reads, parsed and checked once, before anything trains
     if "data" not in stages or not cfg.demo.generate:
-        check_data_folders(cfg, stages)
+        check_data_folders(plan, stages)
     if launch_rank() > 0:  # a DDP worker: it trains alongside rank 0, which alone records and evaluates
         run_worker(plan, [s for s in stages if only_stage or not state.done(s)], state,
                    rerun=bool(from_stage or only_stage))
@@ -184,7 +184,7 @@ def _run_stages(plan: RunPlan, stages: list[str], state: PipelineState, runs: Pi
             runs.fail_stage(stage, err)  # the stage's run and the parent: FAILED (KILLED on Ctrl+C)
             raise
         if stage == "data":
-            check_data_folders(cfg, stages)
+            check_data_folders(plan, stages)
         state.stage(stage)["done"] = True
         state.save()
         console.stage_done(cfg.task, stage)

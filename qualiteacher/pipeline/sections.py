@@ -257,9 +257,10 @@ def check_trainer_args(stage: str, trainer_args: dict[str, Any]) -> None:
         quiet.setLevel(level)
 
 
-def check_data_folders(cfg: PipelineConfig, stages: list[str]) -> None:
-    """Every data folder a training stage reads, and the folder the eval stage measures, must exist
-    (ConfigError naming the key otherwise): found before anything trains."""
+def check_data_folders(plan: RunPlan, stages: list[str]) -> None:
+    """Every data folder a training stage of ``stages`` reads, and the folder the eval stage
+    measures, must exist (ConfigError naming the key otherwise): found before anything trains."""
+    cfg = plan.cfg
     split = cfg.task_data / cfg.eval.split
     if "eval" in stages and not split.is_dir():
         raise ConfigError(f"eval.split: folder not found: {split} (demo data built before the "
@@ -267,7 +268,7 @@ def check_data_folders(cfg: PipelineConfig, stages: list[str]) -> None:
     for stage in stages:
         if stage not in TRAINING_STAGES:
             continue
-        data = stage_section(cfg, stage).get("data", {})
+        data = plan.stage(stage).section.get("data", {})
         for key in ("labeled_root", "unlabeled_root", "val_root"):
             if data.get(key) and not Path(data[key]).is_dir():
                 hint = f" (optional: --{stage}.data.val_root=null runs without it)" if key == "val_root" else ""

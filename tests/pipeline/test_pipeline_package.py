@@ -225,15 +225,17 @@ def test_eval_split_selects_the_measured_folder() -> None:
 def test_a_missing_eval_split_folder_fails_before_training(tmp_path) -> None:
     import pytest
 
-    from qualiteacher.pipeline.config import ConfigError, PipelineConfig
-    from qualiteacher.pipeline.sections import check_data_folders
+    from qualiteacher.pipeline.config import ConfigError
+    from qualiteacher.pipeline.resolve import resolve_config
+    from qualiteacher.pipeline.sections import check_data_folders, plan_run
 
-    (tmp_path / "dehaze" / "test").mkdir(parents=True)
-    cfg = PipelineConfig.from_dict({"task": "dehaze", "preset": "demo", "data_root": str(tmp_path),
-                                    "eval": {"split": "val"}})
+    for split in ("labeled", "unlabeled", "test"):
+        (tmp_path / "dehaze" / split).mkdir(parents=True)
+    cfg = resolve_config("dehaze", "demo", overrides=[f"--data_root={tmp_path}", "--eval.split=val",
+                                                      "--stage3.data.val_root=null"])
     with pytest.raises(ConfigError, match="eval.split: folder not found"):
-        check_data_folders(cfg, ["stage3", "eval"])
-    check_data_folders(cfg, ["stage3"])  # no eval stage: nothing to measure
+        check_data_folders(plan_run(cfg, ["stage3", "eval"], hardware=False), ["stage3", "eval"])
+    check_data_folders(plan_run(cfg, ["stage3"], hardware=False), ["stage3"])  # no eval stage: nothing to measure
 
 
 def test_demo_guard_probes_the_val_split_and_a_missing_one_names_the_way_out(tmp_path) -> None:
@@ -241,13 +243,14 @@ def test_demo_guard_probes_the_val_split_and_a_missing_one_names_the_way_out(tmp
 
     from qualiteacher.pipeline.config import ConfigError
     from qualiteacher.pipeline.resolve import resolve_config
-    from qualiteacher.pipeline.sections import check_data_folders, stage_section
+    from qualiteacher.pipeline.sections import check_data_folders, plan_run
 
     cfg = resolve_config("derain", "demo", overrides=[f"--data_root={tmp_path}"])
-    assert stage_section(cfg, "stage3")["data"]["val_root"] == f"{tmp_path}/derain/val"
+    plan = plan_run(cfg, ["stage3", "eval"], hardware=False)
+    assert plan.stage("stage3").section["data"]["val_root"] == f"{tmp_path}/derain/val"
     for split in ("labeled", "unlabeled", "test"):
         (tmp_path / "derain" / split).mkdir(parents=True)
     with pytest.raises(ConfigError, match=r"stage3.data.val_root: folder not found: .*val_root=null"):
-        check_data_folders(cfg, ["stage3", "eval"])
+        check_data_folders(plan, ["stage3", "eval"])
     off = resolve_config("derain", "demo", overrides=[f"--data_root={tmp_path}", "--stage3.data.val_root=null"])
-    check_data_folders(off, ["stage3", "eval"])  # the guard falls back to the labeled pairs
+    check_data_folders(plan_run(off, ["stage3", "eval"], hardware=False), ["stage3", "eval"])  # the guard falls back to the labeled pairs
