@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from qualiteacher.data.io import ImageReadError, get_skip_log, list_images, read_image
+from qualiteacher.iqa import presets  # build_ensemble through its module: tests replace it there
 from qualiteacher.iqa.bounded import SCORE_SIDE, check_side, read_bounded
 from qualiteacher.iqa.ensemble import Ensemble, without_members
 from qualiteacher.iqa.guards import MEMBER_ERRORS
 from qualiteacher.iqa.offline import qualiteacher_home
-from qualiteacher.iqa.presets import MEANINGLESS, build_ensemble, label_meaningless
+from qualiteacher.iqa.presets import MEANINGLESS, label_meaningless
 
 KEY_COLUMNS = ("sha1", "version")
 
@@ -214,7 +215,7 @@ def score_command(
     ``max_side`` (-1: ``bounded.SCORE_SIDE``; None or 0: full size).
     """
     max_side = SCORE_SIDE if max_side == -1 else check_side(max_side)
-    ensemble = build_ensemble(preset, task=task, weights_dir=weights_dir)
+    ensemble = presets.build_ensemble(preset, task=task, weights_dir=weights_dir)
     cache_path = Path(cache) if cache else qualiteacher_home() / "scores.parquet"
     table = label_meaningless(score_folder(folder, ensemble, cache_path, batch_size=batch_size,
                                            resize_side=resize_side, max_side=max_side), ensemble)
@@ -236,7 +237,7 @@ def grade_clean_images(folder: str | Path, task: str, preset: str, cache: str | 
     without the members ``exclude`` (``id`` = file stem), through the score cache: the stage-1
     quality table. ``weights_dir``: local IQA weight files (as ``build_ensemble``). Scores of an
     ensemble on stand-in weights carry an ``iqa_scores`` column saying they are meaningless."""
-    ensemble = build_ensemble(preset, task=task, weights_dir=weights_dir)
+    ensemble = presets.build_ensemble(preset, task=task, weights_dir=weights_dir)
     df = score_folder(folder, without_members(ensemble, exclude) if exclude else ensemble, cache)
     if df.empty:  # an empty folder, or every file unreadable (each one reported by the reader)
         raise FileNotFoundError(f"no readable clean images in {folder}: the labeled set's gt/ folder "
