@@ -142,6 +142,9 @@ def train_stage(plan: StagePlan, runs: PipelineRuns | None, run_id: str | None, 
     together (its hooks gather from every rank); rank 0 alone writes it and tracks the stage in MLflow.
     """
     fingerprint = stage_fingerprint(plan)
+    # the stage's seed (``data.seed``) also fixes its initial weights and every draw of the modules:
+    # the same config trains the same model (it did not: weights started from the process's RNG)
+    L.seed_everything(int(plan.args.data.seed), workers=True, verbose=False)
     model = plan.module(**plan.args.model.as_dict())
     data = RestorationDataModule(**plan.args.data.as_dict())
     extra: list[L.Callback] = [RecordSettings(fingerprint)]
