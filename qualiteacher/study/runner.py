@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import lightning as L
 import pandas as pd
 import torch
 from mlflow.entities import Metric
@@ -247,7 +246,7 @@ def _run_checked(s: StudySettings, store: StudyStore, seeds: dict[int, _SeedPlan
         if all(store.read(k) is not None for k in seed_keys):
             say(f"[study] seed {seed}: every run finished earlier, skipped")
             continue
-        warm_up(plan.cfg, seed, lambda seed=seed: runs.child(RunKey("warmup", seed).name))
+        warm_up(plan.cfg, lambda seed=seed: runs.child(RunKey("warmup", seed).name))
         for key in seed_keys:
             if store.read(key) is not None:
                 say(f"[study] {key.name}: finished earlier, skipped")
@@ -271,7 +270,6 @@ def _run_one(key: RunKey, plan: _SeedPlan, runs: Any, measurer: _Measurer) -> li
     run_id = runs.child(key.name)
     runs.client.set_tag(run_id, "mode", key.mode)
     runs.client.set_tag(run_id, "seed", str(key.seed))
-    L.seed_everything(key.seed, workers=True, verbose=False)
     start = time.perf_counter()
     final = run_training_stage(plan.runs[key.mode], "stage3", runs, run_id)
     train_s = time.perf_counter() - start

@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import lightning as L
-
 from qualiteacher.data.demo import build_demo
 from qualiteacher.iqa.cache import grade_clean_images
 from qualiteacher.pipeline.api import ConfigError, PipelineConfig, PipelineState, StagePlan, run_pipeline, student_stages
@@ -42,8 +40,9 @@ def grade_labeled(cfg: PipelineConfig, stage3: StagePlan, table: Path, exclude: 
     return table
 
 
-def warm_up(cfg: PipelineConfig, seed: int, parent_run: Callable[[], str]) -> None:
-    """Run, resume or skip the warm-up stages of ``cfg`` (into ``cfg.out``) at ``seed``.
+def warm_up(cfg: PipelineConfig, parent_run: Callable[[], str]) -> None:
+    """Run, resume or skip the warm-up stages of ``cfg`` (into ``cfg.out``; each stage seeds itself
+    from its ``data.seed``, which :func:`~qualiteacher.study.runner.seed_config` sets to the study's seed).
 
     ``parent_run()`` gives the MLflow run the stages' runs nest under (asked for once per folder).
     """
@@ -54,5 +53,4 @@ def warm_up(cfg: PipelineConfig, seed: int, parent_run: Callable[[], str]) -> No
     for stage in warm_stages(cfg):
         if PipelineState(cfg.out / "state.json").done(stage):
             continue
-        L.seed_everything(seed, workers=True, verbose=False)
         run_pipeline(cfg, only_stage=stage)
