@@ -55,8 +55,10 @@ def colour_cast(images: Tensor, floor: float = 2.0, side: int = 48) -> Tensor:
 def clipping(images: Tensor, margin: float = 0.01, softness: float = 0.004, channels: int = 1) -> Tensor:
     """Fraction of pixels with at least ``channels`` channels below ``margin`` or above ``1 - margin``.
 
-    ``channels=1`` also counts saturated colours (a vivid orange has blue near 0), so desaturating
-    a vivid photo lowers it; ``channels=2`` counts clipping proper (the offline preset's choice).
+    ``channels=1`` (the offline preset's choice) also counts saturated colours (a vivid orange has
+    blue near 0), so desaturating a vivid photo lowers it; it is also what catches colour casts,
+    colour halos and tile seams pushing one channel out of gamut (docs/iqa.md, "Why the weak kinds
+    fail"). ``channels=2`` counts exposure clipping proper.
     """
     if not 1 <= channels <= 3:
         raise ValueError(f"clipping: channels must be 1, 2 or 3, got {channels}")
