@@ -65,3 +65,23 @@ def test_detmap_on_a_tiny_rtts_tree(tmp_path, capsys):
     assert main(["detmap", str(tmp_path), "--detections", str(dets)]) == 0
     out = capsys.readouterr().out
     assert "car" in out and "mAP@0.5: 1.0000" in out
+
+
+def test_data_demo_counts_and_a_bigger_val_split_keeps_the_others(tmp_path):
+    import inspect
+    import pandas as pd
+
+    from qualiteacher.cli import _DEMO_COUNTS
+    from qualiteacher.data.demo import build_demo
+
+    defaults = inspect.signature(build_demo).parameters
+    assert _DEMO_COUNTS == {k: defaults[f"n_{k}"].default for k in _DEMO_COUNTS}
+    args = ["--size", "32", "--tasks", "dehaze", "--n-labeled", "2", "--n-unlabeled", "2", "--n-test", "2",
+            "--n-clean", "1"]
+    assert main(["data", "demo", "--out", str(tmp_path / "a"), "--n-val", "1", *args]) == 0
+    assert main(["data", "demo", "--out", str(tmp_path / "b"), "--n-val", "5", *args]) == 0
+    a, b = (pd.read_csv(tmp_path / d / "manifest.csv") for d in ("a", "b"))
+    assert (b["split"] == "val").sum() == 5 and (a["split"] == "val").sum() == 1
+    for split in ("labeled", "unlabeled", "test"):
+        for path in a.loc[a["split"] == split, "path"]:
+            assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes(), path
