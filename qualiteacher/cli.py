@@ -26,14 +26,14 @@ _MAX_MEMORY_HELP = ("memory for the images and the tiles in flight, e.g. 2G or 5
                     "the available memory, at most 1 GiB, on CPU; half the free memory on a GPU)")
 
 
-# the demo's image counts per split (``build_demo``'s ``n_*`` keywords) and their defaults
-_DEMO_COUNTS: dict[str, int] = {"labeled": 24, "unlabeled": 24, "test": 8, "val": 8, "clean": 48}
+# the demo's splits with an image count (``build_demo``'s ``n_*`` keywords; their defaults live there)
+_DEMO_SPLITS: tuple[str, ...] = ("labeled", "unlabeled", "test", "val", "clean")
 
 
 def _data_demo(args: argparse.Namespace) -> int:
     from qualiteacher.data.demo import build_demo, summarize_manifest  # lazy: see the module docstring
 
-    counts = {f"n_{split}": getattr(args, f"n_{split}") for split in _DEMO_COUNTS}
+    counts = {f"n_{split}": n for split in _DEMO_SPLITS if (n := getattr(args, f"n_{split}")) is not None}
     df = build_demo(Path(args.out), seed=args.seed, tasks=tuple(args.tasks), size=args.size,
                     overwrite=args.overwrite, **counts)
     say(summarize_manifest(df), "quiet")
@@ -220,10 +220,10 @@ def _add_data_commands(sub: Any) -> None:
     demo.add_argument("--size", type=int, default=96, help="side of every demo image in pixels")
     demo.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     demo.add_argument("--overwrite", action="store_true", help="replace existing demo data in --out")
-    for split, default in _DEMO_COUNTS.items():  # val is drawn last: more val images leave the others' bytes
-        demo.add_argument(f"--n-{split}", type=int, default=default, metavar="N",
-                          help=f"{split} images per task (default {default})" if split != "clean"
-                          else f"clean images, shared by the tasks (default {default})")
+    for split in _DEMO_SPLITS:  # val is drawn last: more val images leave the other splits' bytes
+        demo.add_argument(f"--n-{split}", type=int, metavar="N",
+                          help=f"{split} images per task (default: the demo's)" if split != "clean"
+                          else "clean images, shared by the tasks (default: the demo's)")
     demo.set_defaults(handler=_data_demo)
     check = data_sub.add_parser("check", help="read every image of a data set and report bad files")
     check.add_argument("root")

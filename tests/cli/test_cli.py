@@ -67,15 +67,18 @@ def test_detmap_on_a_tiny_rtts_tree(tmp_path, capsys):
     assert "car" in out and "mAP@0.5: 1.0000" in out
 
 
-def test_data_demo_counts_and_a_bigger_val_split_keeps_the_others(tmp_path):
-    import inspect
+def test_data_demo_counts_and_a_bigger_val_split_keeps_the_others(tmp_path, monkeypatch):
     import pandas as pd
 
-    from qualiteacher.cli import _DEMO_COUNTS
-    from qualiteacher.data.demo import build_demo
+    import qualiteacher.data.demo as demo
 
-    defaults = inspect.signature(build_demo).parameters
-    assert _DEMO_COUNTS == {k: defaults[f"n_{k}"].default for k in _DEMO_COUNTS}
+    seen = []
+    with monkeypatch.context() as m:  # the counts not given are build_demo's own defaults
+        m.setattr(demo, "build_demo", lambda out, **kw: seen.append(kw) or pd.DataFrame(columns=["task", "split"]))
+        m.setattr(demo, "summarize_manifest", lambda df: "")
+        assert main(["data", "demo", "--out", str(tmp_path / "x")]) == 0
+        assert main(["data", "demo", "--out", str(tmp_path / "x"), "--n-val", "48"]) == 0
+    assert not any(k.startswith("n_") for k in seen[0]) and seen[1]["n_val"] == 48
     args = ["--size", "32", "--tasks", "dehaze", "--n-labeled", "2", "--n-unlabeled", "2", "--n-test", "2",
             "--n-clean", "1"]
     assert main(["data", "demo", "--out", str(tmp_path / "a"), "--n-val", "1", *args]) == 0
