@@ -70,7 +70,7 @@ def test_detmap_on_a_tiny_rtts_tree(tmp_path, capsys):
 def test_data_demo_counts_and_a_bigger_val_split_keeps_the_others(tmp_path, monkeypatch):
     import pandas as pd
 
-    import qualiteacher.data.demo as demo
+    from qualiteacher.data import demo
 
     seen = []
     with monkeypatch.context() as m:  # the counts not given are build_demo's own defaults
