@@ -27,7 +27,7 @@ _MAX_MEMORY_HELP = ("memory for the images and the tiles in flight, e.g. 2G or 5
 
 
 # the demo's splits with an image count (``build_demo``'s ``n_*`` keywords; their defaults live there)
-_DEMO_SPLITS: tuple[str, ...] = ("labeled", "unlabeled", "test", "val", "clean")
+_DEMO_SPLITS: tuple[str, ...] = ("labeled", "unlabeled", "test", "val", "unseen", "clean")
 
 
 def _data_demo(args: argparse.Namespace) -> int:
@@ -220,10 +220,11 @@ def _add_data_commands(sub: Any) -> None:
     demo.add_argument("--size", type=int, default=96, help="side of every demo image in pixels")
     demo.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     demo.add_argument("--overwrite", action="store_true", help="replace existing demo data in --out")
-    for split in _DEMO_SPLITS:  # val is drawn last: more val images leave the other splits' bytes
+    helps = {"clean": "clean images, shared by the tasks (default: the demo's)",
+             "unseen": "real-domain pairs per task cut from photos no other split uses (default: the demo's)"}
+    for split in _DEMO_SPLITS:  # val and unseen have their own draws: their counts leave the others' bytes
         demo.add_argument(f"--n-{split}", type=int, metavar="N",
-                          help=f"{split} images per task (default: the demo's)" if split != "clean"
-                          else "clean images, shared by the tasks (default: the demo's)")
+                          help=helps.get(split, f"{split} images per task (default: the demo's)"))
     demo.set_defaults(handler=_data_demo)
     check = data_sub.add_parser("check", help="read every image of a data set and report bad files")
     check.add_argument("root")

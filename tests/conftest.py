@@ -40,7 +40,8 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from qualiteacher.data.demo import build_demo
 
     root = tmp_path_factory.mktemp("demo")
-    build_demo(root, seed=0, size=48, n_labeled=8, n_unlabeled=6, n_test=3, n_clean=8, progress=False)
+    build_demo(root, seed=0, size=48, n_labeled=8, n_unlabeled=6, n_test=3, n_clean=8, n_unseen=3,
+               progress=False)
     return root
 
 

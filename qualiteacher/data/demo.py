@@ -12,6 +12,9 @@ Layout written under ``out`` (see docs/design.md)::
     <task>/unlabeled/0000.png         "real" degradation (other ranges and mixtures)
     <task>/test/{lq,gt}/0000.png      "real" degradation, held-out photos only
     <task>/val/{lq,gt}/0000.png       "real" degradation, training photos (choose settings here)
+    <task>/unseen/{lq,gt}/0000.png    "real" degradation, photos no other split is cut from (other
+                                      packages' sample photos, ``data/sample_photos.py``): how a
+                                      setting does on new photos, without looking at test
     clean/0000.png                    clean crops of the training photos
     oracle/<task>/{lq,gt}/0000.png    the unlabeled images with their ground truth: read only by the
                                       study's ``oracle`` mode (the target-domain upper bound)
@@ -40,6 +43,7 @@ from scipy.ndimage import distance_transform_edt
 from qualiteacher.data.capture import depth_proxy
 from qualiteacher.data.degradations import DEGRADATIONS, get_degradation, params_to_dict
 from qualiteacher.data.io import write_image
+from qualiteacher.data.sample_photos import SAMPLE_PHOTOS, photo_path, read_photo
 from qualiteacher.tasks import TASKS
 
 TASK_OFFSETS: dict[str, int] = {"dehaze": 1, "derain": 2, "desnow": 3, "lowlight": 4}
@@ -48,6 +52,12 @@ HELD_OUT_PHOTOS: tuple[str, ...] = ("rocket", "chelsea")
 # split -> domain; "val" (real-domain pairs of the TRAINING photos) is drawn last, so adding it left the
 # other splits byte-identical: settings are chosen on it, never on the held-out test photos
 SPLITS: dict[str, str] = {"labeled": "source", "unlabeled": "real", "test": "real", "val": "real"}
+# "unseen": real-domain pairs of photos that neither training nor test is cut from. "val" shares its
+# photos with training, so it rewards what was memorised (a derain student gave a clean val crop back
+# at 26 dB and a clean test crop at 19); "unseen" asks what test asks without being test. It has its
+# own generator ([seed, task offset, UNSEEN_OFFSET]), so adding it changed no other split's bytes.
+UNSEEN_OFFSET = 7
+UNSEEN_MAX_SIDE = 640  # larger photos are shrunk first (crops are 96 px; keeps the build quick)
 BASE_COLUMNS: tuple[str, ...] = ("task", "split", "domain", "index", "path", "gt_path", "photo",
                                  "crop_x0", "crop_y0", "crop_x1", "crop_y1", "depth_source")
 
@@ -140,13 +150,34 @@ def _row(task: str, split: str, domain: str, index: int, path: str, gt_path: str
             "depth_source": crop.photo.depth_source}
 
 
+def unseen_photos(known: Sequence[str]) -> dict[str, Photo]:
+    """The installed sample photos (``data/sample_photos.py``) whose names are not in ``known``,
+    shrunk to at most ``UNSEEN_MAX_SIDE`` px, with a depth proxy."""
+    photos = {}
+    for key in sorted(SAMPLE_PHOTOS):
+        path = None if key in known else photo_path(key)
+        if path is None:
+            continue
+        img = Image.fromarray(read_photo(path))
+        scale = UNSEEN_MAX_SIDE / max(img.size)
+        if scale < 1:
+            img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.LANCZOS)
+        arr = np.ascontiguousarray(np.asarray(img), dtype=np.uint8)
+        photos[key] = Photo(key, arr, depth_proxy(arr.astype(np.float32) / 255.0), "proxy")
+    return photos
+
+
 def _build_task(out: Path, task: str, seed: int, train: list[Photo], test: list[Photo], size: int,
-                counts: dict[str, int]) -> list[dict]:
+                counts: dict[str, int], unseen: list[Photo] = ()) -> list[dict]:
     deg = get_degradation(task)
     rng = np.random.default_rng([seed, TASK_OFFSETS[task]])
     rows = []
-    for split, domain in SPLITS.items():
-        photos = test if split == "test" else train
+    for split, domain in {**SPLITS, "unseen": "real"}.items():
+        if split == "unseen":
+            if not unseen or not counts.get("unseen"):
+                continue
+            rng = np.random.default_rng([seed, TASK_OFFSETS[task], UNSEEN_OFFSET])
+        photos = {"test": test, "unseen": unseen}.get(split, train)
         for i, crop in enumerate(_crops(photos, counts[split], size, rng)):
             params = deg.sample(rng, domain)
             lq = deg.apply(crop.image, params, crop.depth)
@@ -194,7 +225,8 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
 
 def build_demo(out: Path, seed: int = 0, tasks: Sequence[str] = TASKS, size: int = 96,
                n_labeled: int = 24, n_unlabeled: int = 24, n_test: int = 8, n_clean: int = 48,
-               n_val: int = 8, progress: bool = True, overwrite: bool = False) -> pd.DataFrame:
+               n_val: int = 8, n_unseen: int = 48, progress: bool = True,
+               overwrite: bool = False) -> pd.DataFrame:
     """Write the demo data set under ``out`` and return its manifest (also ``out/manifest.csv``).
 
     Raises ``FileExistsError`` if ``out`` already holds a ``manifest.csv`` and ``overwrite`` is
@@ -208,7 +240,7 @@ def build_demo(out: Path, seed: int = 0, tasks: Sequence[str] = TASKS, size: int
         raise ValueError(f"unknown demo task(s) {unknown}; available: {list(TASKS)}")
     if size < 16:
         raise ValueError(f"demo image size must be >= 16 px, got {size}")
-    if min(n_labeled, n_unlabeled, n_test, n_clean, n_val) < 0:
+    if min(n_labeled, n_unlabeled, n_test, n_clean, n_val, n_unseen) < 0:
         raise ValueError("image counts must be >= 0")
     if (out / "manifest.csv").exists():
         if not overwrite:
@@ -220,7 +252,8 @@ def build_demo(out: Path, seed: int = 0, tasks: Sequence[str] = TASKS, size: int
     photos = load_photos()
     train = [p for name, p in photos.items() if name not in HELD_OUT_PHOTOS]
     test = [photos[name] for name in HELD_OUT_PHOTOS]
-    counts = {"labeled": n_labeled, "unlabeled": n_unlabeled, "test": n_test, "val": n_val}
+    counts = {"labeled": n_labeled, "unlabeled": n_unlabeled, "test": n_test, "val": n_val, "unseen": n_unseen}
+    unseen = list(unseen_photos(list(photos)).values()) if n_unseen else []
 
     rows = []
     for i, crop in enumerate(_crops(train, n_clean, size, np.random.default_rng([seed, CLEAN_OFFSET]))):
@@ -228,7 +261,7 @@ def build_demo(out: Path, seed: int = 0, tasks: Sequence[str] = TASKS, size: int
         write_image(out / path, crop.image)
         rows.append(_row("clean", "clean", "clean", i, path, "", crop))
     for task in _progress(list(tasks), progress):
-        rows += _build_task(out, task, seed, train, test, size, counts)
+        rows += _build_task(out, task, seed, train, test, size, counts, unseen)
 
     manifest = _typed(pd.DataFrame(rows, columns=[*BASE_COLUMNS, *_param_columns()]))
     manifest.to_csv(out / "manifest.csv", index=False, lineterminator="\n")

@@ -16,47 +16,21 @@ neither set.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
 
+from qualiteacher.data.sample_photos import SAMPLE_PHOTOS, photo_path, read_photo
 from qualiteacher.iqa.offline import NIQE_FIT_PHOTOS
 
 Split = Literal["tune", "report"]
 SPLIT_SALT = "qualiteacher-iqa-audit-split-v1:"
 TUNE_FRACTION = 0.35
 
-# photo key -> (package, path inside the package). Natural colour photos only: no synthetic charts,
-# silhouettes, graphics or mostly black astronomy frames.
-AUDIT_SOURCES: dict[str, tuple[str, str]] = {
-    "chelsea": ("skimage", "data/chelsea.png"),
-    "rocket": ("skimage", "data/rocket.jpg"),
-    "motorcycle": ("skimage", "data/motorcycle_left.png"),
-    "immunohistochemistry": ("skimage", "data/ihc.png"),
-    "grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
-    "china": ("sklearn", "datasets/images/china.jpg"),
-    "flower": ("sklearn", "datasets/images/flower.jpg"),
-    "cheetah_run": ("gradio", "media_assets/images/cheetah.jpg"),
-    "cheetah_cub": ("gradio", "media_assets/images/cheetah1.jpg"),
-    "cheetah_face": ("gradio", "test_data/cheetah2.jpg"),
-    "groot": ("gradio", "media_assets/images/groot.jpeg"),
-    "lion": ("gradio", "media_assets/images/lion.jpg"),
-    "tower": ("gradio", "media_assets/images/tower.jpg"),
-    # Kodak-style reference photos and test frames that ship with pyiqa (read, never redistributed)
-    "caps": ("ResultsCalibra", "ref_dir/I03.bmp"),
-    "portrait": ("ResultsCalibra", "ref_dir/I04.bmp"),
-    "boat": ("ResultsCalibra", "ref_dir/I06.bmp"),
-    "houses": ("ResultsCalibra", "ref_dir/I08.bmp"),
-    "lighthouse": ("ResultsCalibra", "ref_dir/I19.bmp"),
-    "night_street": ("tests", "test_efficiency_img_dir/SPAQ_10241.jpg"),
-    "garden": ("tests", "test_efficiency_img_dir/frame_4wrwr48cdk6rbcjl.jpg"),
-    "sunset": ("tests", "test_efficiency_img_dir/frame_7gzdcz9sif0ekg31.jpg"),
-    "snow_traffic": ("tests", "test_efficiency_img_dir/frame_9ogwhvvy7gfj6jzh.jpg"),
-}
+# the catalogue lives in data/sample_photos.py (the demo data reads it too)
+AUDIT_SOURCES: dict[str, tuple[str, str]] = SAMPLE_PHOTOS
 # (centre y, centre x, side as a fraction of the shorter side): the whole centre square, two
 # 60 % zooms and a 30 % detail (large and small crops of one photo)
 AUDIT_CROPS: tuple[tuple[float, float, float], ...] = (
@@ -72,25 +46,6 @@ def split_of(key: str, salt: str = SPLIT_SALT, tune_fraction: float = TUNE_FRACT
 def split_keys(keys: Sequence[str], split: Split | None) -> list[str]:
     """The keys of one side (``None``: all), in the order given."""
     return [k for k in keys if split is None or split_of(k) == split]
-
-
-def photo_path(key: str) -> Path | None:
-    """The file of a catalogue photo, or None when its package (or the file) is not installed."""
-    package, rel = AUDIT_SOURCES[key]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for root in spec.submodule_search_locations:
-        path = Path(root) / rel
-        if path.is_file():
-            return path
-    return None
-
-
-def read_photo(path: Path) -> np.ndarray:
-    """uint8 RGB (H, W, 3); a grey file is repeated over the channels, alpha is dropped."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
 
 
 def catalogue_photos(split: Split | None = None) -> dict[str, np.ndarray]:

@@ -7,16 +7,19 @@ import pytest
 from qualiteacher.data.degradations import DEGRADATIONS, params_from_dict
 from qualiteacher.data.demo import (
     HELD_OUT_PHOTOS,
+    SPLITS,
     TASKS,
     build_demo,
     grace_hopper_path,
     load_photos,
     read_manifest,
     summarize_manifest,
+    unseen_photos,
 )
 from qualiteacher.data.io import read_image
 
-SMALL = {"size": 48, "n_labeled": 4, "n_unlabeled": 4, "n_test": 2, "n_clean": 3, "n_val": 2, "progress": False}
+SMALL = {"size": 48, "n_labeled": 4, "n_unlabeled": 4, "n_test": 2, "n_clean": 3, "n_val": 2, "n_unseen": 3,
+         "progress": False}
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -53,7 +56,7 @@ def test_task_subset_and_other_seed(builds):
 def test_layout_matches_design(builds):
     root, df = builds["a"]
     for task in TASKS:
-        for pair in ("labeled", "test", "val"):
+        for pair in ("labeled", "test", "val", "unseen"):
             lq = sorted(p.name for p in (root / task / pair / "lq").iterdir())
             gt = sorted(p.name for p in (root / task / pair / "gt").iterdir())
             assert lq == gt and len(lq) == SMALL[f"n_{pair}"]
@@ -70,9 +73,9 @@ def test_layout_matches_design(builds):
 
 def test_manifest_columns_and_domains(builds):
     _, df = builds["a"]
-    assert list(df["split"].unique()) == ["clean", "labeled", "unlabeled", "oracle", "test", "val"]
+    assert list(df["split"].unique()) == ["clean", "labeled", "unlabeled", "oracle", "test", "val", "unseen"]
     assert set(df.loc[df["split"] == "labeled", "domain"]) == {"source"}
-    assert set(df.loc[df["split"].isin(["unlabeled", "oracle", "test", "val"]), "domain"]) == {"real"}
+    assert set(df.loc[df["split"].isin(["unlabeled", "oracle", "test", "val", "unseen"]), "domain"]) == {"real"}
     for deg in DEGRADATIONS.values():
         rows = df[df["task"] == deg.task]
         for field in deg.params_type.__dataclass_fields__:
@@ -160,3 +163,21 @@ def test_val_split_leaves_the_other_splits_unchanged(builds, tmp_path):
     shared = [k for k in files if k != "manifest.csv"]
     assert len(shared) > 10 and all(files[k] == _files(root_a)[k] for k in shared)
     assert (root_a / "dehaze" / "val" / "lq" / "0000.png").is_file()
+
+
+def test_unseen_split_is_cut_from_photos_no_other_split_uses(builds, tmp_path):
+    root, df = builds["a"]
+    unseen = df[df["split"] == "unseen"]
+    assert set(unseen["task"]) == set(TASKS) and (unseen.groupby("task").size() == SMALL["n_unseen"]).all()
+    assert set(unseen["photo"]).isdisjoint(df.loc[df["split"] != "unseen", "photo"])
+    photos = unseen_photos(list(load_photos()))
+    assert len(photos) >= 8 and set(photos).isdisjoint(load_photos())  # gradio and pyiqa ship most of them
+    assert max(max(p.image.shape[:2]) for p in photos.values()) <= 640
+    # its own draw: a build without it (or with more of it) leaves every other file's bytes
+    without = build_demo(tmp_path / "none", seed=0, tasks=("dehaze",), **{**SMALL, "n_unseen": 0})
+    more = build_demo(tmp_path / "more", seed=0, tasks=("dehaze",), **{**SMALL, "n_unseen": 5})
+    assert "unseen" not in set(without["split"]) and (more["split"] == "unseen").sum() == 5
+    files_a, files_more = _files(root), _files(tmp_path / "more")
+    shared = [k for k in _files(tmp_path / "none") if k != "manifest.csv"]
+    assert len(shared) > 10 and all(files_a[k] == files_more[k] for k in shared)
+    assert set(SPLITS) == {"labeled", "unlabeled", "test", "val"}
