@@ -132,6 +132,7 @@ class QualiTeacherModule(L.LightningModule):
         level_rule: Literal["default", "quantile"] = "default",
         level_pool_size: int = 1024,
         strong_aug_p: float = 0.8,
+        strong_aug_target: bool = False,
         w_sup: float = 1.0,
         w_pl: float = 1.0,
         w_pref: float = 1.0,
@@ -311,7 +312,7 @@ class QualiTeacherModule(L.LightningModule):
 
     def _pseudo_label_batch(self, unlabeled: dict[str, Any], fresh: Refresh | None) -> PseudoLabelBatch:
         return pseudo_label_batch(self.bank, unlabeled, fresh, self.ensemble.level_of, self.photometric, self._gen,
-                                  partial(prior_statistics, self.student))
+                                  partial(prior_statistics, self.student), self.settings.student.strong_aug_target)
 
     def _bank_level_histogram(self) -> list[int]:
         # levels under the current rule (the quantile thresholds move as the pool fills)

@@ -32,6 +32,7 @@ class StudentSettings:
     prior: str | None                    # fusion_prior: the classical restorer the image fusion reads
     compile: bool                        # compile_student
     strong_aug_p: float                  # probability of the strong photometric view's colour jitter
+    strong_aug_target: bool = False      # that colour jitter also on the image's pseudo-label targets
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
     "init_from": ("student", "init_from"), "fidelity_w": ("student", "fidelity_w"), "adain": ("student", "adain"),
     "fusion_prior": ("student", "prior"),
     "compile_student": ("student", "compile"), "strong_aug_p": ("student", "strong_aug_p"),
+    "strong_aug_target": ("student", "strong_aug_target"),
     "iqa_preset": ("grading", "preset"), "task": ("grading", "task"), "iqa_weights_dir": ("grading", "weights_dir"),
     "iqa_exclude": ("grading", "exclude"), "reward_detach": ("grading", "reward_detach"),
     "iqa_bf16": ("grading", "bf16"), "mask_block": ("grading", "mask_block"), "use_mask": ("grading", "use_mask"),

@@ -32,6 +32,21 @@ def strong_photometric(p: float = 0.8) -> nn.Module:
     )
 
 
+def colour_jitter_like(photometric: nn.Module, images: Tensor, owner: Tensor) -> Tensor:
+    """``images`` (N, 3, H, W) with the colour jitter that :func:`strong_photometric`'s last call
+    gave batch image ``owner[i]`` (kornia's parameters reused, indexed by owner): the same
+    brightness, contrast and saturation factors, and none where that image drew none. The rest of
+    the strong view (sharpness, blur, posterize) is a degradation and stays on the input alone."""
+    jitter, params = photometric[0], photometric._params[0]
+    if not isinstance(jitter, K.ColorJitter) or params.name != "ColorJitter_0":
+        raise TypeError("the strong view's first augmentation is not its colour jitter")
+    batch = int(params.data["batch_prob"].shape[0])
+    data = {k: v[owner.to(v.device)] if k not in ("order", "forward_input_shape") and torch.is_tensor(v)
+            and v.ndim and v.shape[0] == batch else v for k, v in params.data.items()}
+    data["forward_input_shape"] = torch.tensor(images.shape)
+    return jitter(images, params=data).clamp(0, 1)
+
+
 class Terms(NamedTuple):
     """The loss terms of one step (each a scalar); the metrics ``stage3/<name>``."""
 
@@ -89,13 +104,16 @@ class PseudoLabelBatch(NamedTuple):
 def pseudo_label_batch(bank: PseudoLabelBank, unlabeled: dict[str, Any], fresh: Refresh | None,
                        level_of: Callable[[Tensor], Tensor], photometric: nn.Module,
                        generator: torch.Generator,
-                       statistics: Callable[[Tensor], dict[str, Tensor] | None] | None = None) -> PseudoLabelBatch:
+                       statistics: Callable[[Tensor], dict[str, Tensor] | None] | None = None,
+                       jitter_targets: bool = False) -> PseudoLabelBatch:
     """The bank's best k of each unlabeled image plus this step's degraded variants (``fresh``),
     each at the level its own score gives under the current level rule; one random geometric view
     for the batch, applied to the input and its targets alike; the student sees the input's strong
     photometric view. With ``unlabeled["context"]`` (the whole images) and ``statistics`` (the
     fusion prior's, :func:`~qualiteacher.archs.context.prior_statistics`), the whole images get the
-    same photometric view (kornia's parameters reused) and their statistics come with the batch."""
+    same photometric view (kornia's parameters reused) and their statistics come with the batch.
+    ``jitter_targets``: each target gets its image's colour jitter too (:func:`colour_jitter_like`),
+    so the student learns to keep the colours it is given rather than to undo a jitter it cannot see."""
     x_u = unlabeled["lq"]
     pls, masks, _, scores, owner = bank.gather(list(unlabeled["id"]), device=x_u.device)
     if owner.numel() == 0:
@@ -109,6 +127,8 @@ def pseudo_label_batch(bank: PseudoLabelBank, unlabeled: dict[str, Any], fresh: 
     view = VIEWS[int(torch.randint(len(VIEWS), (1,), generator=generator))]
     x_u, pls, masks = (apply_view(t, view) for t in (x_u, pls, masks))
     x_s = photometric(x_u).clamp(0, 1)
+    if jitter_targets:
+        pls = colour_jitter_like(photometric, pls, owner)
     stats = None
     if statistics is not None and unlabeled.get("context") is not None:
         whole = apply_view(unlabeled["context"].to(x_u.device), view)

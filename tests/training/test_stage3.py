@@ -313,3 +313,45 @@ def test_load_trained_reads_a_checkpoint_with_flat_hyper_parameters(tmp_path):
     assert s.grading.reward_detach == ("physical:colourfulness",) and s.grading.task == "dehaze"
     assert all(torch.equal(module.state_dict()[k], v) for k, v in state.items() if k.startswith(("student.", "teacher.")))
     assert module.hparams["pref_beta"] == 6.0 and int(module.hparams.get("top_level", 7)) == 7  # read so elsewhere
+
+
+def test_colour_jitter_like_gives_each_target_its_images_jitter():
+    import kornia.augmentation as K
+
+    from qualiteacher.training.stage3_steps import colour_jitter_like, strong_photometric
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 16, 16) * 0.6 + 0.2
+    owner = torch.tensor([0, 1, 1, 3, 2, 0])
+    colour_only = K.AugmentationSequential(K.ColorJitter(0.3, 0.3, 0.3, 0.0, p=0.5))
+    x_s = colour_only(x).clamp(0, 1)
+    drew = colour_only._params[0].data["batch_prob"].bool()
+    assert drew.any() and not drew.all()  # seeded: some images jittered, some not
+    assert torch.allclose(colour_jitter_like(colour_only, x[owner], owner), x_s[owner], atol=1e-6)
+    untouched = ~drew[owner]
+    assert torch.equal(colour_jitter_like(colour_only, x[owner], owner)[untouched], x[owner][untouched])
+    # the strong view: the targets get its colour jitter only (no blur, sharpening or posterize)
+    strong = strong_photometric(1.0)
+    strong(x)
+    jittered = colour_jitter_like(strong, x[owner], owner)
+    want = strong[0](x, params=strong._params[0].data).clamp(0, 1)[owner]
+    assert torch.allclose(jittered, want, atol=1e-6) and not torch.allclose(jittered, x[owner], atol=1e-3)
+    sharp = K.AugmentationSequential(K.RandomSharpness(0.5, p=1.0))
+    sharp(x)
+    with pytest.raises(TypeError, match="colour jitter"):
+        colour_jitter_like(sharp, x, owner)
+
+
+@pytest.mark.parametrize("on_target", [False, True])
+def test_strong_aug_target_puts_the_colour_jitter_on_the_pseudo_labels(demo_root, fast_ensemble_factory,
+                                                                         on_target, monkeypatch):
+    from qualiteacher.training import stage3_steps
+
+    seen = []
+    jitter_like = stage3_steps.colour_jitter_like
+    monkeypatch.setattr(stage3_steps, "colour_jitter_like",
+                        lambda p, images, owner: seen.append(images.shape[0]) or jitter_like(p, images, owner))
+    module = _module(fast_ensemble_factory(), strong_aug_p=1.0, strong_aug_target=on_target)
+    assert module.settings.student.strong_aug_target is on_target
+    _fit(module, demo_root, 2)
+    assert (len(seen) == 2 and all(n >= 2 for n in seen)) if on_target else not seen
