@@ -19,17 +19,20 @@ from qualiteacher.data.records import ImageRecord
 @dataclass(frozen=True)
 class Benchmark:
     """A test set: ``layout`` reader with ``options``, ``subdir`` under the data root (``{task}``
-    filled in), and the detection ``classes`` when the set carries boxes (``None`` otherwise)."""
+    filled in, and ``{split}``: the asked split, else ``default_split``), and the detection
+    ``classes`` when the set carries boxes (``None`` otherwise)."""
 
     name: str
     layout: str
     options: dict[str, Any] = field(default_factory=dict)
     subdir: str = ""
     classes: tuple[str, ...] | None = None
+    default_split: str | None = None
 
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "demo": Benchmark("demo", "paired", subdir="{task}/test"),
+    # the demo data's test split by default; --split val / unseen read its other real-domain pairs
+    "demo": Benchmark("demo", "paired", subdir="{task}/{split}", default_split="test"),
     "paired": Benchmark("paired", "paired"),
     "unpaired": Benchmark("unpaired", "unpaired"),
     "real3000": Benchmark("real3000", "real3000", {"split": "test"}),
@@ -69,13 +72,16 @@ def read_benchmark(bench: Benchmark, task: str, data: str | Path, split: str | N
     """Records of ``bench`` under ``data`` (``split`` overrides the protocol's split); at most
     ``limit`` of them. Raises ``FileNotFoundError`` / ``ValueError`` naming the folder when the
     set is missing or the split is empty."""
-    root = Path(data) / bench.subdir.format(task=task) if bench.subdir else Path(data)
+    in_folder = "{split}" in bench.subdir
+    where = bench.subdir.format(task=task, split=split or bench.default_split) if bench.subdir else ""
+    root = Path(data) / where if where else Path(data)
     options = dict(bench.options)
-    if split is not None:
+    if split is not None and not in_folder:
         if "split" not in options and bench.layout not in ("realsnow",):
             raise ValueError(f"benchmark {bench.name!r} has no splits; leave --split out")
         options["split"] = split
     records = read_layout(bench.layout, root, **options)
     if not records:
-        raise ValueError(f"{bench.name}: the split {options.get('split', '(all)')!r} of {root} is empty")
+        shown = split or bench.default_split if in_folder else options.get("split", "(all)")
+        raise ValueError(f"{bench.name}: the split {shown!r} of {root} is empty")
     return records[:limit] if limit else records

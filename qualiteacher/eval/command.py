@@ -157,7 +157,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     weights_dir = next((d for d in (m.hparams.get("iqa_weights_dir") for m in modules.values()) if d), None)
     ensemble = build_ensemble(preset, task=args.task, weights_dir=weights_dir)
     out = Path(args.out or f"outputs/eval/{args.task}-{bench.name}")
-    say(f"[eval] {bench.name}: {len(records)} image(s) from {args.data}; restorers: {', '.join(restorers)}; "
+    split = args.split or bench.default_split
+    say(f"[eval] {bench.name}{f' ({split})' if split else ''}: {len(records)} image(s) from {args.data}; restorers: {', '.join(restorers)}; "
         f"metrics: {', '.join(metrics.modules)} + fused ({preset})")
     result = evaluate(restorers, records, metrics, ensemble, detector, class_map, bench.classes, args.device,
                       out / "images" if args.save_images else None, progress=not args.no_progress)

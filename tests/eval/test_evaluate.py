@@ -30,7 +30,7 @@ def test_demo_held_out_set_end_to_end(tmp_path, demo_root, stage3_ckpt, capsys):
                   "--save-images"], out) == 0
     printed = capsys.readouterr().out
     # offline machine: the literature metrics without weights are reported as skipped, not silently dropped
-    assert "metric musiq skipped" in printed and "demo: 3 image(s)" in printed
+    assert "metric musiq skipped" in printed and "demo (test): 3 image(s)" in printed
     table = pd.read_csv(out / "results.csv", index_col=0)
     assert list(table.index) == ["input", "student@7", "teacher"]
     assert {"piqe", "brisque_live", "niqe_fit", "fused", "psnr", "ssim"} <= set(table.columns)
@@ -185,3 +185,22 @@ def test_markdown_table_marks_directions_and_best():
     text = markdown_table(table, digits=1)
     assert text.splitlines()[0] == "| restorer | images | NIQE-fit ↓ | PSNR ↑ |"
     assert "| student@7 | 2 | **4.0** | **25.0** |" in text and "| input | 2 | 5.0 | 20.0 |" in text
+
+
+def test_demo_benchmark_reads_any_of_its_real_domain_splits(tmp_path, demo_root, capsys):
+    from qualiteacher.eval.benchmarks import BENCHMARKS, read_benchmark
+
+    demo = BENCHMARKS["demo"]
+    test = read_benchmark(demo, "dehaze", demo_root)
+    unseen = read_benchmark(demo, "dehaze", demo_root, split="unseen")
+    assert len(test) == 3 and len(unseen) == 3  # the conftest's counts
+    assert all("/test/lq/" in str(r.lq) for r in test) and all("/unseen/lq/" in str(r.lq) for r in unseen)
+    assert all("/unseen/gt/" in str(r.gt) for r in unseen)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        read_benchmark(demo, "dehaze", demo_root, split="nope")
+    assert _eval(["--task", "dehaze", "--data", demo_root, "--split", "unseen", "--baseline", "classical:dcp",
+                  "--metrics", "piqe"], tmp_path) == 0
+    table = pd.read_csv(tmp_path / "results.csv").set_index("restorer")
+    assert "unseen" in capsys.readouterr().out
+    assert list(table.index) == ["input", "classical:dcp"] and (table["references"] == 3).all()
+    assert table.loc["classical:dcp", "psnr"] > table.loc["input", "psnr"]  # it dehazes the unseen photos
