@@ -131,13 +131,21 @@ def file_identity(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+# settings added after checkpoints had been written, with the value that computes what the older code
+# computed: left out of the fingerprint at that value, so upgrading retrains nothing
+ADDED_NEUTRAL: dict[str, Any] = {"model.strong_aug_target": False}
+
+
 def stage_fingerprint(plan: StagePlan) -> StageFingerprint:
-    """The fingerprint of ``plan`` (see :class:`StageFingerprint`)."""
+    """The fingerprint of ``plan`` (see :class:`StageFingerprint`); a setting of ``ADDED_NEUTRAL``
+    at its neutral value is left out."""
     parsed = plan.args.as_dict()
     settings: dict[str, Any] = {}
     for part in ("model", "data", "trainer"):
         for key, value in (parsed.get(part) or {}).items():
             if part == "trainer" and key not in TRAINER_COMPUTE_KEYS or key in _NOT_COMPUTE.get(part, ()):
+                continue
+            if ADDED_NEUTRAL.get(f"{part}.{key}", ...) == value:
                 continue
             settings[f"{part}.{key}"] = _plain_value(value)
             if part != "trainer" and isinstance(value, str) and value and Path(value).is_file():

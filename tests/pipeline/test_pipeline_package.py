@@ -254,3 +254,18 @@ def test_demo_guard_probes_the_val_split_and_a_missing_one_names_the_way_out(tmp
         check_data_folders(plan, ["stage3", "eval"])
     off = resolve_config("derain", "demo", overrides=[f"--data_root={tmp_path}", "--stage3.data.val_root=null"])
     check_data_folders(plan_run(off, ["stage3", "eval"], hardware=False), ["stage3", "eval"])  # the guard falls back to the labeled pairs
+
+
+def test_a_setting_added_at_its_neutral_value_keeps_older_checkpoints():
+    from qualiteacher.pipeline.resolve import resolve_config
+    from qualiteacher.pipeline.sections import ADDED_NEUTRAL, plan_stage, stage_fingerprint
+
+    def fingerprint(*overrides):
+        return stage_fingerprint(plan_stage(resolve_config("derain", "demo", overrides=list(overrides)), "stage3"))
+
+    default, neutral = fingerprint(), fingerprint("--stage3.model.strong_aug_target=false")
+    on = fingerprint("--stage3.model.strong_aug_target=true")
+    assert "model.strong_aug_target" in ADDED_NEUTRAL
+    assert "model.strong_aug_target" not in default.settings and default.digest == neutral.digest
+    assert on.settings["model.strong_aug_target"] is True and on.digest != default.digest
+    assert default.settings["model.strong_aug_p"] == 0.8  # the other settings are all there
