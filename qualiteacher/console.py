@@ -155,11 +155,19 @@ def key_numbers(prefix: str, means: dict[str, float], last: dict[str, float]) ->
 
 
 def eval_numbers(table: Any, rho: float) -> str:
-    """``"fused: input 0.456 · teacher 0.616 · student@7 0.625 · level dial ρ 0.76"``."""
+    """``"fused: input 0.456 · teacher 0.616 · student@7 0.625 · level dial ρ 0.76"``; the rows of
+    the unseen photos (``unseen:NAME``, ``unseen-clean:NAME``) by their PSNR, after it."""
     if "fused" not in getattr(table, "columns", ()):
         return f"level dial ρ {rho:.2f}"
-    fused = " · ".join(f"{name} {float(v):.3f}" for name, v in table["fused"].items())
-    return f"fused: {fused} · level dial ρ {rho:.2f}"
+    names = [str(n) for n in table.index]
+    fused = " · ".join(f"{n} {float(table['fused'][n]):.3f}" for n in names if not n.startswith("unseen"))
+    text = f"fused: {fused} · level dial ρ {rho:.2f}"
+    unseen = [n for n in names if n.startswith("unseen")]
+    if unseen and "psnr" in table.columns:
+        text += " · PSNR on unseen photos: " + " · ".join(
+            f"{n.removeprefix('unseen:').replace('unseen-clean:', 'clean:')} {float(table['psnr'][n]):.2f}"
+            for n in unseen)
+    return text
 
 
 class StageNumbers(L.Callback):
@@ -334,8 +342,12 @@ def final_summary(cfg: dict[str, Any], state: dict[str, Any], uri: str, seconds:
     if results.is_file():
         table = pd.read_csv(results, index_col=0)
         brief = [c for c in ("images", "fused", "iqa_level", "psnr", "ssim") if c in table.columns]
-        n = int(table["images"].max()) if "images" in table.columns else "the"
-        lines += [f"Results on {n} held-out {task} test images (fused IQA score: higher is better):",
+        first = table["images"].iloc[0] if "images" in table.columns and len(table) else None
+        n = "the" if first is None else int(first)  # the test rows; unseen:* rows count their own images
+        unseen = int(table.loc[[str(i).startswith("unseen:") for i in table.index], "images"].max()) \
+            if any(str(i).startswith("unseen:") for i in table.index) else 0
+        also = f"; unseen:* rows: {unseen} images of photos no split is cut from" if unseen else ""
+        lines += [f"Results on {n} held-out {task} test images{also} (fused IQA score: higher is better):",
                   format_table(table[brief])]
         levels = out / "eval" / "score_vs_level.csv"
         if levels.is_file():

@@ -50,6 +50,7 @@ class DemoSettings:
     n_test: int = 8
     n_clean: int = 48
     n_val: int = 8
+    n_unseen: int = 48
 
     def build_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`qualiteacher.data.demo.build_demo`."""
@@ -69,6 +70,10 @@ class EvalSettings:
     layout: str = "paired"                               # reader of DATA_ROOT/TASK/<split>
     split: str = "test"                                  # the folder measured: test (held-out photos) or
                                                          # val (training photos: choose settings there)
+    unseen: str | None = "unseen"                        # a second real-domain folder measured beside it
+                                                         # (rows unseen:NAME, and unseen-clean:NAME given its
+                                                         # ground truth), photos no split is cut from; skipped
+                                                         # when DATA_ROOT/TASK/<unseen> is missing; None: never
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,11 @@ def test_task_pipeline_tracks_everything_in_mlflow(task, demo_root, tmp_path, mo
     results = __import__("pandas").read_csv(tmp_path / "out" / task / "eval" / "results.csv", index_col=0)
     assert {"clean:student@7", "clean:teacher", "clean:classical"} <= set(results.index)
     assert "clean:input" not in results.index and results.loc["clean:student@7", "references"] > 0
+    # new photos: the demo data's unseen split, degraded and clean, beside the test split
+    unseen = [r for r in results.index if r.startswith("unseen")]
+    assert {"unseen:input", "unseen:classical", "unseen:student@7", "unseen-clean:student@7"} <= set(unseen)
+    assert (results.loc[unseen, "references"] == 3).all() and results.loc["student@7", "images"] == 3
+    assert "PSNR on unseen photos: input" in printed and "eval/unseen-clean/student_level7/psnr" in parent.data.metrics
     versions = client.search_model_versions(f"name = 'qualiteacher-{task}'")
     assert len(versions) == 1
     # a rerun skips finished stages and registers nothing new

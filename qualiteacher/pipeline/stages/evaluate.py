@@ -81,17 +81,33 @@ def load_warmup(init_from: str | None, module: Any) -> torch.nn.Module | None:
 
 
 CLEAN_PREFIX = "clean:"
+UNSEEN_PREFIX = "unseen:"
 
 
-def clean_rows(restorers: Mapping[str, Any], test: list, ensemble: Any, device: torch.device) -> pd.DataFrame:
+def clean_rows(restorers: Mapping[str, Any], test: list, ensemble: Any, device: torch.device,
+               prefix: str = CLEAN_PREFIX) -> pd.DataFrame:
     """Do no harm: every restorer but ``input`` given the test split's *ground truth* as input and
     scored against it (rows ``clean:NAME``); a restorer that leaves a clean photo as it is scores a
     high PSNR / SSIM here. Empty when the test split has no references."""
     clean = [(i, gt, gt) for i, _, gt in test if gt is not None]
-    chosen = {f"{CLEAN_PREFIX}{name}": fn for name, fn in restorers.items() if name != "input"}
+    chosen = {f"{prefix}{name}": fn for name, fn in restorers.items() if name != "input"}
     if not clean or not chosen:
         return pd.DataFrame()
     return report.evaluate_restorers(chosen, clean, ensemble, device=device)
+
+
+def unseen_rows(restorers: Mapping[str, Any], folder: Path, settings: EvalSettings, ensemble: Any,
+                device: torch.device) -> pd.DataFrame:
+    """The same restorers on a second real-domain folder of photos no split is cut from (the demo
+    data's ``unseen``): rows ``unseen:NAME``, and ``unseen-clean:NAME`` with each image's ground
+    truth as input. The test split has 8 images of 2 photos; this asks the same question on new
+    photos without being test. Empty when ``settings.unseen`` is None or the folder is missing."""
+    if settings.unseen is None or not folder.is_dir():
+        return pd.DataFrame()
+    pairs = read_test_set(folder, settings.layout, settings.max_images)
+    rows = report.evaluate_restorers({f"{UNSEEN_PREFIX}{n}": fn for n, fn in restorers.items()}, pairs, ensemble,
+                                     device=device)
+    return pd.concat([rows, clean_rows(restorers, pairs, ensemble, device, prefix="unseen-clean:")], ignore_index=True)
 
 
 def write_grids(module: Any, test: list, settings: EvalSettings, tile: int, classical: Any, out: Path,
@@ -141,7 +157,10 @@ def evaluate_pipeline(task: str, settings: EvalSettings, stage3: StagePlan, test
     classical = classical_restorer(task)  # what a user tries first, with no training
     restorers = {"input": restorers.pop("input"), "classical": classical, **restorers}
     df = report.evaluate_restorers(restorers, test, ensemble, device=device)
-    df = label_meaningless(pd.concat([df, clean_rows(restorers, test, ensemble, device)], ignore_index=True), ensemble)
+    unseen = unseen_rows(restorers, test_folder.parent / settings.unseen, settings, ensemble, device) \
+        if settings.unseen and settings.unseen != settings.split else pd.DataFrame()
+    df = label_meaningless(pd.concat([df, clean_rows(restorers, test, ensemble, device), unseen], ignore_index=True),
+                           ensemble)
     table = label_meaningless(summary_table(df), ensemble)
     df.to_csv(out / "per_image.csv", index=False)
     table.to_csv(out / "results.csv")
