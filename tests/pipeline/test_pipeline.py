@@ -60,7 +60,7 @@ def test_task_pipeline_tracks_everything_in_mlflow(task, demo_root, tmp_path, mo
     assert "checkpoints/final.ckpt" in _artifacts(client, s3)
     assert "model.preset" in children["stage3"].data.params
     ev = _artifacts(client, children["eval"].info.run_id)
-    assert {"eval/score_vs_level.png", "eval/test_grid.png", "eval/results.csv"} <= set(ev)
+    assert {"eval/score_vs_level.png", "eval/test_grid.png", "eval/unseen_grid.png", "eval/results.csv"} <= set(ev)
     assert "eval/student_level7/fused" in parent.data.metrics
     # do no harm: the student, teacher and classical restorer also got the clean ground truth as input
     assert "eval/clean/student_level7/psnr" in parent.data.metrics

@@ -274,15 +274,16 @@ def test_a_setting_added_at_its_neutral_value_keeps_older_checkpoints():
 def test_unseen_rows_only_where_asked_and_present(tmp_path, demo_root, fast_ensemble_factory):
     import torch
 
-    from qualiteacher.pipeline.stages.evaluate import unseen_rows
+    from qualiteacher.pipeline.stages.evaluate import unseen_pairs, unseen_rows
 
     restorers = {"input": lambda x: x, "dim": lambda x: x * 0.5}
     ensemble = fast_ensemble_factory()
     cpu = torch.device("cpu")
     folder = demo_root / "dehaze" / "unseen"
-    rows = unseen_rows(restorers, folder, EvalSettings(), ensemble, cpu)
+    rows = unseen_rows(restorers, unseen_pairs(folder, EvalSettings()), ensemble, cpu)
     assert set(rows["restorer"]) == {"unseen:input", "unseen:dim", "unseen-clean:dim"}
     clean = rows[rows["restorer"] == "unseen-clean:dim"]
     assert len(clean) == 3 and (clean["psnr"] < 20).all()  # halving a clean photo is harm, and shows
-    assert unseen_rows(restorers, folder, EvalSettings(unseen=None), ensemble, cpu).empty
-    assert unseen_rows(restorers, tmp_path / "missing", EvalSettings(), ensemble, cpu).empty
+    assert unseen_pairs(folder, EvalSettings(unseen=None)) == [] == unseen_pairs(tmp_path / "missing", EvalSettings())
+    assert unseen_pairs(folder, EvalSettings(split="unseen")) == []  # measured as the split itself already
+    assert unseen_rows(restorers, [], ensemble, cpu).empty

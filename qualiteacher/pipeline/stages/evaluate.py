@@ -96,33 +96,45 @@ def clean_rows(restorers: Mapping[str, Any], test: list, ensemble: Any, device: 
     return report.evaluate_restorers(chosen, clean, ensemble, device=device)
 
 
-def unseen_rows(restorers: Mapping[str, Any], folder: Path, settings: EvalSettings, ensemble: Any,
-                device: torch.device) -> pd.DataFrame:
-    """The same restorers on a second real-domain folder of photos no split is cut from (the demo
-    data's ``unseen``): rows ``unseen:NAME``, and ``unseen-clean:NAME`` with each image's ground
-    truth as input. The test split has 8 images of 2 photos; this asks the same question on new
-    photos without being test. Empty when ``settings.unseen`` is None or the folder is missing."""
-    if settings.unseen is None or not folder.is_dir():
+def unseen_pairs(folder: Path, settings: EvalSettings) -> list:
+    """The pairs of the second real-domain folder (the demo data's ``unseen``); empty when
+    ``settings.unseen`` is None, names the measured split itself, or the folder is missing."""
+    if settings.unseen is None or settings.unseen == settings.split or not folder.is_dir():
+        return []
+    return read_test_set(folder, settings.layout, settings.max_images)
+
+
+def unseen_rows(restorers: Mapping[str, Any], pairs: list, ensemble: Any, device: torch.device) -> pd.DataFrame:
+    """The same restorers on :func:`unseen_pairs`, photos no split is cut from: rows
+    ``unseen:NAME``, and ``unseen-clean:NAME`` with each image's ground truth as input. The test
+    split has 8 images of 2 photos; this asks the same question on new photos without being test."""
+    if not pairs:
         return pd.DataFrame()
-    pairs = read_test_set(folder, settings.layout, settings.max_images)
     rows = report.evaluate_restorers({f"{UNSEEN_PREFIX}{n}": fn for n, fn in restorers.items()}, pairs, ensemble,
                                      device=device)
     return pd.concat([rows, clean_rows(restorers, pairs, ensemble, device, prefix="unseen-clean:")], ignore_index=True)
 
 
 def write_grids(module: Any, test: list, settings: EvalSettings, tile: int, classical: Any, out: Path,
-                device: torch.device) -> list[str]:
+                device: torch.device, unseen: list = ()) -> list[str]:
     """The eval's image grids in ``out``: ``test_grid.png`` (the first 3 test images: input,
-    classical, the grid levels, ground truth) and, for a student with the fidelity path,
+    classical, the grid levels, ground truth), ``unseen_grid.png`` the same for 3 unseen images
+    spread over the folder (when given) and, for a student with the fidelity path,
     ``level_w_grid.png`` (level x w). Returns their file names."""
-    rows: list = []
-    titles: list[str] = []
-    for _, lq, gt in test[:3]:
-        r, titles = grid_rows(module, lq[None].to(device), list(settings.grid_levels), tile,
-                              gt=None if gt is None else gt[None], classical=classical)
-        rows += r
-    save_png(image_grid(rows, titles), out / "test_grid.png")
-    names = ["test_grid.png"]
+    names = []
+    picks = {"test_grid.png": test[:3], "unseen_grid.png": [unseen[i * len(unseen) // 3] for i in range(3)]
+             if len(unseen) >= 3 else list(unseen)}
+    for name, chosen in picks.items():
+        if not chosen:
+            continue
+        rows: list = []
+        titles: list[str] = []
+        for _, lq, gt in chosen:
+            r, titles = grid_rows(module, lq[None].to(device), list(settings.grid_levels), tile,
+                                  gt=None if gt is None else gt[None], classical=classical)
+            rows += r
+        save_png(image_grid(rows, titles), out / name)
+        names.append(name)
     if getattr(module.student, "has_fidelity", False):
         lq0 = torch.stack([lq for _, lq, _ in test[:2]]) if len({lq.shape for _, lq, _ in test[:2]}) == 1 else test[0][1][None]
         rows, titles = level_w_grid(module.student, lq0.to(device), list(settings.grid_levels),
@@ -157,8 +169,8 @@ def evaluate_pipeline(task: str, settings: EvalSettings, stage3: StagePlan, test
     classical = classical_restorer(task)  # what a user tries first, with no training
     restorers = {"input": restorers.pop("input"), "classical": classical, **restorers}
     df = report.evaluate_restorers(restorers, test, ensemble, device=device)
-    unseen = unseen_rows(restorers, test_folder.parent / settings.unseen, settings, ensemble, device) \
-        if settings.unseen and settings.unseen != settings.split else pd.DataFrame()
+    new = unseen_pairs(test_folder.parent / settings.unseen, settings) if settings.unseen else []
+    unseen = unseen_rows(restorers, new, ensemble, device)
     df = label_meaningless(pd.concat([df, clean_rows(restorers, test, ensemble, device), unseen], ignore_index=True),
                            ensemble)
     table = label_meaningless(summary_table(df), ensemble)
@@ -170,7 +182,7 @@ def evaluate_pipeline(task: str, settings: EvalSettings, stage3: StagePlan, test
     rho = level_spearman(levels_df)
     plot_score_vs_level(levels_df, out / "score_vs_level.png",
                         title=f"{task}: ensemble score vs requested level (Spearman {rho:.2f})")
-    grids = write_grids(module, test, settings, tile, classical, out, device)
+    grids = write_grids(module, test, settings, tile, classical, out, device, unseen=new)
     names = ["per_image.csv", "results.csv", "score_vs_level.csv", "score_vs_level.png", *grids]
     client = runs.client
     for name in names:
