@@ -84,12 +84,13 @@ def _iqa_fit_niqe(args: argparse.Namespace) -> int:
 
 def _iqa_audit(args: argparse.Namespace) -> int:
     from qualiteacher.iqa.audit_report import audit_command  # lazy: see the module docstring
-    from qualiteacher.training.students import untrained_student_outputs  # lazy: see the module docstring
+    from qualiteacher.training.students import trained_student_outputs, untrained_student_outputs  # lazy: see above
 
     try:
+        trained = trained_student_outputs(args.checkpoint) if args.checkpoint else None
         return audit_command(args.preset, args.task, args.images, args.out, args.size, args.seed,
                              args.random_weights, args.weights_dir, args.strict, args.demo_data,
-                             student_outputs=untrained_student_outputs)
+                             student_outputs=untrained_student_outputs, trained_outputs=trained)
     except (OSError, ValueError) as err:  # bad preset, folder or size: one line, exit 2
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -256,6 +257,9 @@ def _add_iqa_commands(sub: Any) -> None:
     aud.add_argument("--weights-dir", default=None, help="folder holding the members' weight files")
     aud.add_argument("--random-weights", action="store_true",
                      help="members that need downloaded weights get random ones (code path only: meaningless scores)")
+    aud.add_argument("--checkpoint", default=None, metavar="CKPT",
+                     help="a stage-3 checkpoint: also pair each clean photo with its student's restoration of it "
+                          "(row trained_student; a grader should not pay for reworking a photo that needed nothing)")
     aud.add_argument("--strict", action="store_true", help="exit 1 when the fused score fails the audit")
     aud.set_defaults(handler=_iqa_audit)
     lst = iqa_sub.add_parser("list", help="list ensemble presets")

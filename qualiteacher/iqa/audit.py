@@ -51,6 +51,7 @@ from qualiteacher.iqa.sanity import ladder_summary, ladder_table
 from qualiteacher.say import say
 
 UNTRAINED = "untrained_student"
+TRAINED = "trained_student"  # a trained student's rework of the clean photo (``iqa audit --checkpoint``)
 FUSED = "fused"
 GENERIC_LADDERS: tuple[str, ...] = ("blur", "noise", "jpeg")
 MIN_PASS_FRACTION = 0.95  # over all pairs
@@ -218,9 +219,13 @@ def failing_pairs(pairs: pd.DataFrame, scorer: str = FUSED) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------ audit
 def run_audit(ensemble: Ensemble, task: str, images: AuditImages, preset: str = "?", seed: int = 0,
               random_weights: bool = False, ladders: bool = True,
-              student_outputs: StudentOutputs | None = None) -> AuditResult:
+              student_outputs: StudentOutputs | None = None,
+              trained_outputs: StudentOutputs | None = None) -> AuditResult:
     """Ladders and destruction pairs of ``ensemble`` on ``images`` (see the module doc);
-    ``student_outputs`` adds the untrained student's pairs (row ``untrained_student``)."""
+    ``student_outputs`` adds the untrained student's pairs (row ``untrained_student``),
+    ``trained_outputs`` a trained student's restoration of each clean photo (row
+    ``trained_student``: a grader that prefers it to the photo pays the student for reworking
+    what needed nothing, the do-no-harm failure)."""
     start = time.perf_counter()
     random_weights = random_weights or bool(getattr(ensemble, "meaningless", False))
     x = images.images
@@ -231,6 +236,8 @@ def run_audit(ensemble: Ensemble, task: str, images: AuditImages, preset: str = 
     outputs = {kind: fn(x, seed) for kind, fn in DESTRUCTIONS.items()}
     if student_outputs is not None:
         outputs[UNTRAINED] = student_outputs(x, seed)
+    if trained_outputs is not None:
+        outputs[TRAINED] = trained_outputs(x, seed)
     for kind, y in outputs.items():
         changed = (y - x).flatten(1).abs().amax(1).gt(1 / 512).numpy()  # a grey photo is its own grey-out
         got = score_images(ensemble, y)

@@ -158,12 +158,14 @@ def _log_mlflow(result: AuditResult, paths: list[Path]) -> None:
 def audit_command(preset: str, task: str, images: str | None = None, out: str = "iqa_audit", size: int = 96,
                   seed: int = 0, random_weights: bool = False, weights_dir: str | None = None,
                   strict: bool = False, demo_root: str | None = None,
-                  student_outputs: StudentOutputs | None = None) -> int:
+                  student_outputs: StudentOutputs | None = None,
+                  trained_outputs: StudentOutputs | None = None) -> int:
     """``qualiteacher iqa audit``: build the ensemble (a preset name or a YAML file of members),
     audit it on the tune and the report photos (``images``: the user's photos, all reported),
     write the report, print the overfit check and the verdict (report photos). Returns 1 when
     ``strict`` and the verdict fails. ``student_outputs``: the untrained student's outputs
-    (``training.students.untrained_student_outputs`` from the CLI)."""
+    (``training.students.untrained_student_outputs`` from the CLI); ``trained_outputs``: a
+    trained student's (``--checkpoint``, ``training.students.trained_student_outputs``)."""
     if size < 32:
         raise ValueError(f"--size must be >= 32 px, got {size}")
     if Path(preset).suffix in (".yaml", ".yml") or Path(preset).is_file():
@@ -182,7 +184,7 @@ def audit_command(preset: str, task: str, images: str | None = None, out: str = 
         demo = demo_root if demo_root and Path(demo_root).is_dir() else None
         sets = {split: default_images(size, split, demo_root=demo, task=task) for split in ("tune", "report")}
     results = {name: run_audit(ensemble, task, imgs, preset=preset, seed=seed, random_weights=random_weights,
-                                   student_outputs=student_outputs)
+                                   student_outputs=student_outputs, trained_outputs=trained_outputs)
                for name, imgs in sets.items()}
     result, tune = results["report"], results.get("tune")
     paths = write_audit(result, out, tune)

@@ -1,6 +1,7 @@
 """Building students by name and loading warmed-up weights into them."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,24 @@ def untrained_student_outputs(images: torch.Tensor, seed: int = 0) -> torch.Tens
         torch.manual_seed(seed)
         net = build_student("iqpir", "tiny")
     return restore(net, images, level=None).clamp(0, 1)
+
+
+def trained_student_outputs(checkpoint: str | Path, level: int | None = None, tile: int = 48
+                            ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """The IQA audit's ``trained_student`` pairs: the student of a stage-3 ``checkpoint`` (read
+    safely) restoring each clean photo at ``level`` (default: its top level), tiled like the
+    pipeline's eval. The checkpoint is read here, so a bad path fails before any scoring."""
+    from qualiteacher.training.restore import load_for_inference, restore  # lazy: see untrained_student_outputs
+
+    module = load_for_inference(checkpoint)
+    top = int(module.hparams.get("top_level", 7)) if level is None else level
+
+    def outputs(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        del seed  # deterministic
+        with torch.no_grad():
+            return restore(module.student, images, level=top, tile=tile).clamp(0, 1)
+
+    return outputs
 
 
 def read_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:

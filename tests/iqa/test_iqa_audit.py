@@ -230,3 +230,29 @@ def test_reward_guard_callback_logs_and_warns_once(fast_ensemble_factory) -> Non
             guard.on_train_batch_end(trainer, module, None, batch, step)
     assert len([r for r in record if "REWARD HACKING" in str(r.message)]) == 1
     assert logged[-1][0]["reward_guard/alarm"] == 1.0
+
+
+def test_audit_with_a_checkpoint_pairs_each_photo_with_its_students_rework(tmp_path: Path, app_checkpoint,
+                                                                           capsys) -> None:
+    from qualiteacher.cli import main
+    from qualiteacher.data.io import write_image
+    from qualiteacher.iqa.audit import TRAINED, bundled_photo
+    from qualiteacher.training.students import trained_student_outputs
+
+    photo = bundled_photo("chelsea")[::4, ::4].astype(np.float32) / 255
+    write_image(tmp_path / "imgs" / "cat.png", photo)
+    out = tmp_path / "report"
+    assert main(["iqa", "audit", "--task", "dehaze", "--images", str(tmp_path / "imgs"), "--out", str(out),
+                 "--size", "48", "--checkpoint", str(app_checkpoint)]) == 0
+    pairs = pd.read_csv(out / "audit_offline_dehaze_pairs.csv")
+    mine = pairs[(pairs["destruction"] == TRAINED) & (pairs["scorer"] == FUSED)]
+    assert len(mine) >= 1 and mine["destroyed"].between(0, 1).all()
+    assert TRAINED in pd.read_csv(out / "audit_offline_dehaze_pass.csv", index_col=0).index
+    # the pairs hold what the student returns for the photo, at its top level
+    x = torch.rand(2, 3, 48, 48)
+    y = trained_student_outputs(app_checkpoint)(x, 0)
+    assert y.shape == x.shape and not torch.equal(y, x) and float(y.min()) >= 0 and float(y.max()) <= 1
+    capsys.readouterr()
+    assert main(["iqa", "audit", "--task", "dehaze", "--images", str(tmp_path / "imgs"), "--out", str(out),
+                 "--checkpoint", str(tmp_path / "nope.ckpt")]) == 2
+    assert "nope.ckpt" in capsys.readouterr().err
