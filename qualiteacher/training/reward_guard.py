@@ -10,8 +10,11 @@ Witnesses are the members the reward's gradient cannot follow (``reward_mode`` `
 ``exclude``; PIQE in the offline preset), the PSNR and two colour measures
 (:func:`colour_correlation`: the output's opponent chroma against the ground truth's on the labeled
 pairs, ``colour``, and against the input's on the unlabeled images, ``colour_input``): a student
-that throws colour away, tints it or paints chroma speckle lowers them. The decision is the pure
-function :func:`hacking_alarm`.
+that throws colour away, tints it or paints chroma speckle lowers them. A last witness,
+``psnr_clean``, gives the student the probe pairs' *ground truth* and measures what comes back
+against it (do no harm): the graders pay for a student's rework of a clean photo (`docs/iqa.md`),
+so a reward that climbs while clean photos come back more changed is the same hacking seen from
+the other side. The decision is the pure function :func:`hacking_alarm`.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from qualiteacher.training.restore import restore
 PSNR = "psnr"
 COLOUR = "colour"
 COLOUR_INPUT = "colour_input"
+CLEAN = "psnr_clean"
 
 
 class Probe(NamedTuple):
@@ -87,7 +91,7 @@ def colour_correlation(x: Tensor, y: Tensor) -> Tensor:
 
 
 class RewardGuard(L.Callback):
-    """Logs ``reward_guard/*`` (fused, members, psnr) on a fixed probe batch every ``every_n_steps``
+    """Logs ``reward_guard/*`` (fused, members, psnr, colour, psnr_clean) on a fixed probe batch every ``every_n_steps``
     and warns once through :func:`hacking_alarm` (see the module doc)."""
 
     def __init__(self, every_n_steps: int = 50, patience: int = 3, n_unlabeled: int = 4, n_pairs: int = 4,
@@ -127,11 +131,12 @@ class RewardGuard(L.Callback):
         fused = torch.cat([s.fused for s in scores]).nanmean()
         members = {n: torch.cat([s.normalized[n] for s in scores]).nanmean() for n in scores[0].normalized}
         value = float(psnr(out_l, self.probe["gt"]))
+        clean = float(psnr(restore(pl_module.student, self.probe["gt"], level=top), self.probe["gt"]))
         colour = {COLOUR: float(colour_correlation(out_l, self.probe["gt"])),
                   COLOUR_INPUT: float(colour_correlation(out_u, self.probe["unlabeled"]))}
         witnesses = [s.name for s in ensemble.specs if s.reward_mode != "grad"]
-        measures = {**{n: float(members[n]) for n in witnesses}, PSNR: value, **colour}
-        logged = {"reward_guard/fused": float(fused), "reward_guard/psnr": value,
+        measures = {**{n: float(members[n]) for n in witnesses}, PSNR: value, **colour, CLEAN: clean}
+        logged = {"reward_guard/fused": float(fused), "reward_guard/psnr": value, f"reward_guard/{CLEAN}": clean,
                   **{f"reward_guard/{n}": v for n, v in colour.items()},
                   **{f"reward_guard/{n}": float(v) for n, v in members.items()}}
         return Probe(step, float(fused), measures), logged

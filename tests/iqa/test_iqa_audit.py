@@ -19,7 +19,17 @@ from qualiteacher.iqa.audit import (
     square_crops,
 )
 from qualiteacher.iqa.destruction import DESTRUCTIONS, destroy, list_destructions
-from qualiteacher.training.reward_guard import COLOUR, PSNR, Probe, RewardGuard, colour_correlation, hacking_alarm
+from qualiteacher.training.restore import restore
+from qualiteacher.training.reward_guard import (
+    CLEAN,
+    COLOUR,
+    PSNR,
+    Probe,
+    RewardGuard,
+    colour_correlation,
+    hacking_alarm,
+    psnr,
+)
 
 
 def _images(b: int = 2, h: int = 40, w: int = 52) -> torch.Tensor:
@@ -216,8 +226,14 @@ def test_reward_guard_callback_logs_and_warns_once(fast_ensemble_factory) -> Non
     assert [s for _, s in logged] == [2, 4] and guard.probe["unlabeled"].shape[0] == 2
     metrics = logged[0][0]
     assert {"reward_guard/fused", "reward_guard/psnr", "reward_guard/piqe", "reward_guard/alarm",
-            "reward_guard/colour", "reward_guard/colour_input"} <= set(metrics)
+            "reward_guard/colour", "reward_guard/colour_input", "reward_guard/psnr_clean"} <= set(metrics)
     assert math.isfinite(metrics["reward_guard/fused"]) and metrics["reward_guard/alarm"] == 0.0
+    # do no harm: the student given the probe's ground truth, measured against it
+    with torch.no_grad():
+        back = restore(student, guard.probe["gt"], level=7)
+    assert metrics["reward_guard/psnr_clean"] == pytest.approx(float(psnr(back, guard.probe["gt"])), abs=1e-4)
+    history = [Probe(i, 0.5 + 0.01 * i, {CLEAN: 30.0 - i}) for i in range(4)]
+    assert "psnr_clean" in hacking_alarm(history, patience=3)  # a reward that climbs as clean photos change
 
     # a scripted hacking run: the guard warns once, then keeps logging the alarm flag
     script = iter(_history([0.5, 0.6, 0.7, 0.8, 0.9], [0.6, 0.5, 0.4, 0.3, 0.2]))
