@@ -342,11 +342,11 @@ def final_summary(cfg: dict[str, Any], state: dict[str, Any], uri: str, seconds:
     if results.is_file():
         table = pd.read_csv(results, index_col=0)
         brief = [c for c in ("images", "fused", "iqa_level", "psnr", "ssim") if c in table.columns]
-        first = table["images"].iloc[0] if "images" in table.columns and len(table) else None
-        n = "the" if first is None else int(first)  # the test rows; unseen:* rows count their own images
-        unseen = int(table.loc[[str(i).startswith("unseen:") for i in table.index], "images"].max()) \
-            if any(str(i).startswith("unseen:") for i in table.index) else 0
-        also = f"; unseen:* rows: {unseen} images of photos no split is cut from" if unseen else ""
+        has_images = "images" in table.columns and len(table)
+        n = int(table["images"].iloc[0]) if has_images else "the"  # the test rows; unseen:* count their own
+        new = table.index.astype(str).str.startswith("unseen:")
+        also = f"; unseen:* rows: {int(table.loc[new, 'images'].max())} images of photos no split is cut from" \
+            if has_images and new.any() else ""
         lines += [f"Results on {n} held-out {task} test images{also} (fused IQA score: higher is better):",
                   format_table(table[brief])]
         levels = out / "eval" / "score_vs_level.csv"

@@ -170,14 +170,12 @@ def unseen_photos(known: Sequence[str]) -> dict[str, Photo]:
 def _build_task(out: Path, task: str, seed: int, train: list[Photo], test: list[Photo], size: int,
                 counts: dict[str, int], unseen: list[Photo] = ()) -> list[dict]:
     deg = get_degradation(task)
-    rng = np.random.default_rng([seed, TASK_OFFSETS[task]])
+    shared = np.random.default_rng([seed, TASK_OFFSETS[task]])  # the SPLITS, drawn in order
+    plan = [(split, domain, test if split == "test" else train, shared) for split, domain in SPLITS.items()]
+    if unseen and counts.get("unseen"):
+        plan.append(("unseen", "real", unseen, np.random.default_rng([seed, TASK_OFFSETS[task], UNSEEN_OFFSET])))
     rows = []
-    for split, domain in {**SPLITS, "unseen": "real"}.items():
-        if split == "unseen":
-            if not unseen or not counts.get("unseen"):
-                continue
-            rng = np.random.default_rng([seed, TASK_OFFSETS[task], UNSEEN_OFFSET])
-        photos = {"test": test, "unseen": unseen}.get(split, train)
+    for split, domain, photos, rng in plan:
         for i, crop in enumerate(_crops(photos, counts[split], size, rng)):
             params = deg.sample(rng, domain)
             lq = deg.apply(crop.image, params, crop.depth)

@@ -279,11 +279,11 @@ def test_unseen_rows_only_where_asked_and_present(tmp_path, demo_root, fast_ense
     restorers = {"input": lambda x: x, "dim": lambda x: x * 0.5}
     ensemble = fast_ensemble_factory()
     cpu = torch.device("cpu")
-    folder = demo_root / "dehaze" / "unseen"
-    rows = unseen_rows(restorers, unseen_pairs(folder, EvalSettings()), ensemble, cpu)
+    task_data = demo_root / "dehaze"
+    rows = unseen_rows(restorers, unseen_pairs(task_data, EvalSettings()), ensemble, cpu)
     assert set(rows["restorer"]) == {"unseen:input", "unseen:dim", "unseen-clean:dim"}
     clean = rows[rows["restorer"] == "unseen-clean:dim"]
     assert len(clean) == 3 and (clean["psnr"] < 20).all()  # halving a clean photo is harm, and shows
-    assert unseen_pairs(folder, EvalSettings(unseen=None)) == [] == unseen_pairs(tmp_path / "missing", EvalSettings())
-    assert unseen_pairs(folder, EvalSettings(split="unseen")) == []  # measured as the split itself already
+    assert unseen_pairs(task_data, EvalSettings(unseen=None)) == [] == unseen_pairs(tmp_path, EvalSettings())
+    assert unseen_pairs(task_data, EvalSettings(split="unseen")) == []  # measured as the split itself already
     assert unseen_rows(restorers, [], ensemble, cpu).empty

@@ -96,12 +96,13 @@ def clean_rows(restorers: Mapping[str, Any], test: list, ensemble: Any, device: 
     return report.evaluate_restorers(chosen, clean, ensemble, device=device)
 
 
-def unseen_pairs(folder: Path, settings: EvalSettings) -> list:
-    """The pairs of the second real-domain folder (the demo data's ``unseen``); empty when
-    ``settings.unseen`` is None, names the measured split itself, or the folder is missing."""
-    if settings.unseen is None or settings.unseen == settings.split or not folder.is_dir():
+def unseen_pairs(task_data: Path, settings: EvalSettings) -> list:
+    """The pairs of the second real-domain folder ``task_data / settings.unseen`` (the demo data's
+    ``unseen``); empty when ``settings.unseen`` is None, names the measured split itself, or the
+    folder is missing."""
+    if settings.unseen is None or settings.unseen == settings.split or not (task_data / settings.unseen).is_dir():
         return []
-    return read_test_set(folder, settings.layout, settings.max_images)
+    return read_test_set(task_data / settings.unseen, settings.layout, settings.max_images)
 
 
 def unseen_rows(restorers: Mapping[str, Any], pairs: list, ensemble: Any, device: torch.device) -> pd.DataFrame:
@@ -169,7 +170,7 @@ def evaluate_pipeline(task: str, settings: EvalSettings, stage3: StagePlan, test
     classical = classical_restorer(task)  # what a user tries first, with no training
     restorers = {"input": restorers.pop("input"), "classical": classical, **restorers}
     df = report.evaluate_restorers(restorers, test, ensemble, device=device)
-    new = unseen_pairs(test_folder.parent / settings.unseen, settings) if settings.unseen else []
+    new = unseen_pairs(test_folder.parent, settings)
     unseen = unseen_rows(restorers, new, ensemble, device)
     df = label_meaningless(pd.concat([df, clean_rows(restorers, test, ensemble, device), unseen], ignore_index=True),
                            ensemble)
