@@ -13,7 +13,8 @@
   their weights chosen on the audit's tune photos, the other members fixed). ``qualiteacher iqa
   audit`` measures it on report photos it was not tuned on (docs/iqa.md: 92-93 % of the destroyed
   copies below their source; the targets of 95 % and 90 % per destruction are not reached).
-  ``offline_v2``: the preset before issue 25; ``offline_v1``: before issue 12; kept for comparison.
+  ``offline_v3``: before the blockiness recalibration (JPEG ladder, 2026-12-07); ``offline_v2``:
+  the preset before issue 25; ``offline_v1``: before issue 12; kept for comparison.
 
 Stand-in weights (plumbing tests only): with ``QUALITEACHER_RANDOM_IQA=1`` every member that needs
 downloaded weights is built without them — pyiqa networks and CLIP with a seeded random
@@ -60,7 +61,15 @@ def _m(name: str, backend: str, weight: float, lo: float, hi: float, higher_bett
             "reward_mode": reward_mode, "options": options}
 
 
-def _audited_members() -> list[dict[str, Any]]:
+# JPEG blockiness range: clean 96-px crops score about 0.12 (median of the audit's photos), JPEG
+# q76 / 52 / 29 / 5 about 0.17 / 0.30 / 0.49 / 2.7. The old floor 0.3 scored a clean photo and
+# q76 and q52 alike (all 1), so the JPEG ladder's first steps went by the other members, which
+# JPEG's smoothing pleases (rho 0.82). (0.1, 1.0) was chosen on the audit's tune photos (issue 25).
+BLOCKINESS_RANGE = (0.1, 1.0)
+BLOCKINESS_RANGE_V3 = (0.3, 2.0)
+
+
+def _audited_members(blockiness_range: tuple[float, float] = BLOCKINESS_RANGE_V3) -> list[dict[str, Any]]:
     """The members of ``offline_v2`` (issue 12's audit), which ``offline`` keeps and extends."""
     return [
         _m("piqe", "pyiqa:piqe", 0.2, 0.0, 100.0, False, differentiable=False, reward_mode="detach"),
@@ -68,7 +77,7 @@ def _audited_members() -> list[dict[str, Any]]:
         # graded at the image's own size (blocks and pristine model follow it), no upsampling:
         # clean 48-96-px crops score about 3-9, the audit's heaviest noise / rain 13-45 (docs/iqa.md)
         _m("niqe", "offline:niqe", 0.2, 2.0, 25.0, False, native=True),
-        _m("blockiness", "physical:blockiness", 0.2, 0.3, 2.0, False),
+        _m("blockiness", "physical:blockiness", 0.2, *blockiness_range, False),
         # clipped channels: posterize, over-sharpening, noise texture, an untrained decoder
         _m("clipping", "physical:clipping", 0.4, 0.0, 0.1, False),
         # capped low (0.15): colour present pays, over-saturation does not
@@ -127,9 +136,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "task_members": {},
     },
     "offline": {
-        "description": "No download, audited on tune / report photos (qualiteacher iqa audit, issues 12 and 25): PIQE + BRISQUE + NIQE (native size) + blockiness + clipping + colourfulness + colour cast + colour (chroma spread, chroma noise, hue naturalness) + physical",
-        "members": _audited_members() + _colour_members(),
+        "description": "No download, audited on tune / report photos (qualiteacher iqa audit, issues 12 and 25): PIQE + BRISQUE + NIQE (native size) + blockiness (range 0.1-1) + clipping + colourfulness + colour cast + colour (chroma spread, chroma noise, hue naturalness) + physical",
+        "members": _audited_members(BLOCKINESS_RANGE) + _colour_members(),
         # desnow's flakes up to saturation 0.4: a brown tint (white -> 0.22) cannot hide them
+        "task_members": _physical_task_members(snow_saturation=0.4),
+    },
+    "offline_v3": {
+        "description": "Before the blockiness recalibration (issue 25, 2026-12-07; kept for comparison): offline with blockiness graded on 0.3-2, blind to JPEG q52 and above",
+        "members": _audited_members() + _colour_members(),
         "task_members": _physical_task_members(snow_saturation=0.4),
     },
     "offline_v2": {
