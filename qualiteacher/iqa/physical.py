@@ -12,6 +12,8 @@ thresholds are sigmoids, the histogram is a soft histogram). Raw scales and dire
 - ``snow_flakes``: fraction of pixels that are small bright blobs (white top-hat above a soft
   threshold), lower = better.
 - ``blockiness``: JPEG 8-px grid strength (best grid phase against the others), lower = better.
+- ``seams``: straight full-length seams (the most coherent column / row steps against the median
+  one), lower = better.
 - ``colourfulness``, ``colour_cast``, ``clipping``: global colour and exposure statistics that catch
   destroyed outputs (grey-out, wrong white balance, clipped or posterized values); see image_stats.py.
 - ``chroma_spread``, ``chroma_tint``, ``chroma_noise``, ``hue_naturalness``: colour kept, colour
@@ -147,6 +149,29 @@ def blockiness(images: Tensor, period: int = 8) -> Tensor:
     return (_grid_ratio(dx, period) + _grid_ratio(dy, period)) / 2 - 1
 
 
+def _boundary_coherence(steps: Tensor, dim: int) -> Tensor:
+    """Per boundary: |mean signed step| over mean |step| along ``dim`` (1: the same step all
+    along the line), the largest over the channels."""
+    return (steps.mean(dim).abs() / (steps.abs().mean(dim) + 1e-3)).amax(1)
+
+
+def seams(images: Tensor, top: int = 2) -> Tensor:
+    """Straight seams (tiles restored with their own gains, codebook blocks): how much more
+    coherent the ``top`` most coherent full-length column / row boundaries are than the median one.
+
+    A boundary's coherence is |mean signed step| over mean |step| across it, per channel: a seam
+    shifts the colour the same way along the whole line, a natural edge changes sign and
+    strength along it. Averaged over both directions; lower = better.
+    """
+    cx = _boundary_coherence(images[..., :, 1:] - images[..., :, :-1], 2)  # (B, W-1)
+    cy = _boundary_coherence(images[..., 1:, :] - images[..., :-1, :], 3)  # (B, H-1)
+    score = []
+    for c in (cx, cy):
+        k = max(1, min(top, c.shape[1] // 4))
+        score.append(c.topk(k, 1).values.mean(1) - c.median(1).values)
+    return (score[0] + score[1]) / 2
+
+
 PHYSICAL_METRICS: dict[str, Callable[..., Tensor]] = {
     "haze_density": haze_density,
     "exposure": exposure_quality,
@@ -155,6 +180,7 @@ PHYSICAL_METRICS: dict[str, Callable[..., Tensor]] = {
     "rain_streaks": rain_streak_density,
     "snow_flakes": snow_flake_density,
     "blockiness": blockiness,
+    "seams": seams,
     "colourfulness": colourfulness,
     "colour_cast": colour_cast,
     "clipping": clipping,

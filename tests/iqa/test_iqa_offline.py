@@ -7,7 +7,9 @@ import pytest
 import scipy.io
 import torch
 
+
 from qualiteacher.iqa import offline, physical
+from qualiteacher.iqa.destruction import tile_seams
 
 BRISQUE_ABS_TOL = 1e-6  # measured: max |ours - package| ~1e-11 on images without flat patches
 # Images with exactly flat patches (low-quality JPEG blocks, clipped areas): the package's result
@@ -148,3 +150,19 @@ def test_physical_members_directions() -> None:
     assert physical.blockiness(blocky) > physical.blockiness(img) + 1.0
     with pytest.raises(ValueError, match="unknown physical metric"):
         physical.PhysicalMember("sharpness")
+
+
+def test_seams_see_straight_tile_seams_not_natural_edges() -> None:
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
+    smooth = torch.stack([0.5 + 0.2 * torch.sin(5 * xx + 3 * yy), 0.4 + 0.2 * torch.cos(4 * yy),
+                          0.3 + 0.2 * xx * yy])[None]
+    texture = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 66, 66, generator=g), 3, 1)
+    img = (smooth + 0.3 * (texture - 0.5)).clamp(0, 1)  # a photo's texture over smooth shading
+    edge = img.clone()
+    edge[..., (xx + 0.3 * torch.sin(6 * yy)) > 0.5] *= 0.5  # a wavy natural edge across the image
+    for seed in (0, 1):
+        tiled = tile_seams(img, seed=seed)  # 3 x 3 tiles with their own gains: 2 straight seams a side
+        assert physical.seams(tiled) > physical.seams(img) + 0.08
+        assert physical.seams(tiled) > physical.seams(edge) + 0.08
+    assert physical.seams(torch.full((1, 3, 16, 16), 0.5)) == 0  # nothing to see: no seam
