@@ -78,8 +78,10 @@ class QualiTeacherModule(L.LightningModule):
         refresh_every: grade new candidates every n steps (and whenever an image is new to the bank).
         train_on_variants: the step's multi-augmented variants are PL targets too (at their own,
             lower levels) besides the bank's best k: the student sees the whole quality range.
-        level_rule: ``default`` (METHOD.md: 8 levels from the fused score) or ``quantile``
-            (levels spread evenly over a running pool of the last ``level_pool_size`` candidate scores).
+        level_rule: ``default`` (METHOD.md: 8 levels from the fused score), ``quantile``
+            (levels spread evenly over a running pool of the last ``level_pool_size`` candidate scores)
+            or ``relative`` (each target's level by its drop below the best candidate of its own
+            image, spread evenly over the batch: ``stage3_steps.relative_levels``).
         mode: ``qualiteacher`` (the method); ``supervised`` (L_sup alone on the paired data: the
             unlabeled batch, the teacher's pseudo-labels, the bank and the ensemble are never used);
             ``mean_teacher`` (plain Mean Teacher: EMA teacher, views, best-k bank, masked L1 to the
@@ -129,7 +131,7 @@ class QualiTeacherModule(L.LightningModule):
         aug_max_strength: float = 1.0,
         refresh_every: int = 1,
         train_on_variants: bool = True,
-        level_rule: Literal["default", "quantile"] = "default",
+        level_rule: Literal["default", "quantile", "relative"] = "default",
         level_pool_size: int = 1024,
         strong_aug_p: float = 0.8,
         strong_aug_target: bool = False,
@@ -245,7 +247,7 @@ class QualiTeacherModule(L.LightningModule):
         l_pl = pseudo_label_loss(out.pl, pl.targets, pl.masks, pl.owner, pl.size)
         pref = self._preference(out, ranked, pl) if ranked is not None else no_preference(pl.x_s)
         l_crop = self._crop_consistency(pl.x_s, out.top, pl.stats) if s.consistency_on(step) else pl.x_s.new_zeros(())
-        return self._log_step(Terms(l_sup, l_pl, pref, l_crop, aux + out.aux), fresh, pl.size)
+        return self._log_step(Terms(l_sup, l_pl, pref, l_crop, aux + out.aux), fresh, pl.size, pl.levels)
 
     def mean_teacher_step(self, batch: dict[str, dict[str, Any]]) -> Tensor:
         """Plain Mean Teacher: the bank's pseudo-labels (views only), the student unconditioned."""
@@ -266,8 +268,11 @@ class QualiTeacherModule(L.LightningModule):
         total = self.settings.weights.sup * l_sup + self.settings.weights.aux * aux
         return self._log({"stage3/total": total, "stage3/sup": l_sup, "stage3/aux": aux}, labeled["lq"].shape[0])
 
-    def _log_step(self, t: Terms, fresh: Refresh | None, b: int) -> Tensor:
-        logs = fresh.logs if fresh is not None else {}
+    def _log_step(self, t: Terms, fresh: Refresh | None, b: int, levels: Tensor | None = None) -> Tensor:
+        logs = dict(fresh.logs) if fresh is not None else {}
+        if levels is not None:  # the levels this step's targets were trained at (the bank's are below)
+            hist = torch.bincount(levels[levels >= 0], minlength=self.settings.top_level + 1)
+            logs.update({f"target_level_{q}": float(c) for q, c in enumerate(hist.tolist())})
         return self._log({
             "stage3/total": weighted_total(self.settings.weights, t), "stage3/sup": t.sup, "stage3/pl": t.pl,
             "stage3/pref": t.pref.total, "stage3/pref_a": t.pref.l_a, "stage3/pref_b": t.pref.l_b,
@@ -311,8 +316,10 @@ class QualiTeacherModule(L.LightningModule):
             self.ensemble.fit_levels_(pool)
 
     def _pseudo_label_batch(self, unlabeled: dict[str, Any], fresh: Refresh | None) -> PseudoLabelBatch:
+        relative = self.settings.top_level if self.settings.grading.level_rule == "relative" else None
         return pseudo_label_batch(self.bank, unlabeled, fresh, self.ensemble.level_of, self.photometric, self._gen,
-                                  partial(prior_statistics, self.student), self.settings.student.strong_aug_target)
+                                  partial(prior_statistics, self.student), self.settings.student.strong_aug_target,
+                                  relative_top=relative)
 
     def _bank_level_histogram(self) -> list[int]:
         # levels under the current rule (the quantile thresholds move as the pool fills)

@@ -101,11 +101,34 @@ class PseudoLabelBatch(NamedTuple):
         return self.x_s.shape[0]
 
 
+def relative_levels(scores: Tensor, owner: Tensor, top: int) -> Tensor:
+    """Levels (N,) long by each candidate's drop below the best candidate of its own image: the
+    best of every image at ``top``, the others spread evenly over ``0 .. top - 1`` by the rank of
+    their drop in the batch (the smallest drop highest); -1 for a non-finite score. The level then
+    says how far a target is from the best its image got, not how the graders rate its content
+    (a hazy harbour's best restoration can score below a sunny lion's blurred copy)."""
+    s = scores.detach().float()
+    finite = torch.isfinite(s)
+    s = torch.where(finite, s, torch.full_like(s, float("-inf")))
+    n_img = int(owner.max()) + 1 if owner.numel() else 0
+    best = torch.full((n_img,), float("-inf"), device=s.device).scatter_reduce(0, owner, s, reduce="amax")
+    drop = best[owner] - s
+    levels = torch.full_like(owner, top)
+    below = (drop > 0) & finite
+    n = int(below.sum())
+    if n:
+        order = drop[below].argsort(stable=True)                      # ascending drop
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(n, device=order.device)
+        levels[below] = top - 1 - torch.div(rank * top, n, rounding_mode="floor")
+    return torch.where(finite, levels, torch.full_like(levels, -1))
+
+
 def pseudo_label_batch(bank: PseudoLabelBank, unlabeled: dict[str, Any], fresh: Refresh | None,
                        level_of: Callable[[Tensor], Tensor], photometric: nn.Module,
                        generator: torch.Generator,
                        statistics: Callable[[Tensor], dict[str, Tensor] | None] | None = None,
-                       jitter_targets: bool = False) -> PseudoLabelBatch:
+                       jitter_targets: bool = False, relative_top: int | None = None) -> PseudoLabelBatch:
     """The bank's best k of each unlabeled image plus this step's degraded variants (``fresh``),
     each at the level its own score gives under the current level rule; one random geometric view
     for the batch, applied to the input and its targets alike; the student sees the input's strong
@@ -113,7 +136,8 @@ def pseudo_label_batch(bank: PseudoLabelBank, unlabeled: dict[str, Any], fresh: 
     fusion prior's, :func:`~qualiteacher.archs.context.prior_statistics`), the whole images get the
     same photometric view (kornia's parameters reused) and their statistics come with the batch.
     ``jitter_targets``: each target gets its image's colour jitter too (:func:`colour_jitter_like`),
-    so the student learns to keep the colours it is given rather than to undo a jitter it cannot see."""
+    so the student learns to keep the colours it is given rather than to undo a jitter it cannot see.
+    ``relative_top``: levels by :func:`relative_levels` (the ``relative`` level rule) instead of ``level_of``."""
     x_u = unlabeled["lq"]
     pls, masks, _, scores, owner = bank.gather(list(unlabeled["id"]), device=x_u.device)
     if owner.numel() == 0:
@@ -123,7 +147,7 @@ def pseudo_label_batch(bank: PseudoLabelBank, unlabeled: dict[str, Any], fresh: 
     if fresh is not None and fresh.owner.numel():
         pls, masks = torch.cat([pls, fresh.variants]), torch.cat([masks, fresh.masks])
         scores, owner = torch.cat([scores, fresh.scores]), torch.cat([owner, fresh.owner])
-    levels = level_of(scores)
+    levels = level_of(scores) if relative_top is None else relative_levels(scores, owner, relative_top)
     view = VIEWS[int(torch.randint(len(VIEWS), (1,), generator=generator))]
     x_u, pls, masks = (apply_view(t, view) for t in (x_u, pls, masks))
     x_s = photometric(x_u).clamp(0, 1)

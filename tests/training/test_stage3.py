@@ -121,6 +121,32 @@ def test_quantile_level_rule_spreads_pseudo_label_levels(demo_root, fast_ensembl
     assert len(used) >= 3, used
 
 
+def test_relative_levels_rank_each_target_below_its_own_image_best():
+    from qualiteacher.training.stage3_steps import relative_levels
+
+    # image 0 scores high on content, image 1 low: absolute rules would put all of image 1 below image 0
+    scores = torch.tensor([0.90, 0.85, 0.80, 0.55, 0.50, 0.42, 0.20, float("nan")])
+    owner = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    levels = relative_levels(scores, owner, top=7)
+    assert levels[0] == 7 and levels[4] == 7                 # each image's best is the top level
+    assert levels[7] == -1                                   # unscorable
+    drops = torch.tensor([0.05, 0.10, 0.35, 0.08, 0.30])     # the others' drops below their best
+    below = levels[[1, 2, 3, 5, 6]]
+    assert (below < 7).all() and (below >= 0).all()
+    order = drops.argsort(stable=True)
+    assert (below[order].diff() <= 0).all()                  # a larger drop never gets a higher level
+    assert below.max() == 6 and below.min() <= 2             # spread over the levels below the top
+
+
+def test_relative_level_rule_trains_and_spreads_levels(demo_root, fast_ensemble_factory):
+    cap = Capture()
+    module = _module(fast_ensemble_factory(), level_rule="relative", n_aug_variants=3)
+    _fit(module, demo_root, 3, logger=cap)
+    last = cap.rows[max(cap.rows)]
+    used = [q for q in range(8) if last[f"stage3/target_level_{q}"] > 0]  # the levels trained at this step
+    assert 7 in used and len(used) >= 3, used
+
+
 def test_unet_student_and_cond_mode_adaln(demo_root, fast_ensemble_factory):
     for kw in ({"student": "unet"}, {"cond_mode": "adaln"}):
         cap = Capture()
