@@ -106,7 +106,7 @@ def relative_levels(scores: Tensor, owner: Tensor, top: int) -> Tensor:
     best of every image at ``top``, the others spread evenly over ``0 .. top - 1`` by the rank of
     their drop in the batch (the smallest drop highest); -1 for a non-finite score. The level then
     says how far a target is from the best its image got, not how the graders rate its content
-    (a hazy harbour's best restoration can score below a sunny lion's blurred copy)."""
+    (a hard photo's best restoration can score below an easy photo's blurred copy)."""
     s = scores.detach().float()
     finite = torch.isfinite(s)
     s = torch.where(finite, s, torch.full_like(s, float("-inf")))
