@@ -1,7 +1,9 @@
 """Where a pipeline config comes from: base + task + preset YAML files, user files, overrides.
 
 ``resolve_config`` merges ``configs/base.yaml``, ``configs/tasks/TASK.yaml``,
-``configs/presets/PRESET.yaml``, the user's files and ``--key=value`` overrides in that order,
+``configs/presets/PRESET.yaml``, ``configs/presets/PRESET/TASK.yaml`` (a preset's settings for one
+task, when the file exists: the demo's choices made on one task's val split), the user's files and
+``--key=value`` overrides in that order,
 checks the result (:meth:`PipelineConfig.from_dict`) and fills the placeholders ``{task}``,
 ``{data_root}`` and ``{out_dir}``.
 """
@@ -71,7 +73,8 @@ def _fill(value: Any, fields: dict[str, str]) -> Any:
 
 def resolve_config(task: str, preset: str = "demo", files: list[str] | None = None,
                    overrides: list[str] | None = None) -> PipelineConfig:
-    """Compose ``base.yaml`` + ``tasks/TASK.yaml`` + ``presets/PRESET.yaml`` + user files + overrides."""
+    """Compose ``base.yaml`` + ``tasks/TASK.yaml`` + ``presets/PRESET.yaml`` + ``presets/PRESET/TASK.yaml``
+    (if present) + user files + overrides."""
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     root = config_dir()
@@ -80,6 +83,8 @@ def resolve_config(task: str, preset: str = "demo", files: list[str] | None = No
     raw = _read_yaml(root / "base.yaml")
     raw = deep_merge(raw, _read_yaml(root / "tasks" / f"{task}.yaml"))
     raw = deep_merge(raw, _read_yaml(root / "presets" / f"{preset}.yaml"))
+    if (per_task := root / "presets" / preset / f"{task}.yaml").is_file():
+        raw = deep_merge(raw, _read_yaml(per_task))
     for f in files or []:
         raw = deep_merge(raw, _read_yaml(Path(f)))
     for o in overrides or []:

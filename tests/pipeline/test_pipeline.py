@@ -171,6 +171,31 @@ def test_config_errors_are_one_clear_message_each(demo_root, tmp_path, capsys):
         resolve_config("dehaze", "nope")
 
 
+def test_a_presets_task_file_is_merged_after_the_preset_for_its_task_only(tmp_path, monkeypatch):
+    import shutil
+
+    from qualiteacher.pipeline import resolve
+
+    configs = tmp_path / "configs"
+    shutil.copytree(resolve.config_dir(), configs)
+    shutil.rmtree(configs / "presets" / "demo", ignore_errors=True)
+    (configs / "presets" / "demo").mkdir()
+    (configs / "presets" / "demo" / "dehaze.yaml").write_text("stage3: {model: {ema_decay: 0.5}}\n")
+    monkeypatch.setattr(resolve, "CONFIG_DIR", configs)
+    preset_value = resolve_config("derain", "demo").stage3["model"]["ema_decay"]
+    assert preset_value != 0.5
+    assert resolve_config("dehaze", "demo").stage3["model"]["ema_decay"] == 0.5
+    assert resolve_config("dehaze", "paper").stage3["model"]["ema_decay"] != 0.5
+    assert resolve_config("dehaze", "demo", overrides=["--stage3.model.ema_decay=0.7"]).stage3["model"]["ema_decay"] == 0.7
+    assert resolve.list_config_presets() == sorted(p.stem for p in (configs / "presets").glob("*.yaml"))
+
+
+def test_the_demo_level_rule_is_chosen_per_task():
+    rules = {t: resolve_config(t, "demo").stage3["model"].get("level_rule") for t in TASKS}
+    assert rules == {"dehaze": "relative", "lowlight": "relative", "derain": "quantile", "desnow": "quantile"}
+    assert all("level_rule" not in resolve_config(t, "paper").stage3["model"] for t in TASKS)  # METHOD.md's default
+
+
 def test_print_config_shows_resolved_values(capsys):
     assert run_pipeline_cli("derain", ["--preset", "demo", "--stage3.model.w_pref=0.25", "--print_config"]) == 0
     out = capsys.readouterr().out
