@@ -81,7 +81,8 @@ class QualiTeacherModule(L.LightningModule):
         level_rule: ``default`` (METHOD.md: 8 levels from the fused score), ``quantile``
             (levels spread evenly over a running pool of the last ``level_pool_size`` candidate scores)
             or ``relative`` (each target's level by its drop below the best candidate of its own
-            image, spread evenly over the batch: ``stage3_steps.relative_levels``).
+            image, spread evenly over the batch: ``stage3_steps.relative_levels``), or ``relative_drop``
+            (the same drop, the level falling in proportion to it).
         mode: ``qualiteacher`` (the method); ``supervised`` (L_sup alone on the paired data: the
             unlabeled batch, the teacher's pseudo-labels, the bank and the ensemble are never used);
             ``mean_teacher`` (plain Mean Teacher: EMA teacher, views, best-k bank, masked L1 to the
@@ -131,7 +132,7 @@ class QualiTeacherModule(L.LightningModule):
         aug_max_strength: float = 1.0,
         refresh_every: int = 1,
         train_on_variants: bool = True,
-        level_rule: Literal["default", "quantile", "relative"] = "default",
+        level_rule: Literal["default", "quantile", "relative", "relative_drop"] = "default",
         level_pool_size: int = 1024,
         strong_aug_p: float = 0.8,
         strong_aug_target: bool = False,
@@ -316,10 +317,11 @@ class QualiTeacherModule(L.LightningModule):
             self.ensemble.fit_levels_(pool)
 
     def _pseudo_label_batch(self, unlabeled: dict[str, Any], fresh: Refresh | None) -> PseudoLabelBatch:
-        relative = self.settings.top_level if self.settings.grading.level_rule == "relative" else None
+        rule = self.settings.grading.level_rule
+        relative = self.settings.top_level if rule in ("relative", "relative_drop") else None
         return pseudo_label_batch(self.bank, unlabeled, fresh, self.ensemble.level_of, self.photometric, self._gen,
                                   partial(prior_statistics, self.student), self.settings.student.strong_aug_target,
-                                  relative_top=relative)
+                                  relative_top=relative, relative_spread="drop" if rule == "relative_drop" else "rank")
 
     def _bank_level_histogram(self) -> list[int]:
         # levels under the current rule (the quantile thresholds move as the pool fills)

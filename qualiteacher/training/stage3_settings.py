@@ -47,7 +47,7 @@ class GradingSettings:
     bf16: bool                           # iqa_bf16
     mask_block: int
     use_mask: bool
-    level_rule: Literal["default", "quantile", "relative"]
+    level_rule: Literal["default", "quantile", "relative", "relative_drop"]
     level_pool_size: int
 
 

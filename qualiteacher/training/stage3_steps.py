@@ -101,12 +101,17 @@ class PseudoLabelBatch(NamedTuple):
         return self.x_s.shape[0]
 
 
-def relative_levels(scores: Tensor, owner: Tensor, top: int) -> Tensor:
+def relative_levels(scores: Tensor, owner: Tensor, top: int, spread: str = "rank") -> Tensor:
     """Levels (N,) long by each candidate's drop below the best candidate of its own image: the
-    best of every image at ``top``, the others spread evenly over ``0 .. top - 1`` by the rank of
-    their drop in the batch (the smallest drop highest); -1 for a non-finite score. The level then
-    says how far a target is from the best its image got, not how the graders rate its content
-    (a hard photo's best restoration can score below an easy photo's blurred copy)."""
+    best of every image at ``top``, the others over ``0 .. top - 1``; -1 for a non-finite score. The
+    level then says how far a target is from the best its image got, not how the graders rate its
+    content (a hard photo's best restoration can score below an easy photo's blurred copy).
+
+    ``spread="rank"`` spreads them evenly by the rank of their drop in the batch (the smallest drop
+    highest). ``spread="drop"`` makes the level fall in proportion to the drop itself:
+    ``top - ceil(top * drop / d90)``, where ``d90`` is the batch's 90th-percentile drop, clamped to
+    ``0``. Near-copies of the best (other views, a light variant) then stay near the top instead
+    of filling the upper levels by rank."""
     s = scores.detach().float()
     finite = torch.isfinite(s)
     s = torch.where(finite, s, torch.full_like(s, float("-inf")))
@@ -116,7 +121,11 @@ def relative_levels(scores: Tensor, owner: Tensor, top: int) -> Tensor:
     levels = torch.full_like(owner, top)
     below = (drop > 0) & finite
     n = int(below.sum())
-    if n:
+    if n and spread == "drop":
+        d = drop[below]
+        scale = torch.quantile(d, 0.9).clamp_min(1e-12)
+        levels[below] = (top - torch.ceil(top * d / scale)).clamp(0, top - 1).long()
+    elif n:
         order = drop[below].argsort(stable=True)                      # ascending drop
         rank = torch.empty_like(order)
         rank[order] = torch.arange(n, device=order.device)
@@ -128,7 +137,8 @@ def pseudo_label_batch(bank: PseudoLabelBank, unlabeled: dict[str, Any], fresh: 
                        level_of: Callable[[Tensor], Tensor], photometric: nn.Module,
                        generator: torch.Generator,
                        statistics: Callable[[Tensor], dict[str, Tensor] | None] | None = None,
-                       jitter_targets: bool = False, relative_top: int | None = None) -> PseudoLabelBatch:
+                       jitter_targets: bool = False, relative_top: int | None = None,
+                       relative_spread: str = "rank") -> PseudoLabelBatch:
     """The bank's best k of each unlabeled image plus this step's degraded variants (``fresh``),
     each at the level its own score gives under the current level rule; one random geometric view
     for the batch, applied to the input and its targets alike; the student sees the input's strong
@@ -137,7 +147,8 @@ def pseudo_label_batch(bank: PseudoLabelBank, unlabeled: dict[str, Any], fresh: 
     same photometric view (kornia's parameters reused) and their statistics come with the batch.
     ``jitter_targets``: each target gets its image's colour jitter too (:func:`colour_jitter_like`),
     so the student learns to keep the colours it is given rather than to undo a jitter it cannot see.
-    ``relative_top``: levels by :func:`relative_levels` (the ``relative`` level rule) instead of ``level_of``."""
+    ``relative_top``: levels by :func:`relative_levels` (the ``relative`` and ``relative_drop`` level
+    rules, ``relative_spread`` "rank" or "drop") instead of ``level_of``."""
     x_u = unlabeled["lq"]
     pls, masks, _, scores, owner = bank.gather(list(unlabeled["id"]), device=x_u.device)
     if owner.numel() == 0:
@@ -147,7 +158,8 @@ def pseudo_label_batch(bank: PseudoLabelBank, unlabeled: dict[str, Any], fresh: 
     if fresh is not None and fresh.owner.numel():
         pls, masks = torch.cat([pls, fresh.variants]), torch.cat([masks, fresh.masks])
         scores, owner = torch.cat([scores, fresh.scores]), torch.cat([owner, fresh.owner])
-    levels = level_of(scores) if relative_top is None else relative_levels(scores, owner, relative_top)
+    levels = (level_of(scores) if relative_top is None
+              else relative_levels(scores, owner, relative_top, relative_spread))
     view = VIEWS[int(torch.randint(len(VIEWS), (1,), generator=generator))]
     x_u, pls, masks = (apply_view(t, view) for t in (x_u, pls, masks))
     x_s = photometric(x_u).clamp(0, 1)

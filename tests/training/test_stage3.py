@@ -138,9 +138,28 @@ def test_relative_levels_rank_each_target_below_its_own_image_best():
     assert below.max() == 6 and below.min() <= 2             # spread over the levels below the top
 
 
-def test_relative_level_rule_trains_and_spreads_levels(demo_root, fast_ensemble_factory):
+def test_relative_drop_levels_fall_in_proportion_to_the_drop():
+    from qualiteacher.training.stage3_steps import relative_levels
+
+    # image 0: its best, a near-copy (another view) and variants of growing damage; image 1 alike
+    scores = torch.tensor([0.80, 0.799, 0.70, 0.60, 0.50, 0.40, 0.399, 0.30, 0.10, float("nan")])
+    owner = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    by_drop = relative_levels(scores, owner, top=7, spread="drop")
+    by_rank = relative_levels(scores, owner, top=7, spread="rank")
+    assert by_drop[0] == 7 and by_drop[5] == 7 and by_drop[9] == -1
+    assert by_drop[1] == 6 and by_drop[6] == 6               # a near-copy stays next to the top
+    assert min(by_rank[1], by_rank[6]) < 6                   # ... where ranking alone pushes one down
+    drops = torch.tensor([0.001, 0.10, 0.20, 0.30, 0.001, 0.10, 0.30])
+    below = by_drop[[1, 2, 3, 4, 6, 7, 8]]
+    assert (below[drops.argsort(stable=True)].diff() <= 0).all()   # a larger drop never gets a higher level
+    assert below.min() == 0 and (below >= 0).all() and (below < 7).all()
+    assert by_drop[2] == by_drop[7]                          # the same drop, the same level, whichever image
+
+
+@pytest.mark.parametrize("rule", ["relative", "relative_drop"])
+def test_relative_level_rule_trains_and_spreads_levels(rule, demo_root, fast_ensemble_factory):
     cap = Capture()
-    module = _module(fast_ensemble_factory(), level_rule="relative", n_aug_variants=3)
+    module = _module(fast_ensemble_factory(), level_rule=rule, n_aug_variants=3)
     _fit(module, demo_root, 3, logger=cap)
     last = cap.rows[max(cap.rows)]
     used = [q for q in range(8) if last[f"stage3/target_level_{q}"] > 0]  # the levels trained at this step
