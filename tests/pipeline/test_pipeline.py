@@ -192,7 +192,7 @@ def test_a_presets_task_file_is_merged_after_the_preset_for_its_task_only(tmp_pa
 
 def test_the_demo_level_rule_is_chosen_per_task():
     rules = {t: resolve_config(t, "demo").stage3["model"].get("level_rule") for t in TASKS}
-    assert rules == {"dehaze": "relative", "lowlight": "relative", "derain": "quantile", "desnow": "quantile"}
+    assert rules == {"dehaze": "relative_drop", "lowlight": "relative", "derain": "quantile", "desnow": "quantile"}
     assert all("level_rule" not in resolve_config(t, "paper").stage3["model"] for t in TASKS)  # METHOD.md's default
 
 
