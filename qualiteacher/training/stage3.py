@@ -36,7 +36,8 @@ from qualiteacher.training.stage3_grading import (
 from qualiteacher.training.stage3_settings import Stage3Settings
 from qualiteacher.training.stage3_steps import (
     BestPseudoLabels, PseudoLabelBatch, StudentOutputs, Terms, best_pl_reward, build_optimizer, conditioned_outputs,
-    drop_non_finite_grads_, no_preference, pseudo_label_batch, strong_photometric, supervised_loss, weighted_total,
+    drop_non_finite_grads_, no_preference, pseudo_label_batch, relative_levels, strong_photometric, supervised_loss,
+    weighted_total,
 )
 from qualiteacher.training.students import build_student, load_student_weights
 
@@ -79,9 +80,9 @@ class QualiTeacherModule(L.LightningModule):
         train_on_variants: the step's multi-augmented variants are PL targets too (at their own,
             lower levels) besides the bank's best k: the student sees the whole quality range.
         level_rule: ``default`` (METHOD.md: 8 levels from the fused score), ``quantile``
-            (levels spread evenly over a running pool of the last ``level_pool_size`` candidate scores)
-            or ``relative`` (each target's level by its drop below the best candidate of its own
-            image, spread evenly over the batch: ``stage3_steps.relative_levels``), or ``relative_drop``
+            (levels spread evenly over a running pool of the last ``level_pool_size`` candidate scores),
+            ``relative`` (each target's level by its drop below the best candidate of its own
+            image, spread evenly over the batch: ``stage3_steps.relative_levels``) or ``relative_drop``
             (the same drop, the level falling in proportion to it).
         mode: ``qualiteacher`` (the method); ``supervised`` (L_sup alone on the paired data: the
             unlabeled batch, the teacher's pseudo-labels, the bank and the ensemble are never used);
@@ -316,12 +317,16 @@ class QualiTeacherModule(L.LightningModule):
         if self.settings.grading.level_rule == "quantile" and pool.numel() >= 8:
             self.ensemble.fit_levels_(pool)
 
-    def _pseudo_label_batch(self, unlabeled: dict[str, Any], fresh: Refresh | None) -> PseudoLabelBatch:
+    def _target_levels(self, scores: Tensor, owner: Tensor) -> Tensor:
+        # the level rule: the relative rules look at each target's own image (owner), the others at its score alone
         rule = self.settings.grading.level_rule
-        relative = self.settings.top_level if rule in ("relative", "relative_drop") else None
-        return pseudo_label_batch(self.bank, unlabeled, fresh, self.ensemble.level_of, self.photometric, self._gen,
-                                  partial(prior_statistics, self.student), self.settings.student.strong_aug_target,
-                                  relative_top=relative, relative_spread="drop" if rule == "relative_drop" else "rank")
+        if rule in ("relative", "relative_drop"):
+            return relative_levels(scores, owner, self.settings.top_level, "drop" if rule == "relative_drop" else "rank")
+        return self.ensemble.level_of(scores)
+
+    def _pseudo_label_batch(self, unlabeled: dict[str, Any], fresh: Refresh | None) -> PseudoLabelBatch:
+        return pseudo_label_batch(self.bank, unlabeled, fresh, self._target_levels, self.photometric, self._gen,
+                                  partial(prior_statistics, self.student), self.settings.student.strong_aug_target)
 
     def _bank_level_histogram(self) -> list[int]:
         # levels under the current rule (the quantile thresholds move as the pool fills)

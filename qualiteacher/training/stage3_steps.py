@@ -6,7 +6,7 @@ calls the same pieces in its re-enactment of the released step structure.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import kornia.augmentation as K
 import torch
@@ -101,7 +101,7 @@ class PseudoLabelBatch(NamedTuple):
         return self.x_s.shape[0]
 
 
-def relative_levels(scores: Tensor, owner: Tensor, top: int, spread: str = "rank") -> Tensor:
+def relative_levels(scores: Tensor, owner: Tensor, top: int, spread: Literal["rank", "drop"] = "rank") -> Tensor:
     """Levels (N,) long by each candidate's drop below the best candidate of its own image: the
     best of every image at ``top``, the others over ``0 .. top - 1``; -1 for a non-finite score. The
     level then says how far a target is from the best its image got, not how the graders rate its
@@ -112,6 +112,8 @@ def relative_levels(scores: Tensor, owner: Tensor, top: int, spread: str = "rank
     ``top - ceil(top * drop / d90)``, where ``d90`` is the batch's 90th-percentile drop, clamped to
     ``0``. Near-copies of the best (other views, a light variant) then stay near the top instead
     of filling the upper levels by rank."""
+    if spread not in ("rank", "drop"):
+        raise ValueError(f"relative_levels: spread must be 'rank' or 'drop', got {spread!r}")
     s = scores.detach().float()
     finite = torch.isfinite(s)
     s = torch.where(finite, s, torch.full_like(s, float("-inf")))
@@ -134,21 +136,18 @@ def relative_levels(scores: Tensor, owner: Tensor, top: int, spread: str = "rank
 
 
 def pseudo_label_batch(bank: PseudoLabelBank, unlabeled: dict[str, Any], fresh: Refresh | None,
-                       level_of: Callable[[Tensor], Tensor], photometric: nn.Module,
+                       levels_of: Callable[[Tensor, Tensor], Tensor], photometric: nn.Module,
                        generator: torch.Generator,
                        statistics: Callable[[Tensor], dict[str, Tensor] | None] | None = None,
-                       jitter_targets: bool = False, relative_top: int | None = None,
-                       relative_spread: str = "rank") -> PseudoLabelBatch:
+                       jitter_targets: bool = False) -> PseudoLabelBatch:
     """The bank's best k of each unlabeled image plus this step's degraded variants (``fresh``),
-    each at the level its own score gives under the current level rule; one random geometric view
+    each at the level ``levels_of(scores, owner)`` gives it under the current level rule; one random geometric view
     for the batch, applied to the input and its targets alike; the student sees the input's strong
     photometric view. With ``unlabeled["context"]`` (the whole images) and ``statistics`` (the
     fusion prior's, :func:`~qualiteacher.archs.context.prior_statistics`), the whole images get the
     same photometric view (kornia's parameters reused) and their statistics come with the batch.
     ``jitter_targets``: each target gets its image's colour jitter too (:func:`colour_jitter_like`),
-    so the student learns to keep the colours it is given rather than to undo a jitter it cannot see.
-    ``relative_top``: levels by :func:`relative_levels` (the ``relative`` and ``relative_drop`` level
-    rules, ``relative_spread`` "rank" or "drop") instead of ``level_of``."""
+    so the student learns to keep the colours it is given rather than to undo a jitter it cannot see."""
     x_u = unlabeled["lq"]
     pls, masks, _, scores, owner = bank.gather(list(unlabeled["id"]), device=x_u.device)
     if owner.numel() == 0:
@@ -158,8 +157,7 @@ def pseudo_label_batch(bank: PseudoLabelBank, unlabeled: dict[str, Any], fresh: 
     if fresh is not None and fresh.owner.numel():
         pls, masks = torch.cat([pls, fresh.variants]), torch.cat([masks, fresh.masks])
         scores, owner = torch.cat([scores, fresh.scores]), torch.cat([owner, fresh.owner])
-    levels = (level_of(scores) if relative_top is None
-              else relative_levels(scores, owner, relative_top, relative_spread))
+    levels = levels_of(scores, owner)
     view = VIEWS[int(torch.randint(len(VIEWS), (1,), generator=generator))]
     x_u, pls, masks = (apply_view(t, view) for t in (x_u, pls, masks))
     x_s = photometric(x_u).clamp(0, 1)

@@ -7,7 +7,6 @@ import pytest
 import scipy.io
 import torch
 
-
 from qualiteacher.iqa import offline, physical
 from qualiteacher.iqa.destruction import tile_seams
 
