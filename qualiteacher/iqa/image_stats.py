@@ -52,17 +52,25 @@ def colour_cast(images: Tensor, floor: float = 2.0, side: int = 48) -> Tensor:
     return dist / (spread + floor)
 
 
-def clipping(images: Tensor, margin: float = 0.01, softness: float = 0.004, channels: int = 1) -> Tensor:
+def clipping(images: Tensor, margin: float = 0.01, softness: float = 0.004, channels: int = 1,
+             neutral: float = 0.0) -> Tensor:
     """Fraction of pixels with at least ``channels`` channels below ``margin`` or above ``1 - margin``.
 
     ``channels=1`` (the offline preset's choice) also counts saturated colours (a vivid orange has
     blue near 0), so desaturating a vivid photo lowers it; it is also what catches colour casts,
     colour halos and tile seams pushing one channel out of gamut (docs/iqa.md, "Why the weak kinds
-    fail"). ``channels=2`` counts exposure clipping proper.
+    fail"). ``channels=2`` counts exposure clipping proper. ``neutral`` in [0, 1] weights each
+    pixel by ``1 - neutral * chroma`` (chroma = max - min channel): at 1 a vivid colour's empty
+    channel counts for little and a grey pixel at 0 or 1 counts fully.
     """
     if not 1 <= channels <= 3:
         raise ValueError(f"clipping: channels must be 1, 2 or 3, got {channels}")
+    if not 0.0 <= neutral <= 1.0:
+        raise ValueError(f"clipping: neutral must lie in [0, 1], got {neutral}")
     s = images.sort(1).values  # (B, 3, H, W), ascending per pixel
     low = torch.sigmoid((margin - s[:, channels - 1]) / softness)
     high = torch.sigmoid((s[:, 3 - channels] - (1 - margin)) / softness)
-    return (low + high).clamp(max=1).flatten(1).mean(1)
+    hit = (low + high).clamp(max=1)
+    if neutral:
+        hit = hit * (1 - neutral * (s[:, 2] - s[:, 0]).clamp(0, 1))
+    return hit.flatten(1).mean(1)

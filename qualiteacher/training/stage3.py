@@ -37,7 +37,7 @@ from qualiteacher.training.stage3_settings import Stage3Settings
 from qualiteacher.training.stage3_steps import (
     BestPseudoLabels, PseudoLabelBatch, StudentOutputs, Terms, best_pl_reward, build_optimizer, conditioned_outputs,
     drop_non_finite_grads_, no_preference, pseudo_label_batch, relative_levels, strong_photometric, supervised_loss,
-    weighted_total,
+    supervised_top_loss, weighted_total,
 )
 from qualiteacher.training.students import build_student, load_student_weights
 
@@ -142,6 +142,7 @@ class QualiTeacherModule(L.LightningModule):
         w_pref: float = 1.0,
         w_crop: float = 1.0,
         w_aux: float = 1.0,
+        w_sup_top: float = 0.0,
         pref_start_step: int = 2000,
         crop_start_step: int = 2000,
         pref_mode: Literal["pair", "all_pairs"] = "pair",
@@ -242,14 +243,18 @@ class QualiTeacherModule(L.LightningModule):
         if s.mode == "mean_teacher":
             return self.mean_teacher_step(batch)
         fresh = self._refresh_if_due(batch["unlabeled"])   # teacher -> graded candidates -> bank (best k)
-        l_sup, aux = supervised_loss(self.student, batch["labeled"], self._statistics(batch["labeled"]))  # L_sup
+        labeled_stats = self._statistics(batch["labeled"])
+        l_sup, aux = supervised_loss(self.student, batch["labeled"], labeled_stats)  # L_sup
+        l_sup_top = supervised_top_loss(self.student, batch["labeled"], s.top_level, labeled_stats) \
+            if s.weights.sup_top > 0 else None
         pl = self._pseudo_label_batch(batch["unlabeled"], fresh)   # targets and their levels, input x_s
         ranked = self._ranked_levels(pl.x_s) if s.preference_on(step) else None  # the levels L_pref ranks
         out = conditioned_outputs(self.student, pl, ranked, s.top_level, s.condition_on_level)  # one forward
         l_pl = pseudo_label_loss(out.pl, pl.targets, pl.masks, pl.owner, pl.size)
         pref = self._preference(out, ranked, pl) if ranked is not None else no_preference(pl.x_s)
         l_crop = self._crop_consistency(pl.x_s, out.top, pl.stats) if s.consistency_on(step) else pl.x_s.new_zeros(())
-        return self._log_step(Terms(l_sup, l_pl, pref, l_crop, aux + out.aux), fresh, pl.size, pl.levels)
+        terms = Terms(l_sup, l_pl, pref, l_crop, aux + out.aux, l_sup_top)
+        return self._log_step(terms, fresh, pl.size, pl.levels)
 
     def mean_teacher_step(self, batch: dict[str, dict[str, Any]]) -> Tensor:
         """Plain Mean Teacher: the bank's pseudo-labels (views only), the student unconditioned."""
@@ -279,6 +284,7 @@ class QualiTeacherModule(L.LightningModule):
             "stage3/total": weighted_total(self.settings.weights, t), "stage3/sup": t.sup, "stage3/pl": t.pl,
             "stage3/pref": t.pref.total, "stage3/pref_a": t.pref.l_a, "stage3/pref_b": t.pref.l_b,
             "stage3/crop": t.crop, "stage3/aux": t.aux, "stage3/bank_mean_score": self.bank.mean_score(),
+            **({} if t.sup_top is None else {"stage3/sup_top": t.sup_top}),
             "stage3/bank_images": float(len(self.bank)), **{f"stage3/{k}": v for k, v in logs.items()},
             **{f"stage3/pl_level_{q}": float(c) for q, c in enumerate(self._bank_level_histogram())},
         }, b)

@@ -89,13 +89,19 @@ class OptimSettings:
 
 @dataclass(frozen=True)
 class LossWeights:
-    """``L_sup + w_pl L_pl + w_pref L_pref + w_crop L_crop + w_aux (backbone losses)``."""
+    """``L_sup + w_pl L_pl + w_pref L_pref + w_crop L_crop + w_aux (backbone losses)`` (+ ``w_sup_top
+    L_sup_top``: the paired data again at the top level, off in METHOD.md's recipe)."""
 
     sup: float
     pl: float
     pref: float
     crop: float
     aux: float
+    sup_top: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.sup_top < 0:
+            raise ValueError(f"w_sup_top must be >= 0, got {self.sup_top}")
 
 
 @dataclass(frozen=True)
@@ -180,5 +186,5 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
     "lr": ("optim", "lr"), "cond_lr_mult": ("optim", "cond_lr_mult"), "lr_schedule": ("optim", "schedule"),
     "betas": ("optim", "betas"), "weight_decay": ("optim", "weight_decay"),
     "w_sup": ("weights", "sup"), "w_pl": ("weights", "pl"), "w_pref": ("weights", "pref"),
-    "w_crop": ("weights", "crop"), "w_aux": ("weights", "aux"),
+    "w_crop": ("weights", "crop"), "w_aux": ("weights", "aux"), "w_sup_top": ("weights", "sup_top"),
 }

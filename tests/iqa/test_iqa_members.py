@@ -124,3 +124,18 @@ def test_bad_yaml_is_reported(tmp_path: Path) -> None:
         load_specs_yaml(bad)
     with pytest.raises(FileNotFoundError):
         load_specs_yaml(tmp_path / "missing.yaml")
+
+
+def test_clipping_neutral_counts_grey_clipping_not_vivid_colour():
+    from qualiteacher.iqa.image_stats import clipping
+
+    vivid = torch.zeros(1, 3, 8, 8)
+    vivid[:, 0], vivid[:, 1] = 0.95, 0.5  # a saturated orange: its blue channel is at 0
+    grey = torch.zeros(1, 3, 8, 8)        # crushed black: every channel at 0
+    full = clipping(grey).item()  # 0.92: the soft threshold at 0 (margin 0.01, softness 0.004)
+    assert full > 0.9 and clipping(vivid).item() == pytest.approx(full, rel=1e-3)  # the default counts both alike
+    assert clipping(vivid, neutral=1.0).item() == pytest.approx(full * 0.05, rel=1e-3)  # 1 - chroma 0.95
+    assert clipping(grey, neutral=1.0).item() == pytest.approx(full)
+    assert clipping(vivid, neutral=0.5).item() == pytest.approx(full * 0.525, rel=1e-3)
+    with pytest.raises(ValueError, match="neutral"):
+        clipping(grey, neutral=1.5)

@@ -190,7 +190,33 @@ def test_checkpoint_keeps_bank_and_teacher_but_not_the_ensemble(demo_root, fast_
     assert set(fresh.bank.entries) >= set(module.bank.entries)
 
 
+def test_sup_top_trains_the_top_level_on_the_paired_data(demo_root, fast_ensemble_factory):
+    from qualiteacher.training.stage3_steps import supervised_top_loss
+    from qualiteacher.training.students import build_student
+
+    torch.manual_seed(0)
+    student = build_student("iqpir", "tiny")
+    student.conditioning.add.embedding.weight.data.normal_()  # a trained dial: the levels differ
+    gt = torch.rand(2, 3, 32, 32)
+    labeled = {"lq": gt.clone(), "gt": gt}  # two clean -> clean pairs
+    loss = supervised_top_loss(student, labeled, top_level=7)
+    expected = torch.nn.functional.l1_loss(student(gt, torch.full((2,), 7)).image, gt)
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    grad = student.conditioning.add.embedding.weight.grad
+    assert grad[7].abs().sum() > 0 and grad[:7].abs().sum() == 0  # the top level's embedding, no other
+
+    cap = Capture()  # in a run: logged, finite, and absent when its weight is 0
+    _fit(_module(fast_ensemble_factory(), w_sup_top=1.0), demo_root, 3, logger=cap)
+    assert all(math.isfinite(r["stage3/sup_top"]) and r["stage3/sup_top"] > 0 for r in cap.rows.values())
+    cap0 = Capture()
+    _fit(_module(fast_ensemble_factory()), demo_root, 1, logger=cap0)
+    assert not any("stage3/sup_top" in r for r in cap0.rows.values())
+
+
 def test_bad_config_values_fail_early(fast_ensemble_factory):
+    with pytest.raises(ValueError, match="w_sup_top"):
+        _module(fast_ensemble_factory(), w_sup_top=-1.0)
     with pytest.raises(ValueError, match="ema_decay"):
         _module(fast_ensemble_factory(), ema_decay=2.0)
     with pytest.raises(ValueError, match="low_levels"):
