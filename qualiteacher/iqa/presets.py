@@ -13,7 +13,9 @@
   their weights chosen on the audit's tune photos, the other members fixed). ``qualiteacher iqa
   audit`` measures it on report photos it was not tuned on (docs/iqa.md: 92-93 % of the destroyed
   copies below their source; the targets of 95 % and 90 % per destruction are not reached).
-  ``offline_v3``: before the blockiness recalibration (JPEG ladder, 2026-12-07); ``offline_v2``:
+  Clipping counts each pixel by 1 - its chroma (a vivid colour's empty channel is not clipping).
+  ``offline_v4``: before that (2026-12-07); ``offline_v3``: before the blockiness recalibration
+  (JPEG ladder, 2026-12-07); ``offline_v2``:
   the preset before issue 25; ``offline_v1``: before issue 12; kept for comparison.
 
 Stand-in weights (plumbing tests only): with ``QUALITEACHER_RANDOM_IQA=1`` every member that needs
@@ -69,8 +71,11 @@ BLOCKINESS_RANGE = (0.1, 1.0)
 BLOCKINESS_RANGE_V3 = (0.3, 2.0)
 
 
-def _audited_members(blockiness_range: tuple[float, float] = BLOCKINESS_RANGE_V3) -> list[dict[str, Any]]:
-    """The members of ``offline_v2`` (issue 12's audit), which ``offline`` keeps and extends."""
+def _audited_members(blockiness_range: tuple[float, float] = BLOCKINESS_RANGE_V3,
+                     clipping_neutral: float = 0.0) -> list[dict[str, Any]]:
+    """The members of ``offline_v2`` (issue 12's audit), which ``offline`` keeps and extends
+    (``clipping_neutral``: the clipping member's ``neutral`` option; 0 leaves it out)."""
+    clip = {"neutral": clipping_neutral} if clipping_neutral else {}
     return [
         _m("piqe", "pyiqa:piqe", 0.2, 0.0, 100.0, False, differentiable=False, reward_mode="detach"),
         _m("brisque", "offline:brisque", 0.3, 0.0, 100.0, False),
@@ -79,7 +84,7 @@ def _audited_members(blockiness_range: tuple[float, float] = BLOCKINESS_RANGE_V3
         _m("niqe", "offline:niqe", 0.2, 2.0, 25.0, False, native=True),
         _m("blockiness", "physical:blockiness", 0.2, *blockiness_range, False),
         # clipped channels: posterize, over-sharpening, noise texture, an untrained decoder
-        _m("clipping", "physical:clipping", 0.4, 0.0, 0.1, False),
+        _m("clipping", "physical:clipping", 0.4, 0.0, 0.1, False, **clip),
         # capped low (0.15): colour present pays, over-saturation does not
         _m("colourfulness", "physical:colourfulness", 0.2, 0.0, 0.15, True),
         _m("colour_cast", "physical:colour_cast", 0.1, 0.0, 3.0, False),
@@ -136,9 +141,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "task_members": {},
     },
     "offline": {
-        "description": "No download, audited on tune / report photos (qualiteacher iqa audit, issues 12 and 25): PIQE + BRISQUE + NIQE (native size) + blockiness (range 0.1-1) + clipping + colourfulness + colour cast + colour (chroma spread, chroma noise, hue naturalness) + physical",
-        "members": _audited_members(BLOCKINESS_RANGE) + _colour_members(),
+        "description": "No download, audited on tune / report photos (qualiteacher iqa audit, issues 12 and 25): PIQE + BRISQUE + NIQE (native size) + blockiness (range 0.1-1) + clipping of neutral pixels + colourfulness + colour cast + colour (chroma spread, chroma noise, hue naturalness) + physical",
+        # clipping counts a pixel by 1 - its chroma: a vivid colour's empty channel is not exposure
+        # clipping, and counting it paid for desaturating vivid photos (issue 25, 2026-12-07, fifth session)
+        "members": _audited_members(BLOCKINESS_RANGE, clipping_neutral=1.0) + _colour_members(),
         # desnow's flakes up to saturation 0.4: a brown tint (white -> 0.22) cannot hide them
+        "task_members": _physical_task_members(snow_saturation=0.4),
+    },
+    "offline_v4": {
+        "description": "Before neutral clipping (issue 25, 2026-12-07, fifth session; kept for comparison): offline with clipping counting every pixel with one channel at 0 or 1, vivid colours included",
+        "members": _audited_members(BLOCKINESS_RANGE) + _colour_members(),
         "task_members": _physical_task_members(snow_saturation=0.4),
     },
     "offline_v3": {

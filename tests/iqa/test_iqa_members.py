@@ -92,7 +92,7 @@ def test_spec_round_trip_through_dicts() -> None:
 
 
 def test_preset_catalogue() -> None:
-    assert list_iqa_presets() == ["paper", "offline", "offline_v3", "offline_v2", "offline_v1"]
+    assert list_iqa_presets() == ["paper", "offline", "offline_v4", "offline_v3", "offline_v2", "offline_v1"]
     paper = {s.name: s for s in preset_specs("paper")}
     assert {n: s.weight for n, s in paper.items()} == {"musiq": 0.4, "clip": 0.2, "brisque": 0.4}
     assert paper["musiq"].normalization == Normalization("range", 0.0, 100.0)
@@ -103,11 +103,14 @@ def test_preset_catalogue() -> None:
         old = ["piqe", "brisque", "niqe", "blockiness", "clipping", "colourfulness", "colour_cast"]
         assert names[:7] == old and [s.name for s in preset_specs("offline_v2", task)][:7] == old
         assert names[7:10] == ["chroma_spread", "chroma_noise", "hue_naturalness"]  # issue 25
-        # offline_v3 is offline before the blockiness recalibration: the same members, one range apart
-        now, before = preset_specs("offline", task), preset_specs("offline_v3", task)
-        assert [s.name for s in before] == names
-        differ = [a.name for a, b in zip(now, before) if a != b]
-        assert differ == ["blockiness"] and now[3].normalization == Normalization("range", 0.1, 1.0)
+        # offline_v4 is offline before neutral clipping: the same members, one option apart
+        now, v4, v3 = (preset_specs(p, task) for p in ("offline", "offline_v4", "offline_v3"))
+        assert [s.name for s in v4] == [s.name for s in v3] == names
+        assert [a.name for a, b in zip(now, v4) if a != b] == ["clipping"]
+        assert now[4].options == {"neutral": 1.0} and v4[4].options == {}
+        # offline_v3 is offline_v4 before the blockiness recalibration: one range apart
+        assert [a.name for a, b in zip(v4, v3) if a != b] == ["blockiness"]
+        assert v4[3].normalization == Normalization("range", 0.1, 1.0)
         niqe = {s.name: s for s in preset_specs("offline", task)}["niqe"]
         assert niqe.options == {"native": True}  # graded at the image's own size, no upsampling
         assert {s.name: s for s in preset_specs("offline_v1", task)}["niqe"].options == {}
