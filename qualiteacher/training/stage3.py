@@ -70,6 +70,8 @@ class QualiTeacherModule(L.LightningModule):
         lr_schedule: ``constant`` or ``cosine`` (every group's rate decays to 0 over ``trainer.max_steps``:
             the last student is a settled one, not the noisiest point of the run).
         w_*: loss weights; pref_start_step / crop_start_step: the step ``N`` they start at.
+            ``w_sup_top`` (0 = METHOD.md) adds the paired data at the top level, ``L1(S(x_l, top),
+            y)``: ``L_sup`` and its clean -> clean pairs reach the unconditioned path only.
         pref_mode: ``pair`` (METHOD.md L_a + λ₂ L_b) or ``all_pairs`` (every ordered level pair).
         pref_levels_per_step: ``all_pairs`` only: rank a random subset of this many levels per image
             and step (the top level always in), with an unbiased estimate of the all-pairs loss;
