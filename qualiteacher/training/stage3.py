@@ -37,7 +37,7 @@ from qualiteacher.training.stage3_settings import Stage3Settings
 from qualiteacher.training.stage3_steps import (
     BestPseudoLabels, PseudoLabelBatch, StudentOutputs, Terms, best_pl_reward, build_optimizer, conditioned_outputs,
     drop_non_finite_grads_, no_preference, pseudo_label_batch, relative_levels, strong_photometric, supervised_loss,
-    supervised_top_loss, weighted_total,
+    weighted_total,
 )
 from qualiteacher.training.students import build_student, load_student_weights
 
@@ -247,8 +247,8 @@ class QualiTeacherModule(L.LightningModule):
         fresh = self._refresh_if_due(batch["unlabeled"])   # teacher -> graded candidates -> bank (best k)
         labeled_stats = self._statistics(batch["labeled"])
         l_sup, aux = supervised_loss(self.student, batch["labeled"], labeled_stats)  # L_sup
-        l_sup_top = supervised_top_loss(self.student, batch["labeled"], s.top_level, labeled_stats) \
-            if s.weights.sup_top > 0 else None
+        l_sup_top = supervised_loss(self.student, batch["labeled"], labeled_stats, level=s.top_level)[0] \
+            if s.weights.sup_top > 0 else None  # L_sup_top
         pl = self._pseudo_label_batch(batch["unlabeled"], fresh)   # targets and their levels, input x_s
         ranked = self._ranked_levels(pl.x_s) if s.preference_on(step) else None  # the levels L_pref ranks
         out = conditioned_outputs(self.student, pl, ranked, s.top_level, s.condition_on_level)  # one forward

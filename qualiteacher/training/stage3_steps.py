@@ -69,25 +69,19 @@ def no_preference(like: Tensor) -> PreferenceLoss:
     return PreferenceLoss(zero, zero, zero)
 
 
-def supervised_loss(student: nn.Module, labeled: dict[str, Any],
-                    stats: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """``(L_sup, backbone loss)``: L1 of the unconditioned student on the paired synthetic data
-    (``stats``: the fusion prior's statistics of the whole images, per crop)."""
-    with fixed_prior_statistics(student, stats):
-        out = student(labeled["lq"], None)
-    return F.l1_loss(out.image, labeled["gt"]), out.aux_loss
-
-
-def supervised_top_loss(student: nn.Module, labeled: dict[str, Any], top_level: int,
-                        stats: dict[str, Tensor] | None = None) -> Tensor:
-    """``L_sup_top = L1(S(x_l, top), y)``: the paired data (its clean -> clean pairs included) at the
-    top level. ``L_sup`` trains the unconditioned path only, so without it nothing tells the top
-    level that a clean photo must come back as it went in: the derain demo student returned a
-    clean test photo at 17.5 dB at every level against 20.0 unconditioned (docs/results.md)."""
+def supervised_loss(student: nn.Module, labeled: dict[str, Any], stats: dict[str, Tensor] | None = None,
+                    level: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(L_sup, backbone loss)``: L1 of the student on the paired synthetic data (``stats``: the
+    fusion prior's statistics of the whole images, per crop), unconditioned as METHOD.md trains it,
+    or at ``level``. At the top level it is ``L_sup_top`` (``w_sup_top``): ``L_sup`` reaches the
+    unconditioned path only, so without it nothing tells the top level that a clean photo (the
+    clean -> clean pairs) must come back as it went in: the derain demo student returned a clean
+    test photo at 17.5 dB at every level against 20.0 unconditioned (docs/results.md)."""
     lq = labeled["lq"]
+    cond = None if level is None else torch.full((lq.shape[0],), level, dtype=torch.long, device=lq.device)
     with fixed_prior_statistics(student, stats):
-        out = student(lq, torch.full((lq.shape[0],), top_level, dtype=torch.long, device=lq.device))
-    return F.l1_loss(out.image, labeled["gt"])
+        out = student(lq, cond)
+    return F.l1_loss(out.image, labeled["gt"]), out.aux_loss
 
 
 class BestPseudoLabels(NamedTuple):

@@ -191,7 +191,7 @@ def test_checkpoint_keeps_bank_and_teacher_but_not_the_ensemble(demo_root, fast_
 
 
 def test_sup_top_trains_the_top_level_on_the_paired_data(demo_root, fast_ensemble_factory):
-    from qualiteacher.training.stage3_steps import supervised_top_loss
+    from qualiteacher.training.stage3_steps import supervised_loss
     from qualiteacher.training.students import build_student
 
     torch.manual_seed(0)
@@ -199,7 +199,7 @@ def test_sup_top_trains_the_top_level_on_the_paired_data(demo_root, fast_ensembl
     student.conditioning.add.embedding.weight.data.normal_()  # a trained dial: the levels differ
     gt = torch.rand(2, 3, 32, 32)
     labeled = {"lq": gt.clone(), "gt": gt}  # two clean -> clean pairs
-    loss = supervised_top_loss(student, labeled, top_level=7)
+    loss, _ = supervised_loss(student, labeled, level=7)  # L_sup_top
     expected = torch.nn.functional.l1_loss(student(gt, torch.full((2,), 7)).image, gt)
     assert torch.allclose(loss, expected)
     loss.backward()
