@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from qualiteacher.classical.dark_channel import airlight_of
 from qualiteacher.data.io import (
     ImageReadError,
     SkipLog,
@@ -83,6 +84,18 @@ def _read_pair(record: ImageRecord, with_gt: bool) -> tuple[np.ndarray, np.ndarr
     return lq, gt
 
 
+def thicken_haze(image: np.ndarray, depth: float) -> np.ndarray:
+    """``image`` (H, W, 3) float in [0, 1] behind a uniform layer of extra haze of optical depth
+    ``depth``: ``I' = I t + A (1 - t)``, ``t = exp(-depth)``, ``A`` the image's airlight as the dark
+    channel prior estimates it (`airlight_of`). On a hazy input ``I = J t0 + A (1 - t0)`` this is the
+    scattering model again at transmission ``t0 t``: the same scene, denser haze, the same airlight."""
+    if depth <= 0:
+        return image
+    airlight = airlight_of(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None])[0].numpy()
+    t = math.exp(-depth)
+    return (image * t + airlight[None, None, :] * (1.0 - t)).astype(np.float32)
+
+
 def whole_image_view(image: np.ndarray, side: int) -> torch.Tensor:
     """The whole ``image`` (H, W, 3) resized to ``side`` x ``side`` (area-averaged when smaller):
     what a training crop's image-level statistics are measured on (``context``)."""
@@ -100,6 +113,9 @@ class CropDataset(Dataset):
     ``context_side`` (:func:`whole_image_view`), on which training measures the image-level
     statistics of the fusion's classical prior (the airlight), as inference measures them on the
     whole photo for each of its tiles.
+    ``extra_haze``: a labeled pair's input (not a clean pair's) gets, with probability one half, a
+    uniform layer of extra haze of optical depth drawn in ``[0, extra_haze]`` (:func:`thicken_haze`),
+    whole image and context alike: denser haze than the paired data holds (0: off).
     """
 
     def __init__(
@@ -115,13 +131,17 @@ class CropDataset(Dataset):
         random_crop: bool = True,
         clean_pairs: float = 0.0,
         context_side: int | None = None,
+        extra_haze: float = 0.0,
     ) -> None:
         if quality is not None and len(quality) != len(records):
             raise ValueError(f"{len(quality)} quality values for {len(records)} records")
         if not 0.0 <= clean_pairs <= 1.0:
             raise ValueError(f"clean_pairs must lie in [0, 1], got {clean_pairs}")
-        self.clean_pairs, self.context_side = clean_pairs, context_side
+        if extra_haze < 0:
+            raise ValueError(f"extra_haze must be >= 0, got {extra_haze}")
+        self.clean_pairs, self.context_side, self.extra_haze = clean_pairs, context_side, extra_haze
         self._clean_rng = np.random.default_rng(seed)
+        self._haze_rng = np.random.default_rng([seed, 1])
         self.records = list(records)
         self.crop_size, self.paired, self.small_images = crop_size, paired, small_images
         self.quality = [math.nan] * len(records) if quality is None else [float(q) for q in quality]
@@ -138,6 +158,7 @@ class CropDataset(Dataset):
     def reseed(self, seed: int) -> None:
         self.transform.set_random_seed(seed)
         self._clean_rng = np.random.default_rng(seed)
+        self._haze_rng = np.random.default_rng([seed, 1])
 
     def __len__(self) -> int:
         return len(self.records)
@@ -155,6 +176,10 @@ class CropDataset(Dataset):
                 context["context"] = whole_image_view(lq, self.context_side)
             return {"lq": to_tensor(self.transform(image=lq)["image"]), "id": record.id, **context}
         gt = _check_small(gt, self.crop_size, "pad", record.lq)
+        if self.extra_haze and self._haze_rng.random() < 0.5:  # drawn for every pair: clean pairs do not shift the draws
+            depth = self._haze_rng.uniform(0.0, self.extra_haze)
+            if record.gt is not None:
+                lq = thicken_haze(lq, depth)
         out = self.transform(image=lq, gt=gt)
         if self.clean_pairs and self._clean_rng.random() < self.clean_pairs:
             out["image"] = out["gt"]  # a clean -> clean pair: restoring must leave a clean photo as it is
