@@ -21,6 +21,8 @@ so the result does not depend on the device or on the global RNG). Spatial sizes
   px, 400 %.  ``halo``: wide halos (local contrast boost).  ``ringing``: Fourier brick-wall
   low-pass (Gibbs rings).  ``tile_seams``: 3 x 3 tiles with their own gains and offsets.
   ``codebook_mosaic``: blocks snapped to 16 k-means codewords of the image's own blocks.
+  ``over_dehaze``: a clean photo dehazed as if hazy (a restorer that removes haze that is not
+  there, or too much of it): crushed shadows, stretched contrast and colour.
 - colour and tone (``destruction_colour.py``): partial desaturation, hue rotation, sepia, chroma
   noise, over-exposure, crushed blacks, and our students' chroma speckle, colour halos, brown
   tint and sepia emboss.
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qualiteacher.classical.dark_channel import airlight_of
 from qualiteacher.iqa.destruction_colour import COLOUR_DESTRUCTIONS
 from qualiteacher.iqa.image_ops import check_images, gaussian_blur, generator, luma
 
@@ -176,6 +179,14 @@ def codebook_mosaic(images: Tensor, seed: int = 0, blocks: int = 12, codes: int 
     return out[..., :h, :w].contiguous()
 
 
+def over_dehaze(images: Tensor, seed: int = 0, transmission: float = 0.6) -> Tensor:
+    """The scattering model inverted on a clean photo at ``transmission`` everywhere:
+    ``A + (x - A) / t`` with ``A`` its airlight as the dark channel prior estimates it."""
+    check_images(images, "over_dehaze")
+    airlight = airlight_of(images)[:, :, None, None]
+    return (airlight + (images - airlight) / transmission).clamp(0, 1)
+
+
 DESTRUCTIONS: dict[str, Destruction] = {
     "greyout": greyout,
     "posterize": posterize,
@@ -191,6 +202,7 @@ DESTRUCTIONS: dict[str, Destruction] = {
     "ringing": ringing,
     "tile_seams": tile_seams,
     "codebook_mosaic": codebook_mosaic,
+    "over_dehaze": over_dehaze,
     **COLOUR_DESTRUCTIONS,
 }
 

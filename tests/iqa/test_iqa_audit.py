@@ -272,3 +272,15 @@ def test_audit_with_a_checkpoint_pairs_each_photo_with_its_students_rework(tmp_p
     assert main(["iqa", "audit", "--task", "dehaze", "--images", str(tmp_path / "imgs"), "--out", str(out),
                  "--checkpoint", str(tmp_path / "nope.ckpt")]) == 2
     assert "nope.ckpt" in capsys.readouterr().err
+
+
+def test_over_dehaze_inverts_the_haze_model_on_a_clean_photo() -> None:
+    from qualiteacher.classical.dark_channel import airlight_of
+
+    x = _images()
+    out = destroy(x, "over_dehaze")
+    a = airlight_of(x)[:, :, None, None]
+    assert torch.allclose(out, (a + (x - a) / 0.6).clamp(0, 1), atol=1e-6)
+    assert out.std() > x.std()                                             # contrast stretched
+    dark = x.mean(1, keepdim=True) < 0.3
+    assert (out.mean(1, keepdim=True)[dark] < x.mean(1, keepdim=True)[dark]).float().mean() > 0.9  # shadows crushed
