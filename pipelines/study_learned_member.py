@@ -188,12 +188,20 @@ def oversaturate(images: Tensor, seed: int = 0) -> Tensor:
     return (y + gain[:, None, None, None] * (images - y)).clamp(0, 1)
 
 
+# the destruction kinds this study trained and measured on (docs/iqa.md, "A learned member memorises its
+# photos"): listed, so that a kind added to the audit later does not change its draws or its figures
+STUDIED_KINDS = ("greyout", "posterize", "colour_cast", "mosaic", "noise_texture", "oversharpen", "heavy_blur",
+                 "constant", "emboss", "oversharpen_wide", "halo", "ringing", "tile_seams", "codebook_mosaic",
+                 "desaturate", "hue_rotation", "sepia", "chroma_noise", "overexpose", "crush_blacks",
+                 "chroma_speckle", "colour_halo", "brown_tint", "sepia_emboss")
+
+
 def _damage(crops: Tensor, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
     """(strong, weak) damaged copies of a batch: one kind per image, blended in at t and at a
     fraction of t."""
     from qualiteacher.iqa.destruction import DESTRUCTIONS
 
-    kinds = [*DESTRUCTIONS, "oversaturate"]
+    kinds = [*STUDIED_KINDS, "oversaturate"]
     choice = rng.integers(len(kinds), size=len(crops))
     full = crops.clone()
     for k in np.unique(choice):
