@@ -176,12 +176,13 @@ class CropDataset(Dataset):
                 context["context"] = whole_image_view(lq, self.context_side)
             return {"lq": to_tensor(self.transform(image=lq)["image"]), "id": record.id, **context}
         gt = _check_small(gt, self.crop_size, "pad", record.lq)
+        clean = bool(self.clean_pairs) and self._clean_rng.random() < self.clean_pairs
         if self.extra_haze and self._haze_rng.random() < 0.5:  # drawn for every pair: clean pairs do not shift the draws
             depth = self._haze_rng.uniform(0.0, self.extra_haze)
-            if record.gt is not None:
+            if record.gt is not None and not clean:  # a clean pair's input is replaced below: not thickened
                 lq = thicken_haze(lq, depth)
         out = self.transform(image=lq, gt=gt)
-        if self.clean_pairs and self._clean_rng.random() < self.clean_pairs:
+        if clean:
             out["image"] = out["gt"]  # a clean -> clean pair: restoring must leave a clean photo as it is
             lq = gt
         if self.context_side:
