@@ -24,6 +24,10 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                    help="config override as in `qualiteacher pipeline`, e.g. --set student=unet "
                         "--set stage3.model.lr=5e-4 (repeatable)")
+    p.add_argument("--merge", nargs="+", default=[], metavar="DIR",
+                   help="study folders made with the same settings (seeds run side by side or on other "
+                        "machines): their finished runs are copied into --out first, so the table covers "
+                        "them and they are not trained again; checkpoints stay where they are")
 
 
 def run_study_cli(args: argparse.Namespace) -> int:
@@ -38,7 +42,7 @@ def run_study_cli(args: argparse.Namespace) -> int:
     settings = StudySettings(task=args.task, preset=args.preset, seeds=tuple(dict.fromkeys(args.seeds)),
                              modes=tuple(args.modes), steps=args.steps, out=args.out, held_out=held,
                              data_root=args.data_root, configs=tuple(args.config),
-                             overrides=tuple(args.overrides))
+                             overrides=tuple(args.overrides), merge=tuple(args.merge))
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         print(f"error: --set takes SECTION.KEY=VALUE, got {bad}", file=sys.stderr)

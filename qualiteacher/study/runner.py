@@ -56,7 +56,8 @@ OUT_FILES = {"runs": "study_runs.csv", "summary": "study_summary.csv", "table": 
 @dataclass(frozen=True)
 class StudySettings:
     """What ``qualiteacher study`` was asked for (``overrides``: ``section.key=value`` strings;
-    ``variants``: extra named modes, stage-3 overrides on top of ``qualiteacher``)."""
+    ``variants``: extra named modes, stage-3 overrides on top of ``qualiteacher``; ``merge``:
+    folders of the same study whose finished runs are copied in, see ``StudyStore.plan_merge``)."""
 
     task: str = "dehaze"
     preset: str = "demo"
@@ -69,6 +70,7 @@ class StudySettings:
     configs: tuple[str, ...] = ()
     overrides: tuple[str, ...] = ()
     variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    merge: tuple[str, ...] = ()  # study folders whose finished runs are copied in first
 
     @property
     def out_dir(self) -> Path:
@@ -231,9 +233,12 @@ def run_study(s: StudySettings) -> StudyResult:
 def _run_checked(s: StudySettings, store: StudyStore, seeds: dict[int, _SeedPlan], modes: list[str],
                  steps: int, held: str | None) -> StudyResult:
     base = next(iter(seeds.values()))
-    store.check_settings({"task": s.task, "preset": s.preset, "student": base.cfg.student, "steps": steps,
-                          "held_out": held, "data_root": base.cfg.data_root, "configs": list(s.configs),
-                          "overrides": list(s.overrides), "variants": dict(s.variants)})
+    settings = {"task": s.task, "preset": s.preset, "student": base.cfg.student, "steps": steps,
+                "held_out": held, "data_root": base.cfg.data_root, "configs": list(s.configs),
+                "overrides": list(s.overrides), "variants": dict(s.variants)}
+    incoming = store.plan_merge(s.merge, settings)  # seeds trained in other folders (checked, not yet copied)
+    store.check_settings(settings)
+    store.copy_in(incoming)  # their finished runs count as finished here
     runs = _study_runs(base.cfg, store, git_commit())
     measurer = _Measurer(base.cfg, base.stage3, held)
     meta = {"task": s.task, "preset": s.preset, "student": base.cfg.student, "steps": steps, "held_out": held}

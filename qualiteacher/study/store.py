@@ -2,12 +2,16 @@
 
 A run is finished exactly when its result file reads back; a study started again skips finished
 runs and redoes the others (an interrupted stage-3 run resumes from its last checkpoint).
+Seeds trained apart (two folders side by side, or other machines) come together with
+``StudyStore.plan_merge`` / ``copy_in``: the finished runs of folders made with the same settings are copied in.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,3 +104,62 @@ class StudyStore:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(settings, indent=1))
         os.replace(tmp, path)
+
+    def plan_merge(self, others: Sequence[str | Path], settings: dict[str, Any]) -> dict[str, tuple[Path, list]]:
+        """The finished runs of the study folders ``others`` that this one lacks: name -> (folder,
+        rows). Checks only, writes nothing: each folder must hold a study made with ``settings``
+        and a run found in two places must have the same rows, otherwise ``StudyMismatch``. An
+        unreadable result file is reported and skipped. ``copy_in`` writes them."""
+        settings = json.loads(json.dumps(settings))
+        found: dict[str, tuple[Path, list]] = {}
+        for other in map(Path, others):
+            if other.resolve() == self.out.resolve():
+                raise StudyMismatch(f"--merge {other}: that is this study's own folder")
+            try:
+                theirs = json.loads((other / "study.json").read_text())
+            except (OSError, ValueError):
+                raise StudyMismatch(f"--merge {other}: not a study folder (no readable study.json)") from None
+            diff = [k for k in sorted(set(settings) | set(theirs)) if settings.get(k) != theirs.get(k)]
+            if diff:
+                shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {settings.get(k)!r} here" for k in diff)
+                raise StudyMismatch(f"--merge {other}: a study made with other settings ({shown})")
+            for result in sorted((other / "results").glob("*.json")):
+                rows = _rows_of(result)
+                if rows is None:
+                    say(f"[study] {result} is unreadable: skipped")
+                    continue
+                name = result.stem
+                before = found[name][1] if name in found else _rows_of(self.out / "results" / result.name)
+                if before is not None and before != rows:
+                    where = found[name][0] if name in found else self.out
+                    raise StudyMismatch(f"run {name} is in {where} and in {other} with different results: "
+                                        f"move one away before merging")
+                if before is None:
+                    found[name] = (other, rows)
+        return found
+
+    def copy_in(self, found: dict[str, tuple[Path, list]]) -> list[str]:
+        """Write the runs ``plan_merge`` found (atomically, as ``write`` does) and return their names.
+        Only the result files come over (the table is made from them), with the graded labeled table
+        when this folder has none; checkpoints and MLflow runs stay where they were trained."""
+        for name, (other, rows) in found.items():
+            path = self.out / "results" / f"{name}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps({"rows": rows}, indent=1))
+            os.replace(tmp, path)
+            labeled = other / "labeled_quality.csv"
+            if labeled.is_file() and not (self.out / labeled.name).is_file():
+                shutil.copyfile(labeled, self.out / labeled.name)
+        if found:
+            say(f"[study] merged {len(found)} finished run(s): {', '.join(sorted(found))}")
+        return sorted(found)
+
+
+def _rows_of(path: Path) -> list | None:
+    """The rows of a result file as stored (None when missing, unreadable or empty)."""
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return rows if isinstance(rows, list) and rows else None

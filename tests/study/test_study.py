@@ -257,6 +257,12 @@ def test_study_runs_tables_nests_mlflow_runs_and_resumes(demo_root, tmp_path, mo
     assert [p.split("/")[-1] for p in trained] == ["mean_teacher-seed0", "qualiteacher-seed0"] and warm == []
     assert (res / "supervised-seed0.json").stat().st_mtime_ns == kept
     assert len(again.runs) == len(result.runs)
+    # seeds trained in another folder come together (`--merge`): the finished runs are copied, nothing trains
+    trained.clear()
+    merged = run_study(StudySettings(**{**s.__dict__, "out": str(tmp_path / "merged"), "merge": (s.out,)}))
+    assert merged.trained == [] and trained == [] and warm == []
+    pd.testing.assert_frame_equal(merged.runs, again.runs)
+    assert merged.files["table"].read_text() == again.files["table"].read_text()
     # the same folder with other settings is refused
     with pytest.raises(StudyMismatch, match="steps"):
         run_study(StudySettings(**{**s.__dict__, "steps": 3}))
