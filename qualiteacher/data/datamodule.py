@@ -103,6 +103,8 @@ class RestorationDataModule(pl.LightningDataModule):
             inference. None: each crop's own.
         extra_haze: labeled inputs get, half the time, a uniform layer of extra haze of optical depth
             up to this (`CropDataset`): denser haze than the paired data holds. 0: off.
+        clean_exposure: clean pairs are, half the time, shown darker by up to this many stops
+            (`CropDataset`): do no harm to dim but properly exposed photos too. 0: off.
 
     Skipped files go to the process' default `SkipLog` (``self.skip_log``, `get_skip_log()`);
     DataLoader workers keep their own copies.
@@ -133,6 +135,7 @@ class RestorationDataModule(pl.LightningDataModule):
         clean_pairs: float = 0.0,
         context_side: int | None = None,
         extra_haze: float = 0.0,
+        clean_exposure: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0.0 <= clean_pairs <= 1.0:
@@ -145,6 +148,8 @@ class RestorationDataModule(pl.LightningDataModule):
                 raise ValueError(f"{name} must be > 0, got {value}")
         if extra_haze < 0:
             raise ValueError(f"extra_haze must be >= 0, got {extra_haze}")
+        if clean_exposure < 0:
+            raise ValueError(f"clean_exposure must be >= 0 (stops), got {clean_exposure}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if small_images not in SMALL_IMAGE_MODES:
@@ -168,6 +173,7 @@ class RestorationDataModule(pl.LightningDataModule):
         self.unlabeled_fixed_view = unlabeled_fixed_view
         self.val_crop_size, self.val_multiple = val_crop_size, val_multiple
         self.clean_pairs, self.context_side, self.extra_haze = clean_pairs, context_side, extra_haze
+        self.clean_exposure = clean_exposure
         self.skip_log = get_skip_log()  # the process' default log: run drivers print its summary
         self.datasets: dict[str, Dataset] = {}
 
@@ -186,7 +192,8 @@ class RestorationDataModule(pl.LightningDataModule):
             self.datasets["labeled"] = CropDataset(
                 labeled, self.crop_size, paired=True, quality=quality, augment=self.augment,
                 small_images=self.small_images, seed=self.seed, skip_log=self.skip_log,
-                clean_pairs=self.clean_pairs, context_side=self.context_side, extra_haze=self.extra_haze)
+                clean_pairs=self.clean_pairs, context_side=self.context_side, extra_haze=self.extra_haze,
+                clean_exposure=self.clean_exposure)
             if self.unlabeled_root is not None:
                 self.datasets["unlabeled"] = CropDataset(
                     self._read("unlabeled", self.unlabeled_root), self.crop_size, paired=False,

@@ -96,6 +96,18 @@ def thicken_haze(image: np.ndarray, depth: float) -> np.ndarray:
     return (image * t + airlight[None, None, :] * (1.0 - t)).astype(np.float32)
 
 
+def darken_exposure(image: np.ndarray, stops: float) -> np.ndarray:
+    """``image`` (H, W, 3) sRGB in [0, 1] as if exposed ``stops`` stops shorter: linear light (the
+    sRGB transfer curve undone) times ``2 ** -stops``, then the curve again. A clean photo stays
+    clean, only dimmer: no noise, no cast, the same scene."""
+    if stops <= 0:
+        return image
+    x = np.clip(image, 0.0, 1.0).astype(np.float64)
+    linear = np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4) * 2.0 ** -stops
+    out = np.where(linear <= 0.0031308, linear * 12.92, 1.055 * np.power(linear, 1 / 2.4) - 0.055)
+    return out.astype(np.float32)
+
+
 def whole_image_view(image: np.ndarray, side: int) -> torch.Tensor:
     """The whole ``image`` (H, W, 3) resized to ``side`` x ``side`` (area-averaged when smaller):
     what a training crop's image-level statistics are measured on (``context``)."""
@@ -116,6 +128,9 @@ class CropDataset(Dataset):
     ``extra_haze``: a labeled pair's input (not a clean pair's) gets, with probability one half, a
     uniform layer of extra haze of optical depth drawn in ``[0, extra_haze]`` (:func:`thicken_haze`),
     whole image and context alike: denser haze than the paired data holds (0: off).
+    ``clean_exposure``: a clean pair's photo (its input and target alike) is, with probability one
+    half, shown darker by up to this many stops (:func:`darken_exposure`): do no harm to a dim
+    photo that is properly exposed, not only to a bright one (0: off).
     """
 
     def __init__(
@@ -132,6 +147,7 @@ class CropDataset(Dataset):
         clean_pairs: float = 0.0,
         context_side: int | None = None,
         extra_haze: float = 0.0,
+        clean_exposure: float = 0.0,
     ) -> None:
         if quality is not None and len(quality) != len(records):
             raise ValueError(f"{len(quality)} quality values for {len(records)} records")
@@ -139,9 +155,13 @@ class CropDataset(Dataset):
             raise ValueError(f"clean_pairs must lie in [0, 1], got {clean_pairs}")
         if extra_haze < 0:
             raise ValueError(f"extra_haze must be >= 0, got {extra_haze}")
+        if clean_exposure < 0:
+            raise ValueError(f"clean_exposure must be >= 0 (stops), got {clean_exposure}")
         self.clean_pairs, self.context_side, self.extra_haze = clean_pairs, context_side, extra_haze
+        self.clean_exposure = clean_exposure
         self._clean_rng = np.random.default_rng(seed)
         self._haze_rng = np.random.default_rng([seed, 1])
+        self._exposure_rng = np.random.default_rng([seed, 2])
         self.records = list(records)
         self.crop_size, self.paired, self.small_images = crop_size, paired, small_images
         self.quality = [math.nan] * len(records) if quality is None else [float(q) for q in quality]
@@ -159,6 +179,7 @@ class CropDataset(Dataset):
         self.transform.set_random_seed(seed)
         self._clean_rng = np.random.default_rng(seed)
         self._haze_rng = np.random.default_rng([seed, 1])
+        self._exposure_rng = np.random.default_rng([seed, 2])
 
     def __len__(self) -> int:
         return len(self.records)
@@ -181,6 +202,10 @@ class CropDataset(Dataset):
             depth = self._haze_rng.uniform(0.0, self.extra_haze)
             if record.gt is not None and not clean:  # a clean pair's input is replaced below: not thickened
                 lq = thicken_haze(lq, depth)
+        if self.clean_exposure and self._exposure_rng.random() < 0.5:  # drawn for every pair, as the haze
+            stops = self._exposure_rng.uniform(0.0, self.clean_exposure)
+            if clean:  # a clean pair's target is its input (below): both dimmer
+                gt = darken_exposure(gt, stops)
         out = self.transform(image=lq, gt=gt)
         if clean:
             out["image"] = out["gt"]  # a clean -> clean pair: restoring must leave a clean photo as it is
