@@ -14,7 +14,8 @@
   audit`` measures it on report photos it was not tuned on (docs/iqa.md: 92-93 % of the destroyed
   copies below their source; the targets of 95 % and 90 % per destruction are not reached).
   Clipping counts each pixel by 1 - its chroma (a vivid colour's empty channel is not clipping).
-  ``offline_v4``: before that (2026-12-07); ``offline_v3``: before the blockiness recalibration
+  Desnow's veil and low light's contrast weigh 0.3 (the blur ladder). ``offline_v5``: before those
+  two weights; ``offline_v4``: before neutral clipping (2026-12-07); ``offline_v3``: before the blockiness recalibration
   (JPEG ladder, 2026-12-07); ``offline_v2``:
   the preset before issue 25; ``offline_v1``: before issue 12; kept for comparison.
 
@@ -103,9 +104,11 @@ def _colour_members() -> list[dict[str, Any]]:
     ]
 
 
-def _physical_task_members(snow_saturation: float | None) -> dict[str, list[dict[str, Any]]]:
+def _physical_task_members(snow_saturation: float | None, desnow_veil: float = 0.2,
+                           lowlight_contrast: float = 0.1) -> dict[str, list[dict[str, Any]]]:
     """The task members of ``offline`` / ``offline_v2`` (``snow_saturation``: flakes counted only
-    up to this saturation; None: every bright blob)."""
+    up to this saturation; None: every bright blob; ``desnow_veil`` / ``lowlight_contrast``: the
+    weights of desnow's veil and low light's contrast member)."""
     snow = {} if snow_saturation is None else {"saturation": snow_saturation}
     # dark channel below 0.15 (a clean photo's) earns nothing more: no reward for dark texture
     return {
@@ -120,12 +123,12 @@ def _physical_task_members(snow_saturation: float | None) -> dict[str, list[dict
         ],
         "desnow": [
             _m("snow", "physical:snow_flakes", 0.2, 0.0, 0.2, False, **snow),
-            _m("veil", "physical:haze_density", 0.2, 0.15, 0.6, False),
+            _m("veil", "physical:haze_density", desnow_veil, 0.15, 0.6, False),
             _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
         ],
         "lowlight": [
             _m("exposure", "physical:exposure", 0.2, 0.0, 1.0, True),
-            _m("contrast", "physical:contrast", 0.1, 0.0, 0.3, True),
+            _m("contrast", "physical:contrast", lowlight_contrast, 0.0, 0.3, True),
         ],
     }
 
@@ -145,7 +148,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         # clipping counts a pixel by 1 - its chroma: a vivid colour's empty channel is not exposure
         # clipping, and counting it paid for desaturating vivid photos (issue 25, 2026-12-07, fifth session)
         "members": _audited_members(BLOCKINESS_RANGE, clipping_neutral=1.0) + _colour_members(),
-        # desnow's flakes up to saturation 0.4: a brown tint (white -> 0.22) cannot hide them
+        # desnow's flakes up to saturation 0.4: a brown tint (white -> 0.22) cannot hide them; desnow's
+        # veil 0.3 and low light's contrast 0.3 (0.2 / 0.1 before, offline_v5): the blur ladder, which
+        # the veil and the contrast order and the clipping member reverses (issue 25, seventh session)
+        "task_members": _physical_task_members(snow_saturation=0.4, desnow_veil=0.3, lowlight_contrast=0.3),
+    },
+    "offline_v5": {
+        "description": "Before the blur-ladder weights (issue 25, 2026-12-07, seventh session; kept for comparison): offline with desnow's veil at 0.2 and low light's contrast at 0.1",
+        "members": _audited_members(BLOCKINESS_RANGE, clipping_neutral=1.0) + _colour_members(),
         "task_members": _physical_task_members(snow_saturation=0.4),
     },
     "offline_v4": {

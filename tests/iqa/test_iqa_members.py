@@ -92,7 +92,7 @@ def test_spec_round_trip_through_dicts() -> None:
 
 
 def test_preset_catalogue() -> None:
-    assert list_iqa_presets() == ["paper", "offline", "offline_v4", "offline_v3", "offline_v2", "offline_v1"]
+    assert list_iqa_presets() == ["paper", "offline", "offline_v5", "offline_v4", "offline_v3", "offline_v2", "offline_v1"]
     paper = {s.name: s for s in preset_specs("paper")}
     assert {n: s.weight for n, s in paper.items()} == {"musiq": 0.4, "clip": 0.2, "brisque": 0.4}
     assert paper["musiq"].normalization == Normalization("range", 0.0, 100.0)
@@ -103,8 +103,13 @@ def test_preset_catalogue() -> None:
         old = ["piqe", "brisque", "niqe", "blockiness", "clipping", "colourfulness", "colour_cast"]
         assert names[:7] == old and [s.name for s in preset_specs("offline_v2", task)][:7] == old
         assert names[7:10] == ["chroma_spread", "chroma_noise", "hue_naturalness"]  # issue 25
-        # offline_v4 is offline before neutral clipping: the same members, one option apart
-        now, v4, v3 = (preset_specs(p, task) for p in ("offline", "offline_v4", "offline_v3"))
+        # offline_v5 is offline before the blur-ladder weights: desnow's veil and low light's contrast
+        now, v5, v4, v3 = (preset_specs(p, task) for p in ("offline", "offline_v5", "offline_v4", "offline_v3"))
+        changed = {"desnow": ["veil"], "lowlight": ["contrast"]}.get(task, [])
+        assert [s.name for s in v5] == names and [a.name for a, b in zip(now, v5) if a != b] == changed
+        assert [(a.weight, b.weight) for a, b in zip(now, v5) if a != b] == [(0.3, {"desnow": 0.2}.get(task, 0.1))] * len(changed)
+        # offline_v4 is offline_v5 before neutral clipping: the same members, one option apart
+        now = v5
         assert [s.name for s in v4] == [s.name for s in v3] == names
         assert [a.name for a, b in zip(now, v4) if a != b] == ["clipping"]
         assert now[4].options == {"neutral": 1.0} and v4[4].options == {}
