@@ -16,6 +16,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+from kornia.color import linear_rgb_to_rgb, rgb_to_linear_rgb
 from torch.utils.data import Dataset, get_worker_info
 
 from qualiteacher.classical.dark_channel import airlight_of
@@ -102,10 +103,9 @@ def darken_exposure(image: np.ndarray, stops: float) -> np.ndarray:
     clean, only dimmer: no noise, no cast, the same scene."""
     if stops <= 0:
         return image
-    x = np.clip(image, 0.0, 1.0).astype(np.float64)
-    linear = np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4) * 2.0 ** -stops
-    out = np.where(linear <= 0.0031308, linear * 12.92, 1.055 * np.power(linear, 1 / 2.4) - 0.055)
-    return out.astype(np.float32)
+    x = torch.from_numpy(np.ascontiguousarray(np.clip(image, 0.0, 1.0).transpose(2, 0, 1))).double()
+    out = linear_rgb_to_rgb(rgb_to_linear_rgb(x) * 2.0 ** -stops)
+    return out.permute(1, 2, 0).numpy().astype(np.float32)
 
 
 def whole_image_view(image: np.ndarray, side: int) -> torch.Tensor:
@@ -159,9 +159,7 @@ class CropDataset(Dataset):
             raise ValueError(f"clean_exposure must be >= 0 (stops), got {clean_exposure}")
         self.clean_pairs, self.context_side, self.extra_haze = clean_pairs, context_side, extra_haze
         self.clean_exposure = clean_exposure
-        self._clean_rng = np.random.default_rng(seed)
-        self._haze_rng = np.random.default_rng([seed, 1])
-        self._exposure_rng = np.random.default_rng([seed, 2])
+        self._seed_draws(seed)
         self.records = list(records)
         self.crop_size, self.paired, self.small_images = crop_size, paired, small_images
         self.quality = [math.nan] * len(records) if quality is None else [float(q) for q in quality]
@@ -177,6 +175,10 @@ class CropDataset(Dataset):
 
     def reseed(self, seed: int) -> None:
         self.transform.set_random_seed(seed)
+        self._seed_draws(seed)
+
+    def _seed_draws(self, seed: int) -> None:
+        # one generator per augmentation: switching one on does not shift the others' draws
         self._clean_rng = np.random.default_rng(seed)
         self._haze_rng = np.random.default_rng([seed, 1])
         self._exposure_rng = np.random.default_rng([seed, 2])

@@ -75,12 +75,9 @@ class StudyStore:
         return [{k: (float("nan") if v is None else v) for k, v in r.items()} for r in rows]
 
     def write(self, key: RunKey, rows: list[dict[str, Any]]) -> Path:
-        """Write a run's rows atomically (a kill leaves the old file or none, never half a file)."""
+        """Write a run's rows atomically (``_write_json``)."""
         path = self.result_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"rows": [{k: _plain(v) for k, v in r.items()} for r in rows]}, indent=1))
-        os.replace(tmp, path)
+        _write_json(path, {"rows": [{k: _plain(v) for k, v in r.items()} for r in rows]})
         return path
 
     def rows(self, keys: list[RunKey]) -> pd.DataFrame:
@@ -93,17 +90,12 @@ class StudyStore:
         path = self.out / "study.json"
         settings = json.loads(json.dumps(settings))
         if path.is_file():
-            before = json.loads(path.read_text())
-            diff = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
-            if diff:
-                shown = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in diff.items())
+            shown = _differences(json.loads(path.read_text()), settings, "then", "now", keys=list(settings))
+            if shown:
                 raise StudyMismatch(f"{self.out} holds a study made with other settings ({shown}): "
                                     f"use another --out, or the same options to resume it")
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(settings, indent=1))
-        os.replace(tmp, path)
+        _write_json(path, settings)
 
     def plan_merge(self, others: Sequence[str | Path], settings: dict[str, Any]) -> dict[str, tuple[Path, list]]:
         """The finished runs of the study folders ``others`` that this one lacks: name -> (folder,
@@ -119,9 +111,8 @@ class StudyStore:
                 theirs = json.loads((other / "study.json").read_text())
             except (OSError, ValueError):
                 raise StudyMismatch(f"--merge {other}: not a study folder (no readable study.json)") from None
-            diff = [k for k in sorted(set(settings) | set(theirs)) if settings.get(k) != theirs.get(k)]
-            if diff:
-                shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {settings.get(k)!r} here" for k in diff)
+            shown = _differences(theirs, settings, "there", "here")
+            if shown:
                 raise StudyMismatch(f"--merge {other}: a study made with other settings ({shown})")
             for result in sorted((other / "results").glob("*.json")):
                 rows = _rows_of(result)
@@ -139,15 +130,11 @@ class StudyStore:
         return found
 
     def copy_in(self, found: dict[str, tuple[Path, list]]) -> list[str]:
-        """Write the runs ``plan_merge`` found (atomically, as ``write`` does) and return their names.
+        """Write the runs ``plan_merge`` found (atomically, ``_write_json``) and return their names.
         Only the result files come over (the table is made from them), with the graded labeled table
         when this folder has none; checkpoints and MLflow runs stay where they were trained."""
         for name, (other, rows) in found.items():
-            path = self.out / "results" / f"{name}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps({"rows": rows}, indent=1))
-            os.replace(tmp, path)
+            _write_json(self.out / "results" / f"{name}.json", {"rows": rows})
             labeled = other / "labeled_quality.csv"
             if labeled.is_file() and not (self.out / labeled.name).is_file():
                 shutil.copyfile(labeled, self.out / labeled.name)
@@ -163,3 +150,20 @@ def _rows_of(path: Path) -> list | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return rows if isinstance(rows, list) and rows else None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON atomically (a kill leaves the old file or none, never half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _differences(recorded: dict[str, Any], settings: dict[str, Any], old: str, new: str,
+                 keys: Sequence[str] | None = None) -> str:
+    """The settings among ``keys`` (default: both sides' keys) that differ between ``recorded`` and
+    ``settings``, as "key: a OLD, b NEW" joined by "; " ("" when none differ)."""
+    keys = sorted(set(recorded) | set(settings)) if keys is None else keys
+    return "; ".join(f"{k}: {recorded.get(k)!r} {old}, {settings.get(k)!r} {new}"
+                     for k in keys if recorded.get(k) != settings.get(k))
